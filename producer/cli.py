@@ -1,0 +1,232 @@
+"""The `sdfarm` command. Producer commands run here; `worker` and `make-tiny-model` are handed to
+the worker package by name, so the producer never imports torch."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+import yaml
+from rich.console import Console
+
+from sdfarm.batchfile import plan_file
+from sdfarm.errors import BatchInvalid, SdfarmError
+from sdfarm.models import Registry
+from sdfarm.progress import ProgressBoard
+from sdfarm.queue import DEFAULT_PRIORITY, make_celery
+from sdfarm.settings import Settings
+from sdfarm.store import Store
+
+from .fetch import contact_sheet, fetch
+from .submit import describe_plan, submit_plan
+from .watch import status_table, watch
+
+EXIT_INVALID = 2
+EXIT_FAILED = 1
+
+console = Console(stderr=False)
+errors = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _board(settings: Settings) -> ProgressBoard:
+    return ProgressBoard.from_url(settings.redis_url.get_secret_value(), settings.progress_ttl)
+
+
+def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r}: expected FIELD=VALUE", param_hint="--set")
+        out[key.strip()] = yaml.safe_load(value) if value else ""
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """sdfarm: distributed batch rendering for Stable Diffusion."""
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Validate and print the plan; enqueue nothing.")
+@click.option("--priority", type=click.IntRange(0, 9), default=DEFAULT_PRIORITY, show_default=True,
+              help="0 lowest .. 9 highest.")
+@click.option("--model", help="Default model for items that name none.")
+@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="A default for every item (repeatable).")
+@click.option("--name", help="Batch name (default: the file's name field, else its stem).")
+@click.option("--watch", "then_watch", is_flag=True, help="Watch the batch after submitting.")
+def submit(file: Path, dry_run: bool, priority: int, model: str | None, sets: tuple[str, ...], name: str | None,
+           then_watch: bool) -> None:
+    """Validate FILE (yaml, json, jsonl, csv, txt) and enqueue its jobs. All or nothing."""
+    settings = _settings()
+    overrides = _parse_sets(sets)
+    if model:
+        overrides["model"] = model
+    plan = plan_file(file, Registry.from_settings(settings), settings.max_jobs_per_batch, overrides, name)
+    if dry_run:
+        console.print(describe_plan(plan, settings.chunk_size), highlight=False)
+        console.print("dry run: nothing enqueued")
+        return
+    store, board = Store.from_settings(settings), _board(settings)
+    result = submit_plan(plan, store, make_celery(settings), board, settings.chunk_size, priority)
+    console.print(f"batch {result.batch_id}: {result.jobs} jobs, {result.chunks_enqueued} chunks enqueued,"
+                  f" {result.already_done} already done", highlight=False)
+    if then_watch:
+        _watch_and_exit(board, store, result.batch_id, None)
+
+
+def _watch_and_exit(board: ProgressBoard, store: Store, batch_id: str, timeout: float | None) -> None:
+    p = watch(board, store, batch_id, console, timeout_s=timeout)
+    if not p.finished:
+        errors.print(f"batch {batch_id}: not finished after {timeout}s ({p.queued} queued)")
+        sys.exit(EXIT_FAILED)
+    if p.failed:
+        errors.print(f"batch {batch_id}: {p.failed} of {p.total} jobs failed (see `sdfarm fetch`)")
+        sys.exit(EXIT_FAILED)
+    console.print(f"batch {batch_id}: all {p.total} jobs done")
+
+
+@cli.command("watch")
+@click.argument("batch_id")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 1).")
+def watch_cmd(batch_id: str, timeout: float | None) -> None:
+    """Live progress of a batch. Exit 0 when every job is done, 1 when any failed."""
+    settings = _settings()
+    _watch_and_exit(_board(settings), Store.from_settings(settings), batch_id, timeout)
+
+
+@cli.command()
+@click.option("--limit", type=int, default=20, show_default=True)
+def status(limit: int) -> None:
+    """Recent batches with their counts."""
+    console.print(status_table(_board(_settings()), limit))
+
+
+@cli.command("fetch")
+@click.argument("batch_id")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--contact-sheet", "sheet", type=click.Path(path_type=Path), help="Also write a contact sheet PNG.")
+def fetch_cmd(batch_id: str, dest: Path, sheet: Path | None) -> None:
+    """Download a batch's images, sidecars and manifest.jsonl into DEST."""
+    result = fetch(Store.from_settings(_settings()), batch_id, dest)
+    console.print(f"{result.images} images in {result.folder} ({result.missing} missing, {result.failed} failed);"
+                  f" manifest {result.manifest}", highlight=False)
+    if sheet is not None and result.images:
+        console.print(f"contact sheet {contact_sheet(dest, sheet)}", highlight=False)
+
+
+@cli.command()
+def models() -> None:
+    """The model registry: names, sources and identities."""
+    registry = Registry.from_settings(_settings())
+    for entry in registry:
+        source = entry.path or entry.file or f"hub:{entry.hub}@{entry.revision}"
+        console.print(f"{entry.name:<24} {entry.family:<6} {registry.identity(entry.name)[:10]}  {source}",
+                      highlight=False)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--model", required=True, help="Registry name of the model this worker serves.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
+@click.option("--hostname", default=None, help="Celery node name (default MODEL-PID@HOST).")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(model: str, device: str, hostname: str | None, loglevel: str) -> None:
+    """Run a render worker (one per GPU): loads the model once, serves queue render.MODEL."""
+    run_worker = importlib.import_module("worker.main").run_worker
+    sys.exit(run_worker(_settings(), model, device, hostname, loglevel))
+
+
+@cli.command("make-tiny-model")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_tiny_model(dest: Path, seed: int) -> None:
+    """Write a tiny random-weight SD1.5-architecture pipeline (diffusers folder) to DEST."""
+    write = importlib.import_module("worker.tiny").write_tiny_model
+    console.print(f"tiny model written to {write(dest, seed)}", highlight=False)
+
+
+@cli.group()
+def stack() -> None:
+    """The embedded local stack: a real Redis and a real S3 server as child processes."""
+
+
+_STACK_DIR = click.option("--dir", "state_dir", type=click.Path(path_type=Path), default=Path(".sdfarm/stack"),
+                          show_default=True)
+
+
+def _print_env(env: dict[str, str]) -> None:
+    for key, value in env.items():
+        click.echo(f"export {key}={shlex.quote(value)}")
+
+
+@stack.command("up")
+@_STACK_DIR
+@click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the stack.")
+def stack_up(state_dir: Path, foreground: bool) -> None:
+    """Start Redis and S3; print the environment that points sdfarm at them."""
+    from infra.stack import EmbeddedStack
+
+    s = EmbeddedStack(state_dir)
+    info = s.start()
+    _print_env(info.env())
+    if foreground:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            s.stop()
+
+
+@stack.command("down")
+@_STACK_DIR
+def stack_down(state_dir: Path) -> None:
+    """Stop a stack started with `stack up`."""
+    from infra.stack import EmbeddedStack
+
+    EmbeddedStack.attach(state_dir).stop()
+    console.print("stack stopped")
+
+
+@stack.command("env")
+@_STACK_DIR
+def stack_env(state_dir: Path) -> None:
+    """Print `export SDFARM_...` lines for a running stack (eval "$(sdfarm stack env)")."""
+    from infra.stack import EmbeddedStack
+
+    info = EmbeddedStack.attach(state_dir).info
+    assert info is not None
+    _print_env(info.env())
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        cli.main(args=argv, prog_name="sdfarm", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except BatchInvalid as e:
+        click.echo(str(e), err=True)
+        sys.exit(EXIT_INVALID)
+    except SdfarmError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_INVALID)
+    except redis.exceptions.ConnectionError as e:
+        click.echo(f"error: cannot reach Redis (SDFARM_REDIS_URL): {e}", err=True)
+        sys.exit(EXIT_FAILED)

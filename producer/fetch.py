@@ -1,0 +1,80 @@
+"""Download a batch's images and sidecars with a manifest; draw a contact sheet."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from sdfarm.layout import failed_key, failed_prefix, image_key, jobs_key, sidecar_key
+from sdfarm.store import MissingObject, Store
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    folder: Path
+    images: int
+    missing: int
+    failed: int
+    manifest: Path
+
+
+def read_jobs(store: Store, batch_id: str) -> list[dict[str, Any]]:
+    text = store.get(jobs_key(batch_id)).decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def fetch(store: Store, batch_id: str, dest: Path, threads: int = 8) -> FetchResult:
+    """Write <dest>/<index>-<job_id>.png and .json for every finished job, and manifest.jsonl
+    with one line per job of the batch: its status (done, failed, missing) and files."""
+    dest.mkdir(parents=True, exist_ok=True)
+    jobs = read_jobs(store, batch_id)
+    failed_ids = {k.rsplit("/", 1)[1].removesuffix(".json") for k in store.keys(failed_prefix(batch_id))}
+
+    def one(row: dict[str, Any]) -> dict[str, Any]:
+        stem = f"{row['index']:06d}-{row['id']}"
+        entry = {"index": row["index"], "job_id": row["id"], "prompt": row["job"]["prompt"],
+                 "seed": row["job"]["seed"]}
+        try:
+            sidecar = store.get(sidecar_key(row["id"]))  # the commit marker first
+            png = store.get(image_key(row["id"]))
+        except MissingObject:
+            if row["id"] in failed_ids:
+                reason = store.get_json(failed_key(batch_id, row["id"])).get("reason", "")
+                return {**entry, "status": "failed", "reason": reason}
+            return {**entry, "status": "missing"}
+        (dest / f"{stem}.png").write_bytes(png)
+        (dest / f"{stem}.json").write_bytes(sidecar)
+        return {**entry, "status": "done", "image": f"{stem}.png", "sidecar": f"{stem}.json"}
+
+    with ThreadPoolExecutor(threads) as pool:
+        rows = list(pool.map(one, jobs))
+    manifest = dest / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    count = {s: sum(1 for r in rows if r["status"] == s) for s in ("done", "missing", "failed")}
+    return FetchResult(dest, count["done"], count["missing"], count["failed"], manifest)
+
+
+def contact_sheet(folder: Path, out: Path, thumb: int = 128, columns: int = 8) -> Path:
+    """A grid of a fetched batch's images, each captioned with its seed, in batch order."""
+    rows = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    done = [r for r in rows if r["status"] == "done"]
+    if not done:
+        raise ValueError(f"no images in {folder}")
+    cols = min(columns, len(done))
+    caption = 14
+    sheet = Image.new("RGB", (cols * thumb, -(-len(done) // cols) * (thumb + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for n, row in enumerate(done):
+        with Image.open(folder / row["image"]) as img:
+            tile = img.convert("RGB").resize((thumb, thumb), Image.Resampling.LANCZOS)
+        x, y = n % cols * thumb, n // cols * (thumb + caption)
+        sheet.paste(tile, (x, y))
+        draw.text((x + 2, y + thumb + 1), f"#{row['index']} seed {row['seed']}", fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out

@@ -1,0 +1,97 @@
+"""Progress of batches: a live bar for one (`watch`), a table of recent ones (`status`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sdfarm.errors import InvalidInput
+from sdfarm.layout import batch_key
+from sdfarm.progress import Progress as BatchProgress
+from sdfarm.progress import ProgressBoard
+from sdfarm.store import MissingObject, Store
+
+
+@dataclass
+class Rate:
+    """images/s over a sliding window, and the ETA it implies."""
+
+    window_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        self.samples: list[tuple[float, int]] = []
+
+    def add(self, t: float, done: int) -> None:
+        self.samples.append((t, done))
+        while len(self.samples) > 2 and t - self.samples[0][0] > self.window_s:
+            self.samples.pop(0)
+
+    def per_s(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def eta(self, remaining: int) -> str:
+        rate = self.per_s()
+        if remaining <= 0:
+            return "0s"
+        if rate <= 0:
+            return "?"
+        s = int(remaining / rate)
+        return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def read_progress(board: ProgressBoard, store: Store, batch_id: str) -> BatchProgress:
+    progress = board.read(batch_id)
+    if progress is not None:
+        return progress
+    try:
+        store.get_json(batch_key(batch_id))
+    except MissingObject as e:
+        raise InvalidInput(f"unknown batch {batch_id!r}: no s3://{store.bucket}/{batch_key(batch_id)}") from e
+    raise InvalidInput(f"batch {batch_id} has no live progress in Redis (expired or lost): resubmit it to"
+                       " re-register; finished jobs are skipped")
+
+
+def watch(board: ProgressBoard, store: Store, batch_id: str, console: Console, interval_s: float = 0.5,
+          timeout_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> BatchProgress:
+    """Show a live bar until every job is done or failed. Returns the final progress."""
+    rate = Rate()
+    start = clock()
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[stats]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        p = read_progress(board, store, batch_id)
+        task = bar.add_task(p.name or batch_id, total=p.total, stats="")
+        while True:
+            p = read_progress(board, store, batch_id)
+            now = clock()
+            rate.add(now, p.done + p.failed)
+            stats = (f"done {p.done}  failed {p.failed}  queued {p.queued}  "
+                     f"{rate.per_s():.2f} img/s  ETA {rate.eta(p.queued)}")
+            bar.update(task, completed=p.done + p.failed, total=p.total, stats=stats)
+            if p.finished:
+                return p
+            if timeout_s is not None and now - start > timeout_s:
+                return p
+            time.sleep(interval_s)
+
+
+def status_table(board: ProgressBoard, limit: int = 20) -> Table:
+    table = Table(title="recent batches")
+    for col in ("batch", "name", "submitted", "total", "done", "failed", "queued", "state"):
+        table.add_column(col, justify="right" if col in ("total", "done", "failed", "queued") else "left")
+    for batch_id in board.recent(limit):
+        p = board.read(batch_id)
+        if p is None:
+            continue
+        state = "failed" if p.finished and p.failed else "done" if p.finished else "running"
+        submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.submitted_at))
+        table.add_row(batch_id, p.name, submitted, str(p.total), str(p.done), str(p.failed), str(p.queued), state)
+    return table

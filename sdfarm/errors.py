@@ -1,0 +1,59 @@
+"""One error tree. Split by what the failure needs from whoever catches it.
+
+- InvalidInput: the request is wrong; never retry, tell the user exactly what to fix.
+- TransientError: the world blinked (S3, Redis, network); retry with backoff.
+- WorkerFatal: this worker cannot serve (model missing, bad device); fail at start, loudly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class SdfarmError(Exception):
+    """Root of every error sdfarm raises on purpose."""
+
+
+class InvalidInput(SdfarmError):
+    """Bad input: a batch file, a job, a model reference. Never retried."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one item of a batch file: where it is, which field, what is allowed."""
+
+    source: str  # file name, or "<flags>"
+    line: int | None  # 1-based line in the file, when the format has lines
+    item: int | None  # 1-based item number, when the problem belongs to one item
+    field: str  # "" when the problem is not about one field
+    message: str
+
+    def __str__(self) -> str:
+        parts = [self.source + (f":{self.line}" if self.line else "")]
+        if self.item is not None:
+            parts.append(f"item {self.item}")
+        if self.field:
+            parts.append(self.field)
+        return ": ".join(parts) + ": " + self.message
+
+
+class BatchInvalid(InvalidInput):
+    """A batch file with one or more invalid items. Carries every problem found."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        count = len(problems)
+        head = f"{count} problem{'s' if count != 1 else ''} in batch; nothing was enqueued"
+        super().__init__(head + "\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class UnknownModel(InvalidInput):
+    """A model name that the registry does not hold."""
+
+
+class TransientError(SdfarmError):
+    """A dependency failed in a way that may pass: retry with backoff."""
+
+
+class WorkerFatal(SdfarmError):
+    """The worker cannot serve at all: exit non-zero at start rather than fail jobs."""

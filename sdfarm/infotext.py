@@ -1,0 +1,85 @@
+"""The A1111 "parameters" text (infotext): written exactly as the web UI writes it, and read back
+with the web UI's own parsing rules, so existing viewers show our images' settings."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from . import __version__
+from .jobs import RenderJob
+from .samplers import AUTOMATIC
+
+# A1111's regex for "key: value" pairs on the last line (modules/infotext_utils.py)
+_PARAM_RE = re.compile(r"\s*(\w[\w \-/]+):\s*(\"(?:\\.|[^\\\"])+\"|[^,]*)(?:,|$)")
+_SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def _quote(value: str) -> str:
+    if "," not in value and ":" not in value and "\n" not in value:
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def format_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) -> str:
+    """prompt, 'Negative prompt: ...' (omitted when empty), then 'Key: value, ...' in the given order."""
+    line = ", ".join(f"{k}: {_quote(str(v))}" for k, v in params.items() if v is not None)
+    parts = [prompt]
+    if negative_prompt:
+        parts.append(f"Negative prompt: {negative_prompt}")
+    parts.append(line)
+    return "\n".join(parts)
+
+
+def job_parameters(job: RenderJob, model_short_hash: str) -> dict[str, Any]:
+    """The last line's parameters for a txt2img job, in A1111's order."""
+    return {
+        "Steps": job.steps,
+        "Sampler": job.sampler,
+        "Schedule type": job.schedule_type if job.schedule_type != AUTOMATIC else None,
+        "CFG scale": _number(job.guidance_scale),
+        "Seed": job.seed,
+        "Size": f"{job.width}x{job.height}",
+        "Model hash": model_short_hash,
+        "Model": job.model,
+        "Clip skip": job.clip_skip if job.clip_skip > 1 else None,
+        "Version": f"sdfarm {__version__}",
+    }
+
+
+def job_infotext(job: RenderJob, model_short_hash: str) -> str:
+    return format_infotext(job.prompt, job.negative_prompt, job_parameters(job, model_short_hash))
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """Read infotext back as A1111 does: Prompt, Negative prompt, every key; Size split into
+    Size-1/Size-2; quoted values JSON-decoded; a missing Clip skip means 1."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM_RE.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    result: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PARAM_RE.findall(last):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = json.loads(value)
+        size = _SIZE_RE.match(value) if isinstance(value, str) else None
+        if size:
+            result[f"{key}-1"], result[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            result[key] = value
+    result.setdefault("Clip skip", "1")
+    return result

@@ -1,0 +1,103 @@
+"""Live batch progress in Redis. A view for `watch` and `status`; S3 stays the record.
+
+Per batch: a hash of counters and two bitmaps indexed by the job's position in the batch, so a
+redelivered job is never counted twice and a million-job batch costs 125 KB per bitmap.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+PREFIX = "sdfarm"
+BATCHES = f"{PREFIX}:batches"  # zset batch_id -> first submit time
+
+
+def _key(batch_id: str, part: str = "") -> str:
+    return f"{PREFIX}:batch:{batch_id}" + (f":{part}" if part else "")
+
+
+@dataclass(frozen=True)
+class Progress:
+    batch_id: str
+    name: str
+    total: int
+    done: int
+    failed: int
+    rendered: int  # images this batch actually rendered (not skipped as already done)
+    submitted_at: float
+
+    @property
+    def queued(self) -> int:
+        return max(self.total - self.done - self.failed, 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.total > 0 and self.done + self.failed >= self.total
+
+
+class ProgressBoard:
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.r = client
+        self.ttl = ttl_s
+
+    @classmethod
+    def from_url(cls, url: str, ttl_s: int) -> ProgressBoard:
+        return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5), ttl_s)
+
+    def register(self, batch_id: str, name: str, total: int) -> None:
+        now = time.time()
+        pipe = self.r.pipeline()
+        pipe.hsetnx(_key(batch_id), "submitted_at", now)
+        pipe.hset(_key(batch_id), mapping={"name": name, "total": total})
+        pipe.zadd(BATCHES, {batch_id: now}, nx=True)
+        for part in ("", "done", "failed"):
+            pipe.expire(_key(batch_id, part), self.ttl)
+        pipe.execute()
+
+    def done_bits(self, batch_id: str) -> bytes:
+        raw: Any = self.r.get(_key(batch_id, "done"))
+        return bytes(raw) if raw else b""
+
+    def mark_done(self, batch_id: str, index: int, rendered: bool) -> bool:
+        """Record job `index` as done. True when this call was the first to do so."""
+        pipe = self.r.pipeline()
+        pipe.setbit(_key(batch_id, "done"), index, 1)
+        pipe.setbit(_key(batch_id, "failed"), index, 0)
+        pipe.expire(_key(batch_id, "done"), self.ttl)
+        was_done, was_failed, _ = pipe.execute()
+        if not was_done and rendered:
+            self.r.hincrby(_key(batch_id), "rendered", 1)
+        return not was_done
+
+    def mark_failed(self, batch_id: str, index: int) -> None:
+        pipe = self.r.pipeline()
+        pipe.setbit(_key(batch_id, "failed"), index, 1)
+        pipe.expire(_key(batch_id, "failed"), self.ttl)
+        pipe.execute()
+
+    def read(self, batch_id: str) -> Progress | None:
+        pipe = self.r.pipeline()
+        pipe.hgetall(_key(batch_id))
+        pipe.bitcount(_key(batch_id, "done"))
+        pipe.bitcount(_key(batch_id, "failed"))
+        meta, done, failed = pipe.execute()
+        if not meta:
+            return None
+        meta = {k.decode(): v.decode() for k, v in meta.items()}
+        return Progress(
+            batch_id=batch_id,
+            name=meta.get("name", ""),
+            total=int(meta.get("total", 0)),
+            done=int(done),
+            failed=int(failed),
+            rendered=int(meta.get("rendered", 0)),
+            submitted_at=float(meta.get("submitted_at", 0)),
+        )
+
+    def recent(self, limit: int = 20) -> list[str]:
+        ids: list[bytes] = self.r.zrevrange(BATCHES, 0, limit - 1)  # type: ignore[assignment]
+        return [i.decode() for i in ids]

@@ -1,0 +1,45 @@
+"""Every setting in one place: environment variables with the prefix SDFARM_.
+
+Build it once (`Settings()`) at the edge (CLI, worker start, test fixture) and pass it down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDFARM_", extra="ignore", frozen=True)
+
+    # Redis: Celery broker and live progress. Put the password in the URL: redis://:PASSWORD@host:6379/0
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+
+    # S3 / MinIO: the durable record (batch manifests, images, sidecars)
+    s3_endpoint_url: str | None = None  # None: AWS S3
+    s3_bucket: str = "sdfarm"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None  # None: boto3's own chain (AWS_* env, files, roles)
+    s3_secret_access_key: SecretStr | None = None
+    s3_max_attempts: int = 10
+
+    # Model registry: a YAML file, and/or inline YAML/JSON in SDFARM_MODELS
+    models_file: Path | None = None
+    models: str | None = None
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "sdfarm")
+
+    # Producer
+    chunk_size: int = Field(default=8, ge=1, le=64)  # jobs per task message (one batched pipeline call)
+    max_jobs_per_batch: int = Field(default=100_000, ge=1)
+
+    # Queue
+    visibility_timeout: int = Field(default=3600, ge=5)  # seconds before an unacked chunk is redelivered
+    unacked_restore_interval: int = Field(default=10, ge=1)  # seconds between sweeps for expired chunks
+    task_time_limit: int = Field(default=1800, ge=10)  # hard kill of one chunk, seconds
+    progress_ttl: int = Field(default=30 * 24 * 3600, ge=60)  # live progress kept in Redis, seconds
+
+    # Worker
+    heartbeat_interval: float = Field(default=10.0, gt=0)
+    upload_threads: int = Field(default=4, ge=1, le=64)

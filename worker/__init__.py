@@ -1,0 +1,1 @@
+"""The GPU side: loads one diffusers pipeline per process and renders chunks. torch lives here."""

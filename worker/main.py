@@ -1,0 +1,142 @@
+"""Start a worker: one Celery prefork worker, concurrency 1, serving one model's queue.
+
+The parent checks everything it can without CUDA (registry, files, Redis, S3) and fails loudly.
+The pool child loads the pipeline in worker_process_init (CUDA cannot survive a fork), publishes
+heartbeats, and renders. If the child cannot load, the whole worker exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from celery import signals
+
+from sdfarm.errors import SdfarmError, WorkerFatal
+from sdfarm.models import Registry
+from sdfarm.progress import ProgressBoard
+from sdfarm.queue import make_celery, queue_name
+from sdfarm.settings import Settings
+from sdfarm.store import Store
+
+from .encode import versions
+from .pipeline import check_device, load_model
+from .tasks import WorkerState, get_state, register_tasks, set_state
+
+log = logging.getLogger("sdfarm.worker")
+
+EXIT_FATAL = 3
+
+
+def worker_key(hostname: str) -> str:
+    return f"sdfarm:worker:{hostname}"
+
+
+def _heartbeat_loop(state: WorkerState, stop: threading.Event) -> None:
+    key = worker_key(state.hostname)
+    started = time.time()
+    while not stop.is_set():
+        try:
+            pipe = state.board.r.pipeline()
+            pipe.hset(key, mapping={
+                "hostname": state.hostname, "model": state.loaded.entry.name, "model_hash": state.loaded.short_hash,
+                "device": str(state.loaded.device), "device_name": state.loaded.device_name, "pid": os.getpid(),
+                "host": socket.gethostname(), "started_at": started, "heartbeat_at": time.time(),
+                "counters": json.dumps(state.counters),
+            })
+            pipe.expire(key, int(state.settings.heartbeat_interval * 3) + 1)
+            pipe.execute()
+        except Exception as e:  # Redis blinking must not kill the renderer
+            log.warning("heartbeat failed: %s", e)
+        stop.wait(state.settings.heartbeat_interval)
+
+
+def _init_child(settings: Settings, model: str, device: str, hostname: str, fail_file: Path) -> None:
+    try:
+        registry = Registry.from_settings(settings)
+        loaded = load_model(registry, model, device)
+        state = WorkerState(
+            settings=settings,
+            hostname=hostname,
+            loaded=loaded,
+            store=Store.from_settings(settings),
+            board=ProgressBoard.from_url(settings.redis_url.get_secret_value(), settings.progress_ttl),
+            versions=versions(),
+            pool=ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload"),
+        )
+    except Exception as e:
+        reason = str(e) if isinstance(e, SdfarmError) else f"{type(e).__name__}: {e}"
+        log.error("worker cannot start: %s", reason)
+        fail_file.write_text(reason)
+        os.kill(os.getppid(), signal.SIGTERM)
+        os._exit(EXIT_FATAL)
+    set_state(state)
+    threading.Thread(target=_heartbeat_loop, args=(state, threading.Event()), daemon=True,
+                     name="heartbeat").start()
+
+
+def preflight(settings: Settings, model: str, device: str) -> None:
+    """What the parent can check before taking any work. Raises WorkerFatal."""
+    check_device(device)
+    try:
+        registry = Registry.from_settings(settings)
+        registry.identity(model)
+    except SdfarmError as e:
+        raise WorkerFatal(f"cannot serve model {model!r}: {e}") from e
+    try:
+        Store.from_settings(settings).exists("healthcheck")
+    except Exception as e:
+        raise WorkerFatal(f"S3 is not reachable ({settings.s3_endpoint_url or 'AWS'}): {e}") from e
+    try:
+        ProgressBoard.from_url(settings.redis_url.get_secret_value(), settings.progress_ttl).r.ping()
+    except Exception as e:
+        raise WorkerFatal(f"Redis is not reachable: {e}") from e
+
+
+def run_worker(settings: Settings, model: str, device: str = "auto", hostname: str | None = None,
+               loglevel: str = "INFO") -> int:
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    hostname = hostname or f"{model}-{os.getpid()}@{socket.gethostname()}"
+    try:
+        preflight(settings, model, device)
+    except WorkerFatal as e:
+        log.error("worker cannot start: %s", e)
+        return EXIT_FATAL
+    app = make_celery(settings)
+    register_tasks(app)
+    fail_file = Path(tempfile.mkdtemp(prefix="sdfarm-worker-")) / "fatal"
+
+    @signals.worker_process_init.connect(weak=False)
+    def _on_child(**_: Any) -> None:
+        _init_child(settings, model, device, hostname, fail_file)
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _on_child_exit(**_: Any) -> None:
+        try:
+            get_state().board.r.delete(worker_key(hostname))
+        except Exception:
+            pass
+
+    argv = ["worker", f"--queues={queue_name(model)}", "--concurrency=1", "--pool=prefork",
+            f"--hostname={hostname}", f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
+            "--prefetch-multiplier=1"]
+    try:
+        app.worker_main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    else:
+        code = 0
+    if fail_file.exists():
+        log.error("worker stopped: the pipeline could not load: %s", fail_file.read_text())
+        return EXIT_FATAL
+    return code

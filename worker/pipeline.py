@@ -1,0 +1,114 @@
+"""Load one pipeline per process from a registry entry: fp16 on CUDA, fp32 on the CPU, offline."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sdfarm.errors import WorkerFatal
+from sdfarm.models import ModelEntry, Registry
+
+log = logging.getLogger("sdfarm.worker")
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+def check_device(device: str) -> str:
+    """Validate a device name without touching CUDA (the parent process must not init CUDA)."""
+    if device == "auto":
+        return device
+    if not _DEVICE_RE.match(device):
+        raise WorkerFatal(f"device {device!r} is not allowed (allowed: auto, cpu, cuda, cuda:N, mps)")
+    return device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise WorkerFatal(f"device {device} requested but CUDA is not available")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise WorkerFatal(f"device {device} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return dev
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    identity: str  # sha256 of the weights: jobs must name the same
+    pipe: Any
+    device: torch.device
+    dtype: torch.dtype
+    base_scheduler_config: Any
+    load_s: float
+
+    @property
+    def short_hash(self) -> str:
+        return self.identity[:10]
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return str(torch.cuda.get_device_name(self.device))
+        return self.device.type
+
+
+def _from_entry(entry: ModelEntry, dtype: torch.dtype) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    common: dict[str, Any] = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    if entry.path is not None:
+        return StableDiffusionPipeline.from_pretrained(
+            str(entry.path), local_files_only=True, use_safetensors=True, **common
+        )
+    if entry.file is not None:
+        if entry.config is None:
+            raise WorkerFatal(
+                f"model {entry.name!r}: a single-file checkpoint needs 'config:' (a diffusers-format folder"
+                " with the model's configs and tokenizer) to load offline"
+            )
+        return StableDiffusionPipeline.from_single_file(
+            str(entry.file), config=str(entry.config), local_files_only=True, **common
+        )
+    return StableDiffusionPipeline.from_pretrained(entry.hub, revision=entry.revision, use_safetensors=True, **common)
+
+
+def load_model(registry: Registry, name: str, device: str) -> LoadedModel:
+    """Load, place and warm up the pipeline. Any failure is fatal for the worker."""
+    t0 = time.perf_counter()
+    try:
+        entry = registry.get(name)
+        identity = registry.identity(name)
+    except Exception as e:
+        raise WorkerFatal(f"cannot serve model {name!r}: {e}") from e
+    dev = resolve_device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    try:
+        pipe = _from_entry(entry, dtype)
+    except WorkerFatal:
+        raise
+    except Exception as e:
+        raise WorkerFatal(f"cannot load model {name!r}: {type(e).__name__}: {e}") from e
+    pipe = pipe.to(dev)
+    if dev.type == "cuda":
+        pipe.unet.to(memory_format=torch.channels_last)
+    pipe.set_progress_bar_config(disable=True)
+    loaded = LoadedModel(entry, identity, pipe, dev, dtype, dict(pipe.scheduler.config), 0.0)
+    warm_up(loaded)
+    loaded.load_s = time.perf_counter() - t0
+    log.info("model=%s hash=%s device=%s dtype=%s loaded in %.1fs", name, loaded.short_hash, dev, dtype,
+             loaded.load_s)
+    return loaded
+
+
+def warm_up(loaded: LoadedModel) -> None:
+    """One tiny call so the first real chunk does not pay for lazy initialisation."""
+    with torch.inference_mode():
+        loaded.pipe(prompt="warm up", num_inference_steps=1, width=64, height=64, output_type="latent")

@@ -1,0 +1,41 @@
+"""Render compatible jobs as one batched pipeline call, one generator per image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sdfarm.jobs import RenderJob
+
+from .pipeline import LoadedModel
+from .samplers import make_scheduler
+
+
+def generators(jobs: list[RenderJob]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with the job's seed: a job's noise does not depend on
+    its chunk, its position in the chunk, or the worker's device."""
+    return [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+
+
+def render(loaded: LoadedModel, jobs: list[RenderJob]) -> list[Image.Image]:
+    """All jobs must share RenderJob.compat_key() (a Chunk guarantees it)."""
+    first = jobs[0]
+    pipe = loaded.pipe
+    pipe.scheduler = make_scheduler(first.sampler, first.schedule_type, loaded.base_scheduler_config)
+    kwargs: dict[str, Any] = {
+        "prompt": [j.prompt for j in jobs],
+        "negative_prompt": [j.negative_prompt for j in jobs],
+        "width": first.width,
+        "height": first.height,
+        "num_inference_steps": first.steps,
+        "guidance_scale": first.guidance_scale,
+        "generator": generators(jobs),
+        # A1111's "Clip skip: 2" is diffusers' clip_skip=1 (layers skipped from the end)
+        "clip_skip": first.clip_skip - 1 if first.clip_skip > 1 else None,
+        "output_type": "pil",
+    }
+    with torch.inference_mode():
+        images: list[Image.Image] = pipe(**kwargs).images
+    return images

@@ -1,0 +1,156 @@
+"""The render task. Reads like a pipeline's __call__: numbered steps, each a call.
+
+1. load the chunk (validate the message again)   2. skip jobs already done
+3. render the rest as one call                   4. encode PNG + sidecar
+5. store: PNG, then sidecar (If-None-Match: *)    6. report progress, one log line per job
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery, Task
+from pydantic import ValidationError
+
+from sdfarm.errors import TransientError
+from sdfarm.jobs import Chunk, ChunkEntry
+from sdfarm.layout import failed_key, image_key, sidecar_key
+from sdfarm.progress import ProgressBoard
+from sdfarm.queue import RENDER_TASK
+from sdfarm.settings import Settings
+from sdfarm.store import Store
+
+from .encode import encode_png, sidecar
+from .pipeline import LoadedModel
+from .render import render
+
+log = logging.getLogger("sdfarm.worker")
+
+
+@dataclass
+class WorkerState:
+    """Everything one pool process holds: created in the child, after fork."""
+
+    settings: Settings
+    hostname: str
+    loaded: LoadedModel
+    store: Store
+    board: ProgressBoard
+    versions: dict[str, str]
+    pool: ThreadPoolExecutor
+    counters: dict[str, Any] = field(default_factory=lambda: {"chunks": 0, "images": 0, "failed": 0})
+    current: dict[str, str] = field(default_factory=dict)
+
+    def worker_info(self) -> dict[str, Any]:
+        return {"hostname": self.hostname, "device": str(self.loaded.device), "device_name": self.loaded.device_name}
+
+
+_state: WorkerState | None = None
+
+
+def set_state(state: WorkerState | None) -> None:
+    global _state
+    _state = state
+
+
+def get_state() -> WorkerState:
+    if _state is None:
+        raise RuntimeError("worker state is not initialised: the pipeline loads in worker_process_init")
+    return _state
+
+
+def _log_job(entry: ChunkEntry, batch_id: str, outcome: str, seconds: float, extra: str = "") -> None:
+    log.info("job=%s batch=%s index=%d outcome=%s seconds=%.3f%s", entry.job.id, batch_id, entry.index, outcome,
+             seconds, f" {extra}" if extra else "")
+
+
+def fail_entries(state: WorkerState, batch_id: str, entries: list[ChunkEntry], reason: str) -> None:
+    """Record the jobs as failed with their reason: under the batch in S3, and on the board."""
+    for entry in entries:
+        record = {"job_id": entry.job.id, "index": entry.index, "batch_id": batch_id, "reason": reason,
+                  "worker": state.hostname, "at": time.time()}
+        state.store.put_json(failed_key(batch_id, entry.job.id), record)
+        state.board.mark_failed(batch_id, entry.index)
+        state.counters["failed"] += 1
+        _log_job(entry, batch_id, "failed", 0.0, f"reason={json.dumps(reason)}")
+
+
+def _store_one(state: WorkerState, batch_id: str, entry: ChunkEntry, image: Any, timings: dict[str, float]) -> None:
+    t0 = time.perf_counter()
+    job = entry.job
+    encoded = encode_png(image, job, state.loaded.short_hash)  # 4. encode
+    t1 = time.perf_counter()
+    png_written = state.store.put_if_absent(image_key(job.id), encoded.png, "image/png")  # 5. store
+    meta = sidecar(job, batch_id, entry.index, encoded, image_key(job.id),
+                   {**timings, "encode_s": t1 - t0, "upload_s": time.perf_counter() - t1},
+                   state.worker_info(), state.versions)
+    state.store.put_json_if_absent(sidecar_key(job.id), meta)
+    state.board.mark_done(batch_id, entry.index, rendered=True)  # 6. report
+    _log_job(entry, batch_id, "rendered" if png_written else "rendered-existing", timings["render_s_per_image"])
+
+
+def process_chunk(state: WorkerState, payload: Any) -> dict[str, int]:
+    # 1. load the chunk: the message is checked again, whoever sent it
+    try:
+        chunk = Chunk.model_validate(payload)
+    except ValidationError as e:
+        log.error("rejected malformed chunk message: %s", e.errors(include_url=False)[:3])
+        return {"rejected": 1}
+    entries = list(chunk.entries)
+    first = entries[0].job
+    if first.model != state.loaded.entry.name or first.model_hash != state.loaded.identity:
+        fail_entries(state, chunk.batch_id, entries,
+                     f"model mismatch: job wants {first.model} ({first.model_hash[:10]}), this worker serves"
+                     f" {state.loaded.entry.name} ({state.loaded.short_hash}); registries differ")
+        return {"failed": len(entries)}
+    state.current = {"batch": chunk.batch_id, "chunk": chunk.id, "since": str(time.time())}
+    state.board.r.hset(f"sdfarm:worker:{state.hostname}", mapping={"current_chunk": chunk.id,
+                                                                    "current_batch": chunk.batch_id})
+    try:
+        # 2. skip jobs already done: the sidecar is the commit marker
+        done = list(state.pool.map(lambda e: state.store.exists(sidecar_key(e.job.id)), entries))
+        todo = [e for e, d in zip(entries, done, strict=True) if not d]
+        for entry in (e for e, d in zip(entries, done, strict=True) if d):
+            state.board.mark_done(chunk.batch_id, entry.index, rendered=False)
+            _log_job(entry, chunk.batch_id, "skipped", 0.0)
+        if not todo:
+            return {"skipped": len(entries)}
+
+        # 3. render as one batched call, one generator per image
+        t0 = time.perf_counter()
+        try:
+            images = render(state.loaded, [e.job for e in todo])
+        except Exception as e:  # a job that breaks the pipeline fails with its reason; the worker serves on
+            log.exception("render failed for chunk %s", chunk.id)
+            fail_entries(state, chunk.batch_id, todo, f"{type(e).__name__}: {e}")
+            return {"failed": len(todo)}
+        render_s = time.perf_counter() - t0
+        timings = {"chunk_render_s": render_s, "render_s_per_image": render_s / len(todo), "chunk_size": len(todo)}
+
+        # 4-6. encode, store and report each image, off the render thread
+        futures = [state.pool.submit(_store_one, state, chunk.batch_id, e, img, timings)
+                   for e, img in zip(todo, images, strict=True)]
+        for f in futures:
+            f.result()
+        state.counters["chunks"] += 1
+        state.counters["images"] += len(todo)
+        return {"rendered": len(todo), "skipped": len(entries) - len(todo)}
+    finally:
+        state.current = {}
+        state.board.r.hdel(f"sdfarm:worker:{state.hostname}", "current_chunk", "current_batch")
+
+
+def register_tasks(app: Celery) -> None:
+    @app.task(name=RENDER_TASK, bind=True, max_retries=20)  # type: ignore[untyped-decorator]
+    def render_chunk(self: Task, payload: Any) -> dict[str, int]:
+        try:
+            return process_chunk(get_state(), payload)
+        except TransientError as e:
+            delay = min(5 * 2 ** self.request.retries, 300)
+            log.warning("transient failure, retrying in %ss: %s", delay, e)
+            raise self.retry(exc=e, countdown=delay) from e

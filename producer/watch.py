@@ -86,7 +86,8 @@ def watch(board: ProgressBoard, store: Store, batch_id: str, console: Console, i
 def status_table(board: ProgressBoard, limit: int = 20) -> Table:
     table = Table(title="recent batches")
     for col in ("batch", "name", "submitted", "total", "done", "failed", "queued", "state"):
-        table.add_column(col, justify="right" if col in ("total", "done", "failed", "queued") else "left")
+        table.add_column(col, justify="right" if col in ("total", "done", "failed", "queued") else "left",
+                         no_wrap=col in ("batch", "submitted"))
     for batch_id in board.recent(limit):
         p = board.read(batch_id)
         if p is None:

@@ -83,7 +83,18 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict
     return result
 
 
+class _LineList(list[Any]):
+    item_lines: list[int]
+
+
+def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> _LineList:
+    result = _LineList(loader.construct_object(child, deep=True) for child in node.value)  # type: ignore[no-untyped-call]
+    result.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return result
+
+
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
 def _yaml_problem(source: str, e: yaml.YAMLError) -> Problem:
@@ -134,8 +145,9 @@ def _read_structured(text: str, source: str, fmt: str) -> tuple[dict[str, Any], 
     if problems:
         raise BatchInvalid(problems)
     items: list[RawItem] = []
+    item_lines = getattr(items_data, "item_lines", [])
     for n, raw in enumerate(items_data, start=1):
-        line = getattr(raw, "line", None)
+        line = item_lines[n - 1] if n <= len(item_lines) else None
         if isinstance(raw, str):
             items.append(RawItem({"prompt": raw}, n, line))
         elif isinstance(raw, dict):

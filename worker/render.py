@@ -10,6 +10,7 @@ from PIL import Image
 from sdfarm.jobs import RenderJob
 
 from .pipeline import LoadedModel
+from .prompts import encode
 from .samplers import make_scheduler
 
 
@@ -25,17 +26,15 @@ def render(loaded: LoadedModel, jobs: list[RenderJob]) -> list[Image.Image]:
     pipe = loaded.pipe
     pipe.scheduler = make_scheduler(first.sampler, first.schedule_type, loaded.base_scheduler_config)
     kwargs: dict[str, Any] = {
-        "prompt": [j.prompt for j in jobs],
-        "negative_prompt": [j.negative_prompt for j in jobs],
         "width": first.width,
         "height": first.height,
         "num_inference_steps": first.steps,
         "guidance_scale": first.guidance_scale,
         "generator": generators(jobs),
-        # A1111's "Clip skip: 2" is diffusers' clip_skip=1 (layers skipped from the end)
-        "clip_skip": first.clip_skip - 1 if first.clip_skip > 1 else None,
         "output_type": "pil",
     }
     with torch.inference_mode():
+        kwargs["prompt_embeds"] = encode(pipe, [j.prompt for j in jobs], first.clip_skip)
+        kwargs["negative_prompt_embeds"] = encode(pipe, [j.negative_prompt for j in jobs], first.clip_skip)
         images: list[Image.Image] = pipe(**kwargs).images
     return images

@@ -1,0 +1,200 @@
+"""Fixtures: a tiny model, the embedded stack (real Redis + real S3), real worker processes.
+
+Everything is started by the test session and stopped at its end. When a service cannot start,
+tests fail under CI (CI=true) and are skipped locally with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from infra.stack import EmbeddedStack, StackInfo
+from sdfarm.models import Registry
+from sdfarm.progress import ProgressBoard
+from sdfarm.queue import make_celery
+from sdfarm.settings import Settings
+from sdfarm.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = "tiny-sd15"
+IDLE = "tiny-idle"  # registered, same weights, no worker serves it: its queue only fills
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
+    """Poll until condition() is truthy; fail with `what` after timeout_s. Never a bare sleep."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def registry_file(tiny_model_dir: Path) -> Path:
+    path = tiny_model_dir.parent / "models.yaml"
+    path.write_text(f"models:\n  {TINY}:\n    path: {tiny_model_dir}\n  {IDLE}:\n    path: {tiny_model_dir}\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def registry(registry_file: Path, cache_dir: Path) -> Registry:
+    return Registry.from_settings(Settings(models_file=registry_file, cache_dir=cache_dir))
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+    s = EmbeddedStack(tmp_path_factory.mktemp("stack"))
+    try:
+        s.start()
+    except Exception as e:
+        s.stop()
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"embedded stack did not start: {e}")
+        pytest.skip(f"embedded stack did not start: {e}")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def stack_info(stack: EmbeddedStack) -> StackInfo:
+    assert stack.info is not None
+    return stack.info
+
+
+@pytest.fixture(scope="session")
+def env(stack_info: StackInfo, registry_file: Path, cache_dir: Path) -> dict[str, str]:
+    """SDFARM_* for processes started by tests: short visibility timeout so a killed worker's chunk
+    comes back within seconds."""
+    return {
+        **stack_info.env(),
+        "SDFARM_MODELS_FILE": str(registry_file),
+        "SDFARM_CACHE_DIR": str(cache_dir),
+        "SDFARM_CHUNK_SIZE": "4",
+        "SDFARM_VISIBILITY_TIMEOUT": "20",
+        "SDFARM_UNACKED_RESTORE_INTERVAL": "1",
+        "SDFARM_HEARTBEAT_INTERVAL": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(env: dict[str, str]) -> Settings:
+    return Settings(**{k.removeprefix("SDFARM_").lower(): v for k, v in env.items()})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def store(settings: Settings) -> Store:
+    return Store.from_settings(settings)
+
+
+@pytest.fixture(scope="session")
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.redis_url.get_secret_value())
+
+
+@pytest.fixture(scope="session")
+def board(settings: Settings) -> ProgressBoard:
+    return ProgressBoard.from_url(settings.redis_url.get_secret_value(), settings.progress_ttl)
+
+
+@pytest.fixture(scope="session")
+def celery_app(settings: Settings) -> Any:
+    return make_celery(settings)
+
+
+def cli(args: list[str], env: dict[str, str], timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real `sdfarm` command line in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "producer", *args], env={**os.environ, **env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+@dataclass
+class WorkerProcess:
+    """A real `sdfarm worker` process (Celery prefork parent + one pool child)."""
+
+    hostname: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    client: redis.Redis
+    alive: bool = field(default=True)
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker {self.hostname} exited with {self.proc.returncode}:\n{self.tail()}")
+        return bool(self.client.exists(f"sdfarm:worker:{self.hostname}"))
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+    def busy_with(self) -> str | None:
+        chunk = self.client.hget(f"sdfarm:worker:{self.hostname}", "current_chunk")
+        return chunk.decode() if chunk else None
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker: parent and pool child, mid-whatever."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.alive = False
+
+    def stop(self, timeout_s: float = 30) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.alive = False
+
+
+@pytest.fixture(scope="session")
+def start_worker(env: dict[str, str], redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    logs = tmp_path_factory.mktemp("worker-logs")
+
+    def start(name: str, model: str = TINY, wait: bool = True, extra_env: dict[str, str] | None = None
+              ) -> WorkerProcess:
+        hostname = f"{name}@tests"
+        log = logs / f"{name}-{len(started)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "producer", "worker", "--model", model, "--device", "cpu",
+                 "--hostname", hostname],
+                env={**os.environ, **env, **(extra_env or {})}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        w = WorkerProcess(hostname, proc, log, redis_client)
+        started.append(w)
+        if wait:
+            wait_for(w.ready, 120, f"worker {hostname} to load its model")
+        return w
+
+    yield start
+    for w in started:
+        w.stop()

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from sdfarm.jobs import Chunk, RenderJob, make_chunks
+
+HASH = "ab" * 32
+BASE = {"model": "tiny-sd15", "model_hash": HASH, "prompt": "a red fox", "seed": 7, "width": 64, "height": 64,
+        "steps": 8}
+
+# every field that affects pixels, with a different valid value
+PIXEL_CHANGES = {
+    "model_hash": "cd" * 32,
+    "prompt": "a blue fox",
+    "negative_prompt": "blurry",
+    "seed": 8,
+    "width": 72,
+    "height": 72,
+    "steps": 9,
+    "guidance_scale": 6.5,
+    "sampler": "Euler a",
+    "schedule_type": "Karras",
+    "clip_skip": 2,
+}
+
+
+def job(**changes: object) -> RenderJob:
+    return RenderJob.model_validate({**BASE, **changes})
+
+
+def test_id_is_stable_across_processes() -> None:
+    code = ("import json,sys; from sdfarm.jobs import RenderJob; "
+            "print(RenderJob.model_validate(json.loads(sys.argv[1])).id)")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(BASE)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == job().id
+    assert len(job().id) == 32
+
+
+@pytest.mark.parametrize(("field", "value"), PIXEL_CHANGES.items())
+def test_every_pixel_field_changes_the_id(field: str, value: object) -> None:
+    assert job(**{field: value}).id != job().id
+
+
+def test_fields_that_do_not_affect_pixels_leave_the_id() -> None:
+    # the model's registry name is a label: the weights' hash is the identity
+    assert job(model="renamed-model").id == job().id
+    # a round trip through JSON (the task message) keeps the id
+    assert RenderJob.model_validate_json(job().model_dump_json()).id == job().id
+
+
+def test_every_field_is_classified() -> None:
+    labels = {"model", "schema_version"}
+    assert set(RenderJob.model_fields) == set(PIXEL_CHANGES) | labels | {"prompt", "seed"}
+
+
+def test_legacy_sampler_name_is_split_and_same_job() -> None:
+    a = job(sampler="DPM++ 2M Karras")
+    b = job(sampler="DPM++ 2M", schedule_type="Karras")
+    assert (a.sampler, a.schedule_type) == ("DPM++ 2M", "Karras")
+    assert a.id == b.id
+
+
+def test_schedule_type_must_suit_the_sampler() -> None:
+    with pytest.raises(ValidationError, match="schedule_type 'Karras' does not apply to sampler 'Euler a'"):
+        job(sampler="Euler a", schedule_type="Karras")
+
+
+def test_job_is_frozen_and_forbids_unknown_fields() -> None:
+    with pytest.raises(ValidationError):
+        job().seed = 3  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        job(colour="red")
+
+
+def test_chunks_group_compatible_jobs_in_order() -> None:
+    jobs = [job(seed=i) for i in range(5)] + [job(seed=i, steps=20) for i in range(3)]
+    chunks = list(make_chunks("0" * 20, enumerate(jobs), size=2))
+    assert [len(c.entries) for c in chunks] == [2, 2, 2, 1, 1]
+    assert sorted(e.index for c in chunks for e in c.entries) == list(range(8))
+    for c in chunks:
+        assert len({e.job.compat_key() for e in c.entries}) == 1
+
+
+def test_chunk_refuses_incompatible_jobs() -> None:
+    entries = [{"index": 0, "job": job().model_dump()}, {"index": 1, "job": job(steps=20).model_dump()}]
+    with pytest.raises(ValidationError, match="cannot share one pipeline call"):
+        Chunk.model_validate({"batch_id": "0" * 20, "entries": entries})

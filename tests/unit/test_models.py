@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from sdfarm.errors import InvalidInput, UnknownModel
+from sdfarm.models import HashCache, Registry, folder_sha256, parse_registry
+from sdfarm.settings import Settings
+
+
+def test_single_file_identity_is_its_sha256_and_a1111_short_hash(tmp_path: Path) -> None:
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"weights" * 1000)
+    reg = Registry(parse_registry("models:\n  m:\n    file: model.safetensors\n", "r", tmp_path), HashCache(tmp_path))
+    expected = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert reg.identity("m") == expected
+    assert reg.get("m").short_hash(reg.cache) == expected[:10]
+
+
+def test_hash_cache_reuses_and_notices_changes(tmp_path: Path) -> None:
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"a")
+    cache = HashCache(tmp_path / "cache")
+    first = cache.file_sha256(f)
+    assert HashCache(tmp_path / "cache").file_sha256(f) == first  # persisted
+    f.write_bytes(b"bb")
+    assert cache.file_sha256(f) != first
+
+
+def test_folder_identity_covers_weights_and_configs(tmp_path: Path) -> None:
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "unet" / "w.safetensors").write_bytes(b"1")
+    cache = HashCache(tmp_path / "c")
+    a = folder_sha256(tmp_path, cache)
+    (tmp_path / "unet" / "w.safetensors").write_bytes(b"2")
+    assert folder_sha256(tmp_path, cache) != a
+
+
+def test_pickle_checkpoints_are_refused_unless_opted_in(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match=r"model\.ckpt is a pickle checkpoint"):
+        parse_registry("models:\n  m:\n    file: model.ckpt\n", "r", tmp_path)
+    entries = parse_registry("models:\n  m:\n    file: model.ckpt\n    allow_pickle: true\n", "r", tmp_path)
+    assert entries["m"].allow_pickle
+
+
+def test_registry_entry_needs_exactly_one_source(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="set exactly one of path, file, hub"):
+        parse_registry("models:\n  m:\n    path: a\n    hub: b/c\n", "r", tmp_path)
+    with pytest.raises(InvalidInput, match="model 'Bad Name'"):
+        parse_registry("models:\n  Bad Name:\n    hub: b/c\n", "r", tmp_path)
+
+
+def test_names_only_never_paths(tmp_path: Path) -> None:
+    reg = Registry(parse_registry("models:\n  m:\n    hub: a/b\n", "r", tmp_path), HashCache(tmp_path))
+    for name in ("../../etc/passwd", "/etc/passwd", "m/../m", "M"):
+        with pytest.raises(UnknownModel, match="allowed: m"):
+            reg.get(name)
+
+
+def test_missing_files_are_named(tmp_path: Path) -> None:
+    reg = Registry(parse_registry("models:\n  m:\n    path: nowhere\n", "r", tmp_path), HashCache(tmp_path))
+    with pytest.raises(UnknownModel, match="is not a diffusers folder"):
+        reg.identity("m")
+
+
+def test_registry_from_file_and_env(tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text("models:\n  a:\n    hub: x/a\n")
+    reg = Registry.from_settings(Settings(models_file=tmp_path / "models.yaml", models="models: {b: {hub: x/b}}",
+                                          cache_dir=tmp_path))
+    assert reg.names() == ["a", "b"]
+    with pytest.raises(InvalidInput, match="model registry .*missing.yaml"):
+        Registry.from_settings(Settings(models_file=tmp_path / "missing.yaml", cache_dir=tmp_path))

@@ -1,0 +1,83 @@
+"""The renderer in this process, on the tiny random-weight SD1.5-architecture pipeline (CPU)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdfarm.infotext import parse_infotext
+from sdfarm.jobs import RenderJob
+from sdfarm.models import Registry
+from sdfarm.samplers import SAMPLERS
+from worker.encode import encode_png
+from worker.pipeline import LoadedModel, load_model
+from worker.render import render
+
+
+@pytest.fixture(scope="module")
+def loaded(registry: Registry) -> LoadedModel:
+    return load_model(registry, "tiny-sd15", "cpu")
+
+
+def job(loaded: LoadedModel, **changes: object) -> RenderJob:
+    base = {"model": "tiny-sd15", "model_hash": loaded.identity, "prompt": "a red fox in snow", "seed": 11,
+            "width": 64, "height": 64, "steps": 6}
+    return RenderJob.model_validate({**base, **changes})
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+def test_same_job_same_image(loaded: LoadedModel) -> None:
+    a, b = render(loaded, [job(loaded)])[0], render(loaded, [job(loaded)])[0]
+    assert np.array_equal(pixels(a), pixels(b))
+
+
+def test_alone_and_inside_a_chunk_of_four_give_the_same_image(loaded: LoadedModel) -> None:
+    target = job(loaded, seed=5, prompt="a lighthouse")
+    chunk = [job(loaded, seed=1, prompt="x"), target, job(loaded, seed=2, prompt="y", negative_prompt="z"),
+             job(loaded, seed=3)]
+    alone = pixels(render(loaded, [target])[0])
+    inside = pixels(render(loaded, chunk)[1])
+    assert np.abs(alone - inside).max() <= 2
+
+
+def test_seed_and_prompt_change_the_image(loaded: LoadedModel) -> None:
+    base = pixels(render(loaded, [job(loaded)])[0])
+    assert np.abs(base - pixels(render(loaded, [job(loaded, seed=12)])[0])).max() > 10
+    assert np.abs(base - pixels(render(loaded, [job(loaded, prompt="a blue whale")])[0])).max() > 0
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_renders(loaded: LoadedModel, sampler: str) -> None:
+    image = render(loaded, [job(loaded, sampler=sampler, steps=4)])[0]
+    assert image.size == (64, 64)
+    assert pixels(image).std() > 1  # not a blank frame
+
+
+def test_schedule_type_and_clip_skip_change_the_image(loaded: LoadedModel) -> None:
+    base = pixels(render(loaded, [job(loaded, sampler="DPM++ 2M")])[0])
+    karras = pixels(render(loaded, [job(loaded, sampler="DPM++ 2M Karras")])[0])
+    skip = pixels(render(loaded, [job(loaded, sampler="DPM++ 2M", clip_skip=2)])[0])
+    assert np.abs(base - karras).max() > 0
+    assert np.abs(base - skip).max() > 0
+
+
+def test_png_carries_infotext_and_job_json(loaded: LoadedModel) -> None:
+    j = job(loaded, negative_prompt="blurry, ugly", prompt="café, 東京")
+    encoded = encode_png(render(loaded, [j])[0], j, loaded.short_hash)
+    with Image.open(io.BytesIO(encoded.png)) as img:
+        text = dict(img.text)  # type: ignore[attr-defined]
+    parsed = parse_infotext(text["parameters"])
+    assert parsed["Prompt"] == j.prompt
+    assert parsed["Negative prompt"] == "blurry, ugly"
+    assert parsed["Seed"] == str(j.seed)
+    assert parsed["Model hash"] == loaded.identity[:10]
+    embedded = json.loads(text["sdfarm"])
+    assert embedded["id"] == j.id
+    assert RenderJob.model_validate({k: v for k, v in embedded.items() if k != "id"}) == j

@@ -29,6 +29,7 @@ from sdfarm.store import Store
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tiny-sd15"
 IDLE = "tiny-idle"  # registered, same weights, no worker serves it: its queue only fills
+VICTIM = "tiny-victim"  # served only by the workers of the kill test
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
@@ -53,7 +54,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def registry_file(tiny_model_dir: Path) -> Path:
     path = tiny_model_dir.parent / "models.yaml"
-    path.write_text(f"models:\n  {TINY}:\n    path: {tiny_model_dir}\n  {IDLE}:\n    path: {tiny_model_dir}\n")
+    path.write_text("models:\n" + "".join(f"  {name}:\n    path: {tiny_model_dir}\n" for name in (TINY, IDLE, VICTIM)))
     return path
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from sdfarm.queue import RENDER_TASK
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
-from .encode import encode_png, sidecar
+from .encode import Encoded, encode_png, sidecar
 from .pipeline import LoadedModel
 from .render import render
 
@@ -86,6 +87,9 @@ def _store_one(state: WorkerState, batch_id: str, entry: ChunkEntry, image: Any,
     encoded = encode_png(image, job, state.loaded.short_hash)  # 4. encode
     t1 = time.perf_counter()
     png_written = state.store.put_if_absent(image_key(job.id), encoded.png, "image/png")  # 5. store
+    if not png_written:  # an earlier attempt stored the PNG and died before its sidecar: describe that one
+        existing = state.store.get(image_key(job.id))
+        encoded = Encoded(existing, hashlib.sha256(existing).hexdigest(), encoded.infotext)
     meta = sidecar(job, batch_id, entry.index, encoded, image_key(job.id),
                    {**timings, "encode_s": t1 - t0, "upload_s": time.perf_counter() - t1},
                    state.worker_info(), state.versions)

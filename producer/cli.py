@@ -31,7 +31,7 @@ from .watch import status_table, watch
 EXIT_INVALID = 2
 EXIT_FAILED = 1
 
-console = Console(stderr=False)
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True)
 
 

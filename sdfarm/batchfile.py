@@ -117,14 +117,14 @@ def _read_structured(text: str, source: str, fmt: str) -> tuple[dict[str, Any], 
                 [Problem(source, e.lineno, None, "", f"malformed JSON, column {e.colno}: {e.msg}")]
             ) from e
         try:  # same data again, with line numbers (JSON is YAML); fall back to none
-            with_lines = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+            with_lines = yaml.load(text, Loader=_LineLoader)
             if with_lines == data:
                 data = with_lines
         except yaml.YAMLError:
             pass
     else:
         try:
-            data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+            data = yaml.load(text, Loader=_LineLoader)
         except yaml.YAMLError as e:
             raise BatchInvalid([_yaml_problem(source, e)]) from e
     if isinstance(data, list):
@@ -142,7 +142,7 @@ def _read_structured(text: str, source: str, fmt: str) -> tuple[dict[str, Any], 
     for key in ("defaults", "matrix"):
         if key in data and not isinstance(data[key], dict):
             problems.append(Problem(source, _key_line(data, key), None, key, "expected a mapping"))
-    if problems:
+    if problems or not isinstance(items_data, list):
         raise BatchInvalid(problems)
     items: list[RawItem] = []
     item_lines = getattr(items_data, "item_lines", [])
@@ -420,6 +420,10 @@ def plan_batch(
     return BatchPlan(batch_id=batch_id, name=batch_name, seed=batch_seed, jobs=tuple(jobs), spec=spec)
 
 
+def _file_problem(path: Path, message: str) -> Problem:
+    return Problem(str(path), None, None, "", message)
+
+
 def plan_file(
     path: Path,
     registry: Registry,
@@ -430,14 +434,14 @@ def plan_file(
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         allowed = ", ".join(FORMATS)
-        raise BatchInvalid([Problem(str(path), None, None, "", f"unknown file type {path.suffix!r} (allowed: {allowed})")])
+        raise BatchInvalid([_file_problem(path, f"unknown file type {path.suffix!r} (allowed: {allowed})")])
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise BatchInvalid([Problem(str(path), None, None, "", f"file is {size} bytes (allowed: at most {MAX_FILE_BYTES})")])
+            raise BatchInvalid([_file_problem(path, f"file is {size} bytes (allowed: at most {MAX_FILE_BYTES})")])
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise BatchInvalid([Problem(str(path), None, None, "", f"not UTF-8 text: {e.reason} at byte {e.start}")]) from e
+        raise BatchInvalid([_file_problem(path, f"not UTF-8 text: {e.reason} at byte {e.start}")]) from e
     except OSError as e:
-        raise BatchInvalid([Problem(str(path), None, None, "", f"cannot read: {e.strerror}")]) from e
+        raise BatchInvalid([_file_problem(path, f"cannot read: {e.strerror}")]) from e
     return plan_batch(text, str(path), fmt, registry, max_jobs, overrides, name)

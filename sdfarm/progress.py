@@ -68,7 +68,7 @@ class ProgressBoard:
         pipe.setbit(_key(batch_id, "done"), index, 1)
         pipe.setbit(_key(batch_id, "failed"), index, 0)
         pipe.expire(_key(batch_id, "done"), self.ttl)
-        was_done, was_failed, _ = pipe.execute()
+        was_done, _was_failed, _ = pipe.execute()
         if not was_done and rendered:
             self.r.hincrby(_key(batch_id), "rendered", 1)
         return not was_done

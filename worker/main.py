@@ -7,6 +7,7 @@ heartbeats, and renders. If the child cannot load, the whole worker exits non-ze
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -122,10 +123,8 @@ def run_worker(settings: Settings, model: str, device: str = "auto", hostname: s
 
     @signals.worker_process_shutdown.connect(weak=False)
     def _on_child_exit(**_: Any) -> None:
-        try:
+        with contextlib.suppress(Exception):
             get_state().board.r.delete(worker_key(hostname))
-        except Exception:
-            pass
 
     argv = ["worker", f"--queues={queue_name(model)}", "--concurrency=1", "--pool=prefork",
             f"--hostname={hostname}", f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",

@@ -50,10 +50,10 @@ def write_tokenizer_files(folder: Path) -> None:
 
 
 def build_tiny_sd15(seed: int = 0) -> object:
+    import tempfile
+
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    import tempfile
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

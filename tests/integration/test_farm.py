@@ -55,7 +55,8 @@ def finished(board: ProgressBoard, batch_id: str) -> bool:
 def assert_one_png_and_sidecar_per_job(store: Store, plan: BatchPlan) -> None:
     keys = set(store.keys("renders/"))
     for job in plan.jobs:
-        assert image_key(job.id) in keys and sidecar_key(job.id) in keys
+        assert image_key(job.id) in keys
+        assert sidecar_key(job.id) in keys
         png = store.get(image_key(job.id))
         meta = store.get_json(sidecar_key(job.id))
         assert meta["image"]["sha256"] == hashlib.sha256(png).hexdigest()  # the sidecar describes this PNG
@@ -91,7 +92,8 @@ def test_batch_of_twelve_lands_in_s3_with_full_metadata(
         assert embedded["id"] == job.id
     assert hostnames <= {w.hostname for w in two_workers}
     progress = board.read(plan.batch_id)
-    assert progress is not None and (progress.done, progress.failed, progress.rendered) == (12, 0, 12)
+    assert progress is not None
+    assert (progress.done, progress.failed, progress.rendered) == (12, 0, 12)
 
     # fetch: images, sidecars and a manifest; a contact sheet
     out = tmp_path / "fetched"
@@ -99,7 +101,8 @@ def test_batch_of_twelve_lands_in_s3_with_full_metadata(
     assert result.returncode == 0, result.stderr
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [m["status"] for m in manifest] == ["done"] * 12
-    assert len(list(out.glob("*.png"))) == 12 and len(list(out.glob("*.json"))) == 12
+    assert len(list(out.glob("*.png"))) == 12
+    assert len(list(out.glob("*.json"))) == 12
     with Image.open(tmp_path / "sheet.png") as sheet:
         assert sheet.size[0] >= 8 * 64
 
@@ -127,7 +130,8 @@ def test_resubmitting_renders_nothing(
     assert third.returncode == 0, third.stderr
     assert "2 chunks enqueued, 0 already done" in third.stdout
     progress = board.read(plan.batch_id)
-    assert progress is not None and (progress.done, progress.rendered) == (8, 0)
+    assert progress is not None
+    assert (progress.done, progress.rendered) == (8, 0)
     assert rendered_lines(two_workers) == lines_before  # zero images rendered
     assert {j.id: store.get_json(sidecar_key(j.id))["created_at"] for j in plan.jobs} == created
 
@@ -158,6 +162,7 @@ def test_a_worker_killed_mid_chunk_loses_nothing(
     rescuer = start_worker("rescuer", model=VICTIM)
     wait_for(lambda: finished(board, plan.batch_id), 240, "the rescuer to finish the batch")
     progress = board.read(plan.batch_id)
-    assert progress is not None and (progress.done, progress.failed) == (8, 0)
+    assert progress is not None
+    assert (progress.done, progress.failed) == (8, 0)
     assert_one_png_and_sidecar_per_job(store, plan)
     assert "outcome=rendered" in rescuer.tail(10**9)

@@ -27,7 +27,7 @@ def test_redis_runs_with_aof_and_noeviction(stack_info: StackInfo) -> None:
 def test_s3_rejects_wrong_credentials(stack_info: StackInfo) -> None:
     client = boto3.client("s3", endpoint_url=stack_info.s3_endpoint, region_name="us-east-1",
                           aws_access_key_id=stack_info.s3_access_key, aws_secret_access_key="wrong")
-    with pytest.raises(ClientError, match="SignatureDoesNotMatch|AccessDenied"):
+    with pytest.raises(ClientError, match=r"SignatureDoesNotMatch|AccessDenied"):
         client.list_objects_v2(Bucket=stack_info.bucket)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import redis
 
+from producer.submit import submit_plan
 from sdfarm.batchfile import plan_file
 from sdfarm.errors import TransientError
 from sdfarm.layout import batch_key, jobs_key
@@ -16,7 +17,6 @@ from sdfarm.models import Registry
 from sdfarm.progress import ProgressBoard
 from sdfarm.settings import Settings
 from sdfarm.store import Store
-from producer.submit import submit_plan
 from tests.conftest import IDLE, cli
 
 
@@ -65,7 +65,9 @@ def test_dry_run_prints_the_plan_and_enqueues_nothing(
     result = cli(["submit", str(batch), "--dry-run"], env)
     assert result.returncode == 0, result.stderr
     assert "6 jobs, 3 chunks of up to 4" in result.stdout
-    assert f"{IDLE}" in result.stdout and "64x64" in result.stdout and "128x64" in result.stdout
+    assert f"{IDLE}" in result.stdout
+    assert "64x64" in result.stdout
+    assert "128x64" in result.stdout
     assert "nothing enqueued" in result.stdout
     assert snapshot(redis_client, store) == before
 
@@ -80,7 +82,8 @@ def test_submit_writes_the_record_then_enqueues_json_chunks(
     plan = plan_file(batch, registry, 100)
     assert f"batch {plan.batch_id}: 6 jobs, 2 chunks enqueued" in result.stdout
     spec = store.get_json(batch_key(plan.batch_id))
-    assert spec["job_count"] == 6 and spec["models"] == {IDLE: registry.identity(IDLE)}
+    assert spec["job_count"] == 6
+    assert spec["models"] == {IDLE: registry.identity(IDLE)}
     lines = store.get(jobs_key(plan.batch_id)).decode().splitlines()
     assert [json.loads(line)["id"] for line in lines] == [j.id for j in plan.jobs]
     assert queued(redis_client, IDLE) == before + 2

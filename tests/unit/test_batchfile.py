@@ -210,7 +210,7 @@ def test_jsonl_field_problem_names_its_line(registry: Registry) -> None:
 def test_unknown_file_type(tmp_path: Path, registry: Registry) -> None:
     f = tmp_path / "batch.toml"
     f.write_text("x = 1")
-    with pytest.raises(BatchInvalid, match="unknown file type '.toml'"):
+    with pytest.raises(BatchInvalid, match=r"unknown file type '\.toml'"):
         plan_file(f, registry, 10)
 
 

@@ -32,7 +32,8 @@ def test_negative_line_omitted_when_empty_and_clip_skip_only_above_one() -> None
 
 
 def test_values_with_commas_or_colons_are_json_quoted() -> None:
-    text = format_infotext("p", "", {"Steps": 1, "Sampler": "Euler", "Lora hashes": "add_detail: 7c6bad76eb54, style: abc"})
+    lora = "add_detail: 7c6bad76eb54, style: abc"
+    text = format_infotext("p", "", {"Steps": 1, "Sampler": "Euler", "Lora hashes": lora})
     assert text.endswith('Lora hashes: "add_detail: 7c6bad76eb54, style: abc"')
     assert parse_infotext(text)["Lora hashes"] == "add_detail: 7c6bad76eb54, style: abc"
 

@@ -71,5 +71,5 @@ def test_registry_from_file_and_env(tmp_path: Path) -> None:
     reg = Registry.from_settings(Settings(models_file=tmp_path / "models.yaml", models="models: {b: {hub: x/b}}",
                                           cache_dir=tmp_path))
     assert reg.names() == ["a", "b"]
-    with pytest.raises(InvalidInput, match="model registry .*missing.yaml"):
+    with pytest.raises(InvalidInput, match=r"model registry .*missing\.yaml"):
         Registry.from_settings(Settings(models_file=tmp_path / "missing.yaml", cache_dir=tmp_path))

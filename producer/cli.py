@@ -26,7 +26,7 @@ from sdfarm.store import Store
 
 from .fetch import contact_sheet, fetch
 from .submit import describe_plan, submit_plan
-from .watch import status_table, watch
+from .watch import status_table, watch, worker_rows, workers_table
 
 EXIT_INVALID = 2
 EXIT_FAILED = 1
@@ -125,6 +125,16 @@ def fetch_cmd(batch_id: str, dest: Path, sheet: Path | None) -> None:
                   f" manifest {result.manifest}", highlight=False)
     if sheet is not None and result.images:
         console.print(f"contact sheet {contact_sheet(dest, sheet)}", highlight=False)
+
+
+@cli.command("workers")
+@click.option("--check", "check_host", metavar="HOSTNAME", help="Exit 0 only if this worker's heartbeat is live.")
+def workers_cmd(check_host: str | None) -> None:
+    """Live workers (from their heartbeats): model, device, last heartbeat, counters."""
+    rows = worker_rows(_board(_settings()))
+    if check_host is not None:
+        sys.exit(0 if any(r["hostname"] == check_host for r in rows) else EXIT_FAILED)
+    console.print(workers_table(rows))
 
 
 @cli.command()

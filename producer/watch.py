@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,4 +96,27 @@ def status_table(board: ProgressBoard, limit: int = 20) -> Table:
         state = "failed" if p.finished and p.failed else "done" if p.finished else "running"
         submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.submitted_at))
         table.add_row(batch_id, p.name, submitted, str(p.total), str(p.done), str(p.failed), str(p.queued), state)
+    return table
+
+
+def worker_rows(board: ProgressBoard) -> list[dict[str, str]]:
+    rows = []
+    for key in board.r.scan_iter("sdfarm:worker:*"):
+        raw: dict[bytes, bytes] = board.r.hgetall(key)  # type: ignore[assignment]
+        row = {k.decode(): v.decode() for k, v in raw.items()}
+        if "heartbeat_at" in row:  # a worker that has loaded its model
+            rows.append(row)
+    return sorted(rows, key=lambda r: r["hostname"])
+
+
+def workers_table(rows: list[dict[str, str]]) -> Table:
+    table = Table(title="workers")
+    for col in ("hostname", "model", "device", "heartbeat", "chunks", "images", "failed", "busy with"):
+        table.add_column(col, no_wrap=col == "hostname")
+    now = time.time()
+    for r in rows:
+        counters = json.loads(r.get("counters", "{}"))
+        table.add_row(r["hostname"], f"{r['model']} ({r['model_hash']})", f"{r['device']} {r['device_name']}",
+                      f"{now - float(r['heartbeat_at']):.0f}s ago", str(counters.get("chunks", 0)),
+                      str(counters.get("images", 0)), str(counters.get("failed", 0)), r.get("current_chunk", ""))
     return table

@@ -1,0 +1,57 @@
+"""docker-compose.yml cannot run here (no Docker engine): check it against the compose spec and
+check the promises it must keep."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def test_compose_file_matches_the_compose_spec() -> None:
+    checker = Path(sys.executable).parent / "check-jsonschema"
+    result = subprocess.run([str(checker), "--builtin-schema", "vendor.compose-spec", "docker-compose.yml"],
+                            cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_redis_has_aof_a_password_and_no_public_port() -> None:
+    redis = compose()["services"]["redis"]
+    assert "--requirepass" in redis["command"]
+    assert "ports" not in redis
+    conf = (ROOT / "infra" / "redis.conf").read_text()
+    assert "appendonly yes" in conf and "maxmemory-policy noeviction" in conf
+    assert "healthcheck" in redis
+
+
+def test_minio_bucket_is_created_and_workers_wait_for_it() -> None:
+    services = compose()["services"]
+    assert "mc mb --ignore-existing" in " ".join(services["minio-init"]["command"])
+    worker = services["worker-0"]
+    assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_gpu_workers_reserve_a_device_and_have_a_healthcheck() -> None:
+    worker = compose()["services"]["worker-0"]
+    device = worker["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert worker["healthcheck"]["test"][:3] == ["CMD", "sdfarm", "workers"]
+    assert "--check" in worker["healthcheck"]["test"]
+
+
+def test_every_service_gets_credentials_from_the_environment_not_the_file() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "${REDIS_PASSWORD:?" in text and "${MINIO_ROOT_PASSWORD:?" in text
+    env = compose()["x-sdfarm-env"]
+    assert env["SDFARM_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD")

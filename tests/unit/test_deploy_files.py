@@ -30,7 +30,8 @@ def test_redis_has_aof_a_password_and_no_public_port() -> None:
     assert "--requirepass" in redis["command"]
     assert "ports" not in redis
     conf = (ROOT / "infra" / "redis.conf").read_text()
-    assert "appendonly yes" in conf and "maxmemory-policy noeviction" in conf
+    assert "appendonly yes" in conf
+    assert "maxmemory-policy noeviction" in conf
     assert "healthcheck" in redis
 
 
@@ -45,13 +46,15 @@ def test_minio_bucket_is_created_and_workers_wait_for_it() -> None:
 def test_gpu_workers_reserve_a_device_and_have_a_healthcheck() -> None:
     worker = compose()["services"]["worker-0"]
     device = worker["deploy"]["resources"]["reservations"]["devices"][0]
-    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert device["driver"] == "nvidia"
+    assert device["capabilities"] == ["gpu"]
     assert worker["healthcheck"]["test"][:3] == ["CMD", "sdfarm", "workers"]
     assert "--check" in worker["healthcheck"]["test"]
 
 
 def test_every_service_gets_credentials_from_the_environment_not_the_file() -> None:
     text = (ROOT / "docker-compose.yml").read_text()
-    assert "${REDIS_PASSWORD:?" in text and "${MINIO_ROOT_PASSWORD:?" in text
+    assert "${REDIS_PASSWORD:?" in text
+    assert "${MINIO_ROOT_PASSWORD:?" in text
     env = compose()["x-sdfarm-env"]
     assert env["SDFARM_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD")

@@ -77,14 +77,14 @@ def main() -> int:
         watched = sdfarm("watch", batch_id, "--timeout", "600", env=env)
         if watched.returncode != 0:
             return watched.returncode
-        out = STATE / "output"
+        fetched = STATE / "output"
         sheet = STATE / "contact_sheet.png"
-        sdfarm("fetch", batch_id, str(out), "--contact-sheet", str(sheet), env=env)
+        sdfarm("fetch", batch_id, str(fetched), "--contact-sheet", str(sheet), env=env)
         sdfarm("status", "--limit", "5", env=env)
         print(f"\nDone. Batch {batch_id}:\n"
               f"  in S3:          s3://{info.bucket}/renders/<job_id>.png and .json"
               f" (manifest s3://{info.bucket}/batches/{batch_id}/)\n"
-              f"  fetched to:     {out}\n"
+              f"  fetched to:     {fetched}\n"
               f"  contact sheet:  {sheet}\n"
               f"  worker logs:    {logs}", flush=True)
         return 0

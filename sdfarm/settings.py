@@ -5,7 +5,9 @@ Build it once (`Settings()`) at the edge (CLI, worker start, test fixture) and p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,3 +45,10 @@ class Settings(BaseSettings):
     # Worker
     heartbeat_interval: float = Field(default=10.0, gt=0)
     upload_threads: int = Field(default=4, ge=1, le=64)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Settings from an explicit SDFARM_* mapping (what a child process would be given)."""
+        values: dict[str, Any] = {k.removeprefix("SDFARM_").lower(): v for k, v in env.items()
+                                  if k.startswith("SDFARM_")}
+        return cls(**values)

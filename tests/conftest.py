@@ -105,7 +105,7 @@ def env(stack_info: StackInfo, registry_file: Path, cache_dir: Path) -> dict[str
 
 @pytest.fixture(scope="session")
 def settings(env: dict[str, str]) -> Settings:
-    return Settings(**{k.removeprefix("SDFARM_").lower(): v for k, v in env.items()})  # type: ignore[arg-type]
+    return Settings.from_env(env)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from PIL import Image
 
 from sdfarm.infotext import parse_infotext
 from sdfarm.jobs import RenderJob
-from sdfarm.models import Registry
+from sdfarm.models import HashCache, Registry, parse_registry
 from sdfarm.samplers import SAMPLERS
 from worker.encode import encode_png
 from worker.pipeline import LoadedModel, load_model
@@ -81,3 +83,18 @@ def test_png_carries_infotext_and_job_json(loaded: LoadedModel) -> None:
     embedded = json.loads(text["sdfarm"])
     assert embedded["id"] == j.id
     assert RenderJob.model_validate({k: v for k, v in embedded.items() if k != "id"}) == j
+
+
+def test_single_file_checkpoint_in_ldm_layout_loads_offline_and_renders_the_same(
+        loaded: LoadedModel, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from tests.ldm import write_single_file
+
+    ckpt = write_single_file(loaded.pipe, tmp_path / "tiny-single.safetensors")
+    text = f"models:\n  single:\n    file: {ckpt}\n    config: {tiny_model_dir}\n"
+    single_registry = Registry(parse_registry(text, "test", tmp_path), HashCache(tmp_path))
+    single = load_model(single_registry, "single", "cpu")
+    assert single.identity == hashlib.sha256(ckpt.read_bytes()).hexdigest()  # A1111's model hash basis
+    j = job(loaded)
+    from_folder = pixels(render(loaded, [j])[0])
+    from_file = pixels(render(single, [j.model_copy(update={"model": "single", "model_hash": single.identity})])[0])
+    assert np.abs(from_folder - from_file).max() <= 1

@@ -18,12 +18,14 @@ from rich.console import Console
 
 from sdfarm.batchfile import plan_file
 from sdfarm.errors import BatchInvalid, SdfarmError
+from sdfarm.layout import batch_key
 from sdfarm.models import Registry
-from sdfarm.progress import ProgressBoard
-from sdfarm.queue import DEFAULT_PRIORITY, make_celery
+from sdfarm.progress import ACTIVE, CANCELLED, ProgressBoard
+from sdfarm.queue import DEFAULT_PRIORITY, in_flight, make_celery, queue_depth
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
+from .control import cancel, pause, reconcile, resume, retry_failed
 from .fetch import contact_sheet, fetch
 from .submit import describe_plan, submit_plan
 from .watch import status_table, watch, worker_rows, workers_table
@@ -83,12 +85,28 @@ def submit(file: Path, dry_run: bool, priority: int, model: str | None, sets: tu
     result = submit_plan(plan, store, make_celery(settings), board, settings.chunk_size, priority)
     console.print(f"batch {result.batch_id}: {result.jobs} jobs, {result.chunks_enqueued} chunks enqueued,"
                   f" {result.already_done} already done", highlight=False)
+    if board.state(result.batch_id) != ACTIVE:
+        errors.print(f"batch {result.batch_id} is {board.state(result.batch_id)}: `sdfarm resume` to render it")
     if then_watch:
-        _watch_and_exit(board, store, result.batch_id, None)
+        _watch_and_exit(settings, board, store, result.batch_id, None)
 
 
-def _watch_and_exit(board: ProgressBoard, store: Store, batch_id: str, timeout: float | None) -> None:
-    p = watch(board, store, batch_id, console, timeout_s=timeout)
+def _watch_and_exit(settings: Settings, board: ProgressBoard, store: Store, batch_id: str, timeout: float | None,
+                    stall_s: float | None = 60.0) -> None:
+    app = make_celery(settings)
+
+    def reconcile_if_idle() -> None:
+        models = store.get_json(batch_key(batch_id)).get("models", {})
+        if any(queue_depth(board.r, m) for m in models) or in_flight(board.r, batch_id) is not False:
+            return
+        result = reconcile(store, board, app, batch_id, settings.chunk_size)
+        if result.enqueued_jobs:
+            errors.print(f"queue empty but {result.enqueued_jobs} jobs missing: re-enqueued them (reconcile)")
+
+    p = watch(board, store, batch_id, console, timeout_s=timeout, stall_s=stall_s, on_stall=reconcile_if_idle)
+    if p.state == CANCELLED:
+        errors.print(f"batch {batch_id}: cancelled ({p.done} of {p.total} done)")
+        sys.exit(EXIT_FAILED)
     if not p.finished:
         errors.print(f"batch {batch_id}: not finished after {timeout}s ({p.queued} queued)")
         sys.exit(EXIT_FAILED)
@@ -101,10 +119,63 @@ def _watch_and_exit(board: ProgressBoard, store: Store, batch_id: str, timeout: 
 @cli.command("watch")
 @click.argument("batch_id")
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 1).")
-def watch_cmd(batch_id: str, timeout: float | None) -> None:
-    """Live progress of a batch. Exit 0 when every job is done, 1 when any failed."""
+@click.option("--reconcile-after", type=float, default=60.0, show_default=True,
+              help="Seconds without progress (queue empty) before missing jobs are re-enqueued.")
+def watch_cmd(batch_id: str, timeout: float | None, reconcile_after: float) -> None:
+    """Live progress of a batch. Exit 0 when every job is done, 1 when any failed or it was cancelled."""
     settings = _settings()
-    _watch_and_exit(_board(settings), Store.from_settings(settings), batch_id, timeout)
+    _watch_and_exit(settings, _board(settings), Store.from_settings(settings), batch_id, timeout, reconcile_after)
+
+
+def _control() -> tuple[Settings, Store, ProgressBoard]:
+    settings = _settings()
+    return settings, Store.from_settings(settings), _board(settings)
+
+
+@cli.command("cancel")
+@click.argument("batch_id")
+def cancel_cmd(batch_id: str) -> None:
+    """Cancel a batch: once this returns, no new render of it starts."""
+    _, store, board = _control()
+    cancel(store, board, batch_id)
+    console.print(f"batch {batch_id}: cancelled")
+
+
+@cli.command("pause")
+@click.argument("batch_id")
+def pause_cmd(batch_id: str) -> None:
+    """Pause a batch: workers drop its chunks unrendered until `resume`."""
+    _, store, board = _control()
+    pause(store, board, batch_id)
+    console.print(f"batch {batch_id}: paused")
+
+
+@cli.command("resume")
+@click.argument("batch_id")
+def resume_cmd(batch_id: str) -> None:
+    """Resume a paused or cancelled batch: enqueue every job without output."""
+    settings, store, board = _control()
+    result = resume(store, board, make_celery(settings), batch_id, settings.chunk_size)
+    console.print(f"batch {batch_id}: active; {result.enqueued_jobs} jobs enqueued ({result.done} done)")
+
+
+@cli.command("retry")
+@click.argument("batch_id")
+def retry_cmd(batch_id: str) -> None:
+    """Enqueue a batch's failed jobs again (their attempt counts start over)."""
+    settings, store, board = _control()
+    count = retry_failed(store, board, make_celery(settings), batch_id, settings.chunk_size)
+    console.print(f"batch {batch_id}: {count} failed jobs enqueued again")
+
+
+@cli.command("reconcile")
+@click.argument("batch_id")
+def reconcile_cmd(batch_id: str) -> None:
+    """Re-enqueue every job with no output that has not failed. Safe any time, any number of times."""
+    settings, store, board = _control()
+    r = reconcile(store, board, make_celery(settings), batch_id, settings.chunk_size)
+    console.print(f"batch {batch_id}: {r.total} jobs, {r.done} done, {r.failed} failed,"
+                  f" {r.enqueued_jobs} re-enqueued in {r.chunks} chunks")
 
 
 @cli.command()

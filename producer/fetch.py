@@ -10,8 +10,11 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from sdfarm.layout import failed_key, failed_prefix, image_key, jobs_key, sidecar_key
+from sdfarm.jobs import RenderJob
+from sdfarm.layout import failed_key, failed_prefix, image_key, sidecar_key
 from sdfarm.store import MissingObject, Store
+
+from .control import read_batch_jobs
 
 
 @dataclass(frozen=True)
@@ -23,28 +26,23 @@ class FetchResult:
     manifest: Path
 
 
-def read_jobs(store: Store, batch_id: str) -> list[dict[str, Any]]:
-    text = store.get(jobs_key(batch_id)).decode()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def fetch(store: Store, batch_id: str, dest: Path, threads: int = 8) -> FetchResult:
     """Write <dest>/<index>-<job_id>.png and .json for every finished job, and manifest.jsonl
     with one line per job of the batch: its status (done, failed, missing) and files."""
     dest.mkdir(parents=True, exist_ok=True)
-    jobs = read_jobs(store, batch_id)
+    jobs = read_batch_jobs(store, batch_id)
     failed_ids = {k.rsplit("/", 1)[1].removesuffix(".json") for k in store.keys(failed_prefix(batch_id))}
 
-    def one(row: dict[str, Any]) -> dict[str, Any]:
-        stem = f"{row['index']:06d}-{row['id']}"
-        entry = {"index": row["index"], "job_id": row["id"], "prompt": row["job"]["prompt"],
-                 "seed": row["job"]["seed"]}
+    def one(index_job: tuple[int, RenderJob]) -> dict[str, Any]:
+        index, job = index_job
+        stem = f"{index:06d}-{job.id}"
+        entry = {"index": index, "job_id": job.id, "prompt": job.prompt, "seed": job.seed}
         try:
-            sidecar = store.get(sidecar_key(row["id"]))  # the commit marker first
-            png = store.get(image_key(row["id"]))
+            sidecar = store.get(sidecar_key(job.id))  # the commit marker first
+            png = store.get(image_key(job.id))
         except MissingObject:
-            if row["id"] in failed_ids:
-                reason = store.get_json(failed_key(batch_id, row["id"])).get("reason", "")
+            if job.id in failed_ids:
+                reason = store.get_json(failed_key(batch_id, job.id)).get("reason", "")
                 return {**entry, "status": "failed", "reason": reason}
             return {**entry, "status": "missing"}
         (dest / f"{stem}.png").write_bytes(png)

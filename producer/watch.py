@@ -13,8 +13,8 @@ from rich.table import Table
 
 from sdfarm.errors import InvalidInput
 from sdfarm.layout import batch_key
+from sdfarm.progress import ACTIVE, CANCELLED, ProgressBoard
 from sdfarm.progress import Progress as BatchProgress
-from sdfarm.progress import ProgressBoard
 from sdfarm.store import MissingObject, Store
 
 
@@ -61,26 +61,37 @@ def read_progress(board: ProgressBoard, store: Store, batch_id: str) -> BatchPro
 
 
 def watch(board: ProgressBoard, store: Store, batch_id: str, console: Console, interval_s: float = 0.5,
-          timeout_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> BatchProgress:
-    """Show a live bar until every job is done or failed. Returns the final progress."""
+          timeout_s: float | None = None, stall_s: float | None = None,
+          on_stall: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic) -> BatchProgress:
+    """Show a live bar until every job is done or failed, or the batch is cancelled.
+
+    When nothing has moved for stall_s seconds, on_stall() runs (the CLI passes a reconcile that only
+    acts when no message of the batch is queued or in flight). Returns the final progress."""
     rate = Rate()
-    start = clock()
+    start = last_change = clock()
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[stats]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         p = read_progress(board, store, batch_id)
         task = bar.add_task(p.name or batch_id, total=p.total, stats="")
+        seen = p.done + p.failed
         while True:
             p = read_progress(board, store, batch_id)
             now = clock()
             rate.add(now, p.done + p.failed)
+            if p.done + p.failed != seen:
+                seen, last_change = p.done + p.failed, now
+            state = "" if p.state == ACTIVE else f"  [{p.state}]"
             stats = (f"done {p.done}  failed {p.failed}  queued {p.queued}  "
-                     f"{rate.per_s():.2f} img/s  ETA {rate.eta(p.queued)}")
+                     f"{rate.per_s():.2f} img/s  ETA {rate.eta(p.queued)}{state}")
             bar.update(task, completed=p.done + p.failed, total=p.total, stats=stats)
-            if p.finished:
+            if p.finished or p.state == CANCELLED:
                 return p
             if timeout_s is not None and now - start > timeout_s:
                 return p
+            if stall_s is not None and on_stall is not None and now - last_change > stall_s and p.state == ACTIVE:
+                on_stall()
+                last_change = now
             time.sleep(interval_s)
 
 
@@ -93,7 +104,8 @@ def status_table(board: ProgressBoard, limit: int = 20) -> Table:
         p = board.read(batch_id)
         if p is None:
             continue
-        state = "failed" if p.finished and p.failed else "done" if p.finished else "running"
+        state = (p.state if p.state != ACTIVE else
+                 "failed" if p.finished and p.failed else "done" if p.finished else "running")
         submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.submitted_at))
         table.add_row(batch_id, p.name, submitted, str(p.total), str(p.done), str(p.failed), str(p.queued), state)
     return table

@@ -20,6 +20,10 @@ def _key(batch_id: str, part: str = "") -> str:
     return f"{PREFIX}:batch:{batch_id}" + (f":{part}" if part else "")
 
 
+ACTIVE, PAUSED, CANCELLED = "active", "paused", "cancelled"
+BATCH_STATES = (ACTIVE, PAUSED, CANCELLED)
+
+
 @dataclass(frozen=True)
 class Progress:
     batch_id: str
@@ -29,6 +33,7 @@ class Progress:
     failed: int
     rendered: int  # images this batch actually rendered (not skipped as already done)
     submitted_at: float
+    state: str = ACTIVE
 
     @property
     def queued(self) -> int:
@@ -54,7 +59,7 @@ class ProgressBoard:
         pipe.hsetnx(_key(batch_id), "submitted_at", now)
         pipe.hset(_key(batch_id), mapping={"name": name, "total": total})
         pipe.zadd(BATCHES, {batch_id: now}, nx=True)
-        for part in ("", "done", "failed"):
+        for part in ("", "done", "failed", "attempts"):
             pipe.expire(_key(batch_id, part), self.ttl)
         pipe.execute()
 
@@ -96,7 +101,37 @@ class ProgressBoard:
             failed=int(failed),
             rendered=int(meta.get("rendered", 0)),
             submitted_at=float(meta.get("submitted_at", 0)),
+            state=meta.get("state", ACTIVE),
         )
+
+    def clear_failed(self, batch_id: str, indexes: list[int]) -> None:
+        pipe = self.r.pipeline()
+        for index in indexes:
+            pipe.setbit(_key(batch_id, "failed"), index, 0)
+        if indexes:
+            pipe.hdel(_key(batch_id, "attempts"), *indexes)
+        pipe.execute()
+
+    def attempt(self, batch_id: str, index: int) -> int:
+        """Count one more delivery of job `index` to a renderer (durable: Redis with AOF)."""
+        pipe = self.r.pipeline()
+        pipe.hincrby(_key(batch_id, "attempts"), str(index), 1)
+        pipe.expire(_key(batch_id, "attempts"), self.ttl)
+        count, _ = pipe.execute()
+        return int(count)
+
+    def release_attempt(self, batch_id: str, index: int) -> None:
+        """Take back an attempt that ended cleanly (a transient error, a retry): only deaths count."""
+        self.r.hincrby(_key(batch_id, "attempts"), str(index), -1)
+
+    def state(self, batch_id: str) -> str:
+        raw = self.r.hget(_key(batch_id), "state")
+        return raw.decode() if isinstance(raw, bytes) else ACTIVE
+
+    def set_state(self, batch_id: str, state: str) -> None:
+        if state not in BATCH_STATES:
+            raise ValueError(f"unknown batch state {state!r} (allowed: {', '.join(BATCH_STATES)})")
+        self.r.hset(_key(batch_id), "state", state)
 
     def recent(self, limit: int = 20) -> list[str]:
         ids: list[bytes] = self.r.zrevrange(BATCHES, 0, limit - 1)  # type: ignore[assignment]

@@ -26,6 +26,22 @@ def broker_priority(user_priority: int) -> int:
     return PRIORITY_LEVELS - 1 - user_priority
 
 
+def queue_depth(client: Any, model: str) -> int:
+    """Messages waiting in a model's queue, over every priority level (kombu keeps one list each)."""
+    names = [queue_name(model)] + [f"{queue_name(model)}:{p}" for p in range(1, PRIORITY_LEVELS)]
+    pipe = client.pipeline()
+    for name in names:
+        pipe.llen(name)
+    return int(sum(pipe.execute()))
+
+
+def in_flight(client: Any, batch_id: str, limit: int = 5000) -> bool | None:
+    """Whether a delivered, unacknowledged message belongs to the batch (None: too many to look)."""
+    if client.hlen("unacked") > limit:
+        return None
+    return any(batch_id.encode() in raw for raw in client.hvals("unacked"))
+
+
 def make_celery(settings: Settings) -> Celery:
     url = settings.redis_url.get_secret_value()
     transport: dict[str, Any] = {

@@ -130,6 +130,10 @@ class Store:
                 return
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
+    def delete(self, key: str) -> None:
+        """For records only (failure reasons); outputs are never deleted or overwritten."""
+        self._call("delete " + key, self.client.delete_object, Key=key)
+
     def presigned_get(self, key: str, expires_s: int = 3600) -> str:
         """A short-lived read-only link. Never hand out presigned PUTs: they could overwrite."""
         url: str = self.client.generate_presigned_url(

@@ -7,6 +7,7 @@ tests fail under CI (CI=true) and are skipped locally with the reason.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = "tiny-sd15"
 IDLE = "tiny-idle"  # registered, same weights, no worker serves it: its queue only fills
 VICTIM = "tiny-victim"  # served only by the workers of the kill test
+FAULTS = "tiny-faults"  # served only by the workers of the fault-injection tests
+BROKEN = "tiny-broken"  # a diffusers folder whose UNet weights are garbage: it cannot load
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
@@ -54,7 +57,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def registry_file(tiny_model_dir: Path) -> Path:
     path = tiny_model_dir.parent / "models.yaml"
-    path.write_text("models:\n" + "".join(f"  {name}:\n    path: {tiny_model_dir}\n" for name in (TINY, IDLE, VICTIM)))
+    broken = tiny_model_dir.parent / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    entries = {TINY: tiny_model_dir, IDLE: tiny_model_dir, VICTIM: tiny_model_dir, FAULTS: tiny_model_dir,
+               BROKEN: broken}
+    path.write_text("models:\n" + "".join(f"  {name}:\n    path: {folder}\n" for name, folder in entries.items()))
     return path
 
 

@@ -46,6 +46,7 @@ def worker_key(hostname: str) -> str:
 def _heartbeat_loop(state: WorkerState, stop: threading.Event) -> None:
     key = worker_key(state.hostname)
     started = time.time()
+    state.board.r.hdel(key, "current_chunk", "current_batch")  # a predecessor killed mid-chunk left these
     while not stop.is_set():
         try:
             pipe = state.board.r.pipeline()

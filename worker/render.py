@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,6 +14,8 @@ from sdfarm.jobs import RenderJob
 from .pipeline import LoadedModel
 from .prompts import encode
 from .samplers import make_scheduler
+
+log = logging.getLogger("sdfarm.worker")
 
 
 def generators(jobs: list[RenderJob]) -> list[torch.Generator]:
@@ -38,3 +42,20 @@ def render(loaded: LoadedModel, jobs: list[RenderJob]) -> list[Image.Image]:
         kwargs["negative_prompt_embeds"] = encode(pipe, [j.negative_prompt for j in jobs], first.clip_skip)
         images: list[Image.Image] = pipe(**kwargs).images
     return images
+
+
+def render_split(loaded: LoadedModel, jobs: list[RenderJob],
+                 render_fn: Callable[[LoadedModel, list[RenderJob]], list[Image.Image]] = render) -> list[Image.Image]:
+    """Render; on out-of-memory, split the chunk in halves down to single images. Each image's own
+    generator makes the halves give the same images as the whole. OOM on one image is raised."""
+    try:
+        return render_fn(loaded, jobs)
+    except torch.OutOfMemoryError:
+        if len(jobs) == 1:
+            raise
+        if loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("out of memory rendering %d images at %dx%d: splitting in halves", len(jobs), jobs[0].width,
+                    jobs[0].height)
+        half = len(jobs) // 2
+        return render_split(loaded, jobs[:half], render_fn) + render_split(loaded, jobs[half:], render_fn)

@@ -21,14 +21,14 @@ from pydantic import ValidationError
 from sdfarm.errors import TransientError
 from sdfarm.jobs import Chunk, ChunkEntry
 from sdfarm.layout import failed_key, image_key, sidecar_key
-from sdfarm.progress import ProgressBoard
+from sdfarm.progress import ACTIVE, ProgressBoard
 from sdfarm.queue import RENDER_TASK
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
 from .encode import Encoded, encode_png, sidecar
 from .pipeline import LoadedModel
-from .render import render
+from .render import render_split
 
 log = logging.getLogger("sdfarm.worker")
 
@@ -98,55 +98,108 @@ def _store_one(state: WorkerState, batch_id: str, entry: ChunkEntry, image: Any,
     _log_job(entry, batch_id, "rendered" if png_written else "rendered-existing", timings["render_s_per_image"])
 
 
-def process_chunk(state: WorkerState, payload: Any) -> dict[str, int]:
-    # 1. load the chunk: the message is checked again, whoever sent it
+def _load_chunk(payload: Any) -> Chunk | None:
     try:
-        chunk = Chunk.model_validate(payload)
+        return Chunk.model_validate(payload)
     except ValidationError as e:
         log.error("rejected malformed chunk message: %s", e.errors(include_url=False)[:3])
+        return None
+
+
+def _halted(state: WorkerState, batch_id: str, entries: list[ChunkEntry]) -> str | None:
+    """The batch's durable control flag: a cancelled or paused batch renders and uploads nothing."""
+    batch_state = state.board.state(batch_id)
+    if batch_state == ACTIVE:
+        return None
+    for entry in entries:
+        _log_job(entry, batch_id, batch_state, 0.0)
+    return batch_state
+
+
+def _skip_done(state: WorkerState, batch_id: str, entries: list[ChunkEntry]) -> list[ChunkEntry]:
+    """Jobs whose sidecar (the commit marker) exists are done: count them, render the rest."""
+    done = list(state.pool.map(lambda e: state.store.exists(sidecar_key(e.job.id)), entries))
+    for entry, is_done in zip(entries, done, strict=True):
+        if is_done:
+            state.board.mark_done(batch_id, entry.index, rendered=False)
+            _log_job(entry, batch_id, "skipped", 0.0)
+    return [e for e, is_done in zip(entries, done, strict=True) if not is_done]
+
+
+def _within_attempts(state: WorkerState, batch_id: str, entries: list[ChunkEntry]) -> list[ChunkEntry]:
+    """Count this delivery; a job delivered more than max_attempts times killed its workers: fail it."""
+    cap = state.settings.max_attempts
+    keep: list[ChunkEntry] = []
+    poison: list[ChunkEntry] = []
+    for entry in entries:
+        (keep if state.board.attempt(batch_id, entry.index) <= cap else poison).append(entry)
+    if poison:
+        fail_entries(state, batch_id, poison,
+                     f"gave up after {cap} attempts: the worker rendering it died each time"
+                     " (killed, out of memory or crashed)")
+    return keep
+
+
+def _set_busy(state: WorkerState, chunk: Chunk | None) -> None:
+    key = f"sdfarm:worker:{state.hostname}"
+    if chunk is None:
+        state.board.r.hdel(key, "current_chunk", "current_batch")
+    else:
+        state.board.r.hset(key, mapping={"current_chunk": chunk.id, "current_batch": chunk.batch_id})
+
+
+def process_chunk(state: WorkerState, payload: Any) -> dict[str, int]:
+    # 1. load the chunk: the message is checked again, whoever sent it
+    chunk = _load_chunk(payload)
+    if chunk is None:
         return {"rejected": 1}
-    entries = list(chunk.entries)
+    batch, entries = chunk.batch_id, list(chunk.entries)
     first = entries[0].job
     if first.model != state.loaded.entry.name or first.model_hash != state.loaded.identity:
-        fail_entries(state, chunk.batch_id, entries,
+        fail_entries(state, batch, entries,
                      f"model mismatch: job wants {first.model} ({first.model_hash[:10]}), this worker serves"
                      f" {state.loaded.entry.name} ({state.loaded.short_hash}); registries differ")
         return {"failed": len(entries)}
-    state.current = {"batch": chunk.batch_id, "chunk": chunk.id, "since": str(time.time())}
-    state.board.r.hset(f"sdfarm:worker:{state.hostname}", mapping={"current_chunk": chunk.id,
-                                                                    "current_batch": chunk.batch_id})
-    try:
-        # 2. skip jobs already done: the sidecar is the commit marker
-        done = list(state.pool.map(lambda e: state.store.exists(sidecar_key(e.job.id)), entries))
-        todo = [e for e, d in zip(entries, done, strict=True) if not d]
-        for entry in (e for e, d in zip(entries, done, strict=True) if d):
-            state.board.mark_done(chunk.batch_id, entry.index, rendered=False)
-            _log_job(entry, chunk.batch_id, "skipped", 0.0)
-        if not todo:
-            return {"skipped": len(entries)}
+    if halted := _halted(state, batch, entries):
+        return {halted: len(entries)}
 
-        # 3. render as one batched call, one generator per image
+    # 2. skip jobs already done; count this delivery of the rest (poison jobs stop here)
+    todo = _within_attempts(state, batch, _skip_done(state, batch, entries))
+    if not todo:
+        return {"skipped": len(entries)}
+    try:
+        # 3. render as one batched call, one generator per image (split in halves on OOM)
+        started_at = time.time()
+        if halted := _halted(state, batch, todo):  # checked again right before the GPU starts
+            return {halted: len(todo)}
+        _set_busy(state, chunk)
         t0 = time.perf_counter()
         try:
-            images = render(state.loaded, [e.job for e in todo])
+            images = render_split(state.loaded, [e.job for e in todo])
         except Exception as e:  # a job that breaks the pipeline fails with its reason; the worker serves on
             log.exception("render failed for chunk %s", chunk.id)
-            fail_entries(state, chunk.batch_id, todo, f"{type(e).__name__}: {e}")
+            fail_entries(state, batch, todo, f"{type(e).__name__}: {e}")
             return {"failed": len(todo)}
+        finally:
+            _set_busy(state, None)
         render_s = time.perf_counter() - t0
-        timings = {"chunk_render_s": render_s, "render_s_per_image": render_s / len(todo), "chunk_size": len(todo)}
+        if halted := _halted(state, batch, todo):  # and before anything is uploaded
+            return {halted: len(todo)}
+        timings = {"render_started_at": started_at, "chunk_render_s": render_s,
+                   "render_s_per_image": render_s / len(todo), "chunk_size": len(todo)}
 
         # 4-6. encode, store and report each image, off the render thread
-        futures = [state.pool.submit(_store_one, state, chunk.batch_id, e, img, timings)
+        futures = [state.pool.submit(_store_one, state, batch, e, img, timings)
                    for e, img in zip(todo, images, strict=True)]
         for f in futures:
             f.result()
-        state.counters["chunks"] += 1
-        state.counters["images"] += len(todo)
-        return {"rendered": len(todo), "skipped": len(entries) - len(todo)}
-    finally:
-        state.current = {}
-        state.board.r.hdel(f"sdfarm:worker:{state.hostname}", "current_chunk", "current_batch")
+    except TransientError:
+        for entry in todo:  # not a death: the retry must not count against the job
+            state.board.release_attempt(batch, entry.index)
+        raise
+    state.counters["chunks"] += 1
+    state.counters["images"] += len(todo)
+    return {"rendered": len(todo), "skipped": len(entries) - len(todo)}
 
 
 def register_tasks(app: Celery) -> None:

@@ -1,0 +1,113 @@
+"""Batch control: cancel, pause, resume, retry failed jobs, reconcile. S3 holds the durable flag
+(batches/<id>/control.json); Redis holds the copy workers check before rendering and uploading."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from celery import Celery
+
+from sdfarm.errors import InvalidInput
+from sdfarm.jobs import RenderJob, make_chunks
+from sdfarm.layout import batch_key, control_key, failed_key, failed_prefix, jobs_key, sidecar_key
+from sdfarm.progress import ACTIVE, CANCELLED, PAUSED, ProgressBoard
+from sdfarm.queue import DEFAULT_PRIORITY, enqueue_chunks
+from sdfarm.store import MissingObject, Store
+
+
+def read_batch_jobs(store: Store, batch_id: str) -> list[tuple[int, RenderJob]]:
+    """The batch's jobs from its durable record, in batch order."""
+    try:
+        text = store.get(jobs_key(batch_id)).decode()
+    except MissingObject as e:
+        raise InvalidInput(f"unknown batch {batch_id!r}: no s3://{store.bucket}/{jobs_key(batch_id)}") from e
+    rows = (json.loads(line) for line in text.splitlines() if line.strip())
+    return [(row["index"], RenderJob.model_validate(row["job"])) for row in rows]
+
+
+def durable_state(store: Store, batch_id: str) -> str:
+    try:
+        state: str = store.get_json(control_key(batch_id))["state"]
+        return state
+    except MissingObject:
+        return ACTIVE
+
+
+def set_batch_state(store: Store, board: ProgressBoard, batch_id: str, state: str) -> None:
+    """S3 first (durable), then Redis (what workers read). When this returns, no new render starts."""
+    if not store.exists(batch_key(batch_id)):
+        raise InvalidInput(f"unknown batch {batch_id!r}: no s3://{store.bucket}/{batch_key(batch_id)}")
+    store.put_json(control_key(batch_id), {"state": state, "at": time.time()})
+    board.set_state(batch_id, state)
+
+
+def cancel(store: Store, board: ProgressBoard, batch_id: str) -> None:
+    set_batch_state(store, board, batch_id, CANCELLED)
+
+
+def pause(store: Store, board: ProgressBoard, batch_id: str) -> None:
+    set_batch_state(store, board, batch_id, PAUSED)
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    total: int
+    done: int
+    failed: int
+    enqueued_jobs: int
+    chunks: int
+
+
+def reconcile(store: Store, board: ProgressBoard, app: Celery, batch_id: str, chunk_size: int,
+              priority: int = DEFAULT_PRIORITY) -> ReconcileResult:
+    """Re-enqueue every job with no output that has not failed. Safe any time, any number of times:
+    outputs are written once, so a job that is still queued and enqueued again renders at most once
+    more and is stored once. Also repairs Redis progress from S3."""
+    state = durable_state(store, batch_id)
+    if state != ACTIVE:
+        raise InvalidInput(f"batch {batch_id} is {state}: `sdfarm resume {batch_id}` first")
+    jobs = read_batch_jobs(store, batch_id)
+    spec = store.get_json(batch_key(batch_id))
+    board.register(batch_id, spec.get("name", ""), len(jobs))
+    board.set_state(batch_id, ACTIVE)
+    failed_ids = {k.rsplit("/", 1)[1].removesuffix(".json") for k in store.keys(failed_prefix(batch_id))}
+    with ThreadPoolExecutor(16) as pool:
+        has_output = list(pool.map(lambda ij: store.exists(sidecar_key(ij[1].id)), jobs))
+    pending: list[tuple[int, RenderJob]] = []
+    done = failed = 0
+    for (index, job), output in zip(jobs, has_output, strict=True):
+        if output:
+            board.mark_done(batch_id, index, rendered=False)
+            done += 1
+        elif job.id in failed_ids:
+            board.mark_failed(batch_id, index)
+            failed += 1
+        else:
+            pending.append((index, job))
+    chunks = list(make_chunks(batch_id, pending, chunk_size))
+    if chunks:
+        enqueue_chunks(app, chunks, priority)
+    return ReconcileResult(len(jobs), done, failed, len(pending), len(chunks))
+
+
+def resume(store: Store, board: ProgressBoard, app: Celery, batch_id: str, chunk_size: int) -> ReconcileResult:
+    """Clear a pause or a cancel and enqueue what is missing."""
+    set_batch_state(store, board, batch_id, ACTIVE)
+    return reconcile(store, board, app, batch_id, chunk_size)
+
+
+def retry_failed(store: Store, board: ProgressBoard, app: Celery, batch_id: str, chunk_size: int) -> int:
+    """Forget the failures of a batch (records, bits, attempt counts) and enqueue those jobs again."""
+    jobs = dict((job.id, (index, job)) for index, job in read_batch_jobs(store, batch_id))
+    failed = [jobs[k.rsplit("/", 1)[1].removesuffix(".json")] for k in store.keys(failed_prefix(batch_id))]
+    failed = [(i, j) for i, j in failed if not store.exists(sidecar_key(j.id))]
+    board.clear_failed(batch_id, [i for i, _ in failed])
+    for _, job in failed:
+        store.delete(failed_key(batch_id, job.id))
+    chunks = list(make_chunks(batch_id, sorted(failed, key=lambda ij: ij[0]), chunk_size))
+    if chunks:
+        enqueue_chunks(app, chunks)
+    return len(failed)

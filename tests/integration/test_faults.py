@@ -1,0 +1,197 @@
+"""Fault injection against real workers: poison jobs, cancel, duplicate delivery, a crash between the
+PNG and its sidecar, hostile messages, a model that cannot load."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from sdfarm.batchfile import BatchPlan, plan_file
+from sdfarm.jobs import make_chunks
+from sdfarm.layout import failed_key, image_key, sidecar_key
+from sdfarm.models import Registry
+from sdfarm.progress import ProgressBoard
+from sdfarm.queue import enqueue_chunks, queue_depth, queue_name
+from sdfarm.store import Store
+from tests.conftest import BROKEN, FAULTS, ROOT, WorkerProcess, cli, wait_for
+
+
+@pytest.fixture(scope="module")
+def fault_workers(start_worker: Callable[..., WorkerProcess]) -> list[WorkerProcess]:
+    workers = [start_worker("fault-a", model=FAULTS), start_worker("fault-b", model=FAULTS)]
+    yield workers  # type: ignore[misc]
+    for w in workers:
+        w.stop()
+
+
+def write_batch(tmp_path: Path, name: str, prompts: list[str], steps: int = 6) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    items = "".join(f"  - {json.dumps(p)}\n" for p in prompts)
+    path.write_text(f"name: {name}\nseed: 7\ndefaults: {{model: {FAULTS}, width: 64, height: 64, steps: {steps}}}\n"
+                    f"items:\n{items}")
+    return path
+
+
+def progress_of(board: ProgressBoard, batch_id: str) -> tuple[int, int]:
+    p = board.read(batch_id)
+    return (p.done, p.failed) if p else (0, 0)
+
+
+def idle(workers: list[WorkerProcess], board: ProgressBoard) -> bool:
+    return queue_depth(board.r, FAULTS) == 0 and not any(w.busy_with() for w in workers)
+
+
+def test_poison_job_fails_after_three_deaths_and_the_worker_serves_on(
+        tmp_path: Path, fault_workers: list[WorkerProcess], env: dict[str, str], store: Store,
+        board: ProgressBoard, registry: Registry, redis_client: Any) -> None:
+    path = write_batch(tmp_path, "poison", ["a job that kills its worker"], steps=150)
+    plan = plan_file(path, registry, 10)
+    chunk_id = next(make_chunks(plan.batch_id, enumerate(plan.jobs), 4)).id
+    assert cli(["submit", str(path)], env).returncode == 0
+    for attempt in range(3):
+        owner = wait_for(lambda: next((w for w in fault_workers if w.busy_with() == chunk_id), None), 90,
+                         f"attempt {attempt + 1} to start rendering")
+        child = int(redis_client.hget(f"sdfarm:worker:{owner.hostname}", "pid"))
+        os.kill(child, signal.SIGKILL)  # the pool child dies at render start, as a segfault or OOM kill would
+        wait_for(lambda o=owner, c=child: o.busy_with() != chunk_id or int(
+            redis_client.hget(f"sdfarm:worker:{o.hostname}", "pid") or 0) != c, 60, "the pool child to be replaced")
+    wait_for(lambda: progress_of(board, plan.batch_id) == (0, 1), 120, "the job to be failed")
+    job = plan.jobs[0]
+    record = store.get_json(failed_key(plan.batch_id, job.id))
+    assert "gave up after 3 attempts" in record["reason"]
+    assert not store.exists(image_key(job.id))
+    assert not store.exists(sidecar_key(job.id))
+
+    # shown by status, watch exits 1, fetch names the reason
+    assert "failed" in cli(["status"], env).stdout
+    watched = cli(["watch", plan.batch_id], env)
+    assert watched.returncode == 1
+    assert "1 of 1 jobs failed" in watched.stderr
+    # the workers keep serving other jobs
+    good = write_batch(tmp_path, "after-poison", ["a harmless job"])
+    assert cli(["submit", str(good), "--watch"], env).returncode == 0
+    # retry re-enqueues the failed job with a fresh attempt count: it renders now
+    assert "1 failed jobs enqueued again" in cli(["retry", plan.batch_id], env).stdout
+    wait_for(lambda: progress_of(board, plan.batch_id) == (1, 0), 120, "the retried job to render")
+    assert store.exists(sidecar_key(job.id))
+
+
+def test_cancel_stops_new_renders_and_resume_finishes(
+        tmp_path: Path, fault_workers: list[WorkerProcess], env: dict[str, str], store: Store,
+        board: ProgressBoard, registry: Registry) -> None:
+    path = write_batch(tmp_path, "cancel-me", [f"cancel test {i}" for i in range(32)], steps=40)
+    plan = plan_file(path, registry, 100)
+    assert cli(["submit", str(path)], env).returncode == 0
+    wait_for(lambda: progress_of(board, plan.batch_id)[0] >= 4, 120, "some jobs to finish")
+    assert cli(["cancel", plan.batch_id], env).returncode == 0
+    cancelled_at = time.time()
+    wait_for(lambda: idle(fault_workers, board), 120, "the workers to drain the queue")
+    done = [j for j in plan.jobs if store.exists(sidecar_key(j.id))]
+    assert 4 <= len(done) < len(plan.jobs)
+    for job in done:
+        assert store.get_json(sidecar_key(job.id))["timings"]["render_started_at"] < cancelled_at
+    watched = cli(["watch", plan.batch_id], env)
+    assert watched.returncode == 1
+    assert "cancelled" in watched.stderr
+
+    resumed = cli(["resume", plan.batch_id], env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(plan.jobs) - len(done)} jobs enqueued" in resumed.stdout
+    wait_for(lambda: progress_of(board, plan.batch_id) == (32, 0), 180, "the resumed batch to finish")
+
+
+def test_reconcile_re_enqueues_lost_jobs_and_is_idempotent(
+        tmp_path: Path, fault_workers: list[WorkerProcess], env: dict[str, str], store: Store,
+        board: ProgressBoard, registry: Registry, redis_client: Any) -> None:
+    path = write_batch(tmp_path, "lost", [f"lost message {i}" for i in range(8)])
+    plan = plan_file(path, registry, 100)
+    # the record is written and the progress registered, but the messages are lost (Redis lost them)
+    for _ in range(2):
+        result = cli(["reconcile", plan.batch_id], env)
+        assert result.returncode == 2  # unknown batch: nothing recorded yet
+    assert cli(["submit", str(path), "--watch"], env).returncode == 0
+    redis_client.delete(f"sdfarm:batch:{plan.batch_id}", f"sdfarm:batch:{plan.batch_id}:done")
+    for _ in range(2):  # any number of times: nothing missing, nothing enqueued, progress repaired
+        out = cli(["reconcile", plan.batch_id], env)
+        assert "8 jobs, 8 done, 0 failed, 0 re-enqueued" in out.stdout
+    assert progress_of(board, plan.batch_id) == (8, 0)
+
+
+def test_crash_between_png_and_sidecar_completes_without_overwriting(
+        tmp_path: Path, fault_workers: list[WorkerProcess], env: dict[str, str], store: Store,
+        registry: Registry) -> None:
+    path = write_batch(tmp_path, "half-written", ["a png without its sidecar", "an untouched job"])
+    plan = plan_file(path, registry, 10)
+    job = plan.jobs[0]
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="PNG")  # what the dead attempt had stored
+    planted = buf.getvalue()
+    assert store.put_if_absent(image_key(job.id), planted, "image/png")
+    assert cli(["submit", str(path), "--watch"], env).returncode == 0
+    assert store.get(image_key(job.id)) == planted  # not overwritten
+    assert store.get_json(sidecar_key(job.id))["image"]["sha256"] == hashlib.sha256(planted).hexdigest()
+
+
+def test_the_same_chunk_delivered_to_two_workers_is_stored_once(
+        tmp_path: Path, fault_workers: list[WorkerProcess], store: Store, board: ProgressBoard,
+        registry: Registry, celery_app: Any) -> None:
+    path = write_batch(tmp_path, "twice", [f"delivered twice {i}" for i in range(4)], steps=60)
+    plan = plan_file(path, registry, 10)
+    board.register(plan.batch_id, plan.name, len(plan.jobs))
+    chunk = next(make_chunks(plan.batch_id, enumerate(plan.jobs), 4))
+    enqueue_chunks(celery_app, [chunk, chunk])
+    wait_for(lambda: all(w.busy_with() == chunk.id for w in fault_workers), 60, "both workers to take the chunk")
+    wait_for(lambda: progress_of(board, plan.batch_id) == (4, 0) and idle(fault_workers, board), 120,
+             "both deliveries to finish")
+    for job in plan.jobs:
+        png = store.get(image_key(job.id))
+        assert store.get_json(sidecar_key(job.id))["image"]["sha256"] == hashlib.sha256(png).hexdigest()
+    assert len([k for k in store.keys("renders/") if any(j.id in k for j in plan.jobs)]) == 8
+    assert board.read(plan.batch_id).rendered == 4  # type: ignore[union-attr]
+
+
+class _Exploit:
+    """Unpickling this runs a shell command: what a pickle-accepting worker would execute."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_message_pushed_onto_the_queue_is_refused(
+        tmp_path: Path, fault_workers: list[WorkerProcess], env: dict[str, str], board: ProgressBoard,
+        celery_app: Any) -> None:
+    marker = tmp_path / f"pwned-{uuid.uuid4().hex}"
+    celery_app.send_task("sdfarm.render_chunk", args=[_Exploit(marker)], queue=queue_name(FAULTS),
+                         serializer="pickle")
+    wait_for(lambda: idle(fault_workers, board), 60, "the message to be consumed")
+    logs = "".join(w.tail(10**9) for w in fault_workers)
+    wait_for(lambda: "ContentDisallowed" in "".join(w.tail(10**9) for w in fault_workers) or
+             "Refusing to deserialize" in "".join(w.tail(10**9) for w in fault_workers), 30, "the refusal log line")
+    assert not marker.exists()
+    # and the workers still serve
+    good = write_batch(tmp_path, "after-pickle", ["still serving"])
+    assert cli(["submit", str(good), "--watch"], env).returncode == 0, logs[-2000:]
+
+
+def test_a_worker_that_cannot_load_its_model_exits_non_zero(env: dict[str, str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "producer", "worker", "--model", BROKEN, "--device", "cpu",
+                             "--hostname", "broken@tests"], env={**os.environ, **env}, cwd=ROOT,
+                            capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 3
+    assert f"cannot load model '{BROKEN}'" in result.stderr

@@ -40,6 +40,14 @@ def describe_plan(plan: BatchPlan, chunk_size: int) -> str:
     return "\n".join(lines)
 
 
+def record_batch(plan: BatchPlan, store: Store, board: ProgressBoard) -> None:
+    """The durable record (S3), then live progress (Redis). Nothing is enqueued yet."""
+    store.ensure_bucket()
+    store.put_json_if_absent(batch_key(plan.batch_id), plan.spec)
+    store.put_if_absent(jobs_key(plan.batch_id), jobs_jsonl(plan), "application/x-ndjson")
+    board.register(plan.batch_id, plan.name, len(plan.jobs))
+
+
 def submit_plan(plan: BatchPlan, store: Store, app: Celery, board: ProgressBoard, chunk_size: int,
                 priority: int = DEFAULT_PRIORITY) -> SubmitResult:
     """Durable record first (S3), then live progress (Redis), then the chunks (queue).
@@ -49,10 +57,7 @@ def submit_plan(plan: BatchPlan, store: Store, app: Celery, board: ProgressBoard
     whose sidecar exists.
     """
     broker_priority(priority)  # validate before writing anything
-    store.ensure_bucket()
-    store.put_json_if_absent(batch_key(plan.batch_id), plan.spec)
-    store.put_if_absent(jobs_key(plan.batch_id), jobs_jsonl(plan), "application/x-ndjson")
-    board.register(plan.batch_id, plan.name, len(plan.jobs))
+    record_batch(plan, store, board)
     bits = board.done_bits(plan.batch_id)
 
     def done(index: int) -> bool:

@@ -167,8 +167,9 @@ class Registry:
         return self.entries[name]
 
     def identity(self, name: str) -> str:
+        entry = self.get(name)  # refuses anything that is not a registered name first
         if name not in self._identities:
-            self._identities[name] = self.get(name).identity(self.cache)
+            self._identities[name] = entry.identity(self.cache)
         return self._identities[name]
 
 

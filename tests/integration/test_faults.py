@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from sdfarm.batchfile import BatchPlan, plan_file
+from producer.submit import record_batch
+from sdfarm.batchfile import plan_file
 from sdfarm.jobs import make_chunks
 from sdfarm.layout import failed_key, image_key, sidecar_key
 from sdfarm.models import Registry
@@ -113,18 +114,20 @@ def test_cancel_stops_new_renders_and_resume_finishes(
     wait_for(lambda: progress_of(board, plan.batch_id) == (32, 0), 180, "the resumed batch to finish")
 
 
-def test_reconcile_re_enqueues_lost_jobs_and_is_idempotent(
+def test_watch_reconciles_lost_messages_and_reconcile_is_idempotent(
         tmp_path: Path, fault_workers: list[WorkerProcess], env: dict[str, str], store: Store,
         board: ProgressBoard, registry: Registry, redis_client: Any) -> None:
     path = write_batch(tmp_path, "lost", [f"lost message {i}" for i in range(8)])
     plan = plan_file(path, registry, 100)
-    # the record is written and the progress registered, but the messages are lost (Redis lost them)
-    for _ in range(2):
-        result = cli(["reconcile", plan.batch_id], env)
-        assert result.returncode == 2  # unknown batch: nothing recorded yet
-    assert cli(["submit", str(path), "--watch"], env).returncode == 0
+    assert cli(["reconcile", plan.batch_id], env).returncode == 2  # unknown batch: nothing recorded
+    # the record and the progress exist but the messages are gone (Redis lost them before a worker did)
+    record_batch(plan, store, board)
+    watched = cli(["watch", plan.batch_id, "--reconcile-after", "1", "--timeout", "120"], env)
+    assert watched.returncode == 0, watched.stderr
+    assert "8 jobs missing: re-enqueued them (reconcile)" in watched.stderr
+
     redis_client.delete(f"sdfarm:batch:{plan.batch_id}", f"sdfarm:batch:{plan.batch_id}:done")
-    for _ in range(2):  # any number of times: nothing missing, nothing enqueued, progress repaired
+    for _ in range(2):  # any number of times: nothing missing, nothing enqueued, progress repaired from S3
         out = cli(["reconcile", plan.batch_id], env)
         assert "8 jobs, 8 done, 0 failed, 0 re-enqueued" in out.stdout
     assert progress_of(board, plan.batch_id) == (8, 0)

@@ -98,3 +98,29 @@ def test_single_file_checkpoint_in_ldm_layout_loads_offline_and_renders_the_same
     from_folder = pixels(render(loaded, [j])[0])
     from_file = pixels(render(single, [j.model_copy(update={"model": "single", "model_hash": single.identity})])[0])
     assert np.abs(from_folder - from_file).max() <= 1
+
+
+def test_out_of_memory_splits_the_chunk_down_to_single_images(loaded: LoadedModel) -> None:
+    import torch
+
+    from worker.render import render_split
+
+    calls: list[int] = []
+
+    def small_gpu(model: LoadedModel, jobs: list[RenderJob]) -> list[Image.Image]:
+        calls.append(len(jobs))
+        if len(jobs) > 1:  # simulated: this "GPU" holds one image at a time
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return render(model, jobs)
+
+    jobs = [job(loaded, seed=s) for s in range(4)]
+    images = render_split(loaded, jobs, small_gpu)
+    assert calls == [4, 2, 1, 1, 2, 1, 1]
+    for image, j in zip(images, jobs, strict=True):
+        assert np.abs(pixels(image) - pixels(render(loaded, [j])[0])).max() <= 2
+
+    def no_gpu(model: LoadedModel, jobs: list[RenderJob]) -> list[Image.Image]:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        render_split(loaded, jobs[:2], no_gpu)

@@ -256,6 +256,13 @@ class EmbeddedStack:
                     raise StackError(f"S3 started but the bucket is not writable: {e}") from e
                 time.sleep(0.5)
 
+    def kill_s3(self) -> None:
+        """SIGKILL the S3 server (an outage); start_s3() brings it back on the same data."""
+        if self.weed_proc is not None:
+            self.weed_proc.kill()
+            self.weed_proc.wait()
+            self.weed_proc = None
+
     def stop_s3(self) -> None:
         # weed's graceful shutdown takes 15-25 s; every acknowledged PUT is already in its files
         self._terminate(self.weed_proc, self.info.weed_pid if self.info else None, timeout_s=3)

@@ -32,6 +32,7 @@ TINY = "tiny-sd15"
 IDLE = "tiny-idle"  # registered, same weights, no worker serves it: its queue only fills
 VICTIM = "tiny-victim"  # served only by the workers of the kill test
 FAULTS = "tiny-faults"  # served only by the workers of the fault-injection tests
+OUTAGE = "tiny-outage"  # served only by the workers of the Redis/S3 outage tests
 BROKEN = "tiny-broken"  # a diffusers folder whose UNet weights are garbage: it cannot load
 
 
@@ -61,6 +62,7 @@ def registry_file(tiny_model_dir: Path) -> Path:
     shutil.copytree(tiny_model_dir, broken)
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     entries = {TINY: tiny_model_dir, IDLE: tiny_model_dir, VICTIM: tiny_model_dir, FAULTS: tiny_model_dir,
+               OUTAGE: tiny_model_dir,
                BROKEN: broken}
     path.write_text("models:\n" + "".join(f"  {name}:\n    path: {folder}\n" for name, folder in entries.items()))
     return path

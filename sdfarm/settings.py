@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     progress_ttl: int = Field(default=30 * 24 * 3600, ge=60)  # live progress kept in Redis, seconds
 
     # Worker
+    retry_backoff_s: float = Field(default=5.0, gt=0)  # first delay after a transient failure (S3, Redis)
+    retry_backoff_max_s: float = Field(default=300.0, gt=0)  # delays double up to this
     max_attempts: int = Field(default=3, ge=1, le=100)  # deliveries of a job whose worker died, before it fails
     heartbeat_interval: float = Field(default=10.0, gt=0)
     upload_threads: int = Field(default=4, ge=1, le=64)

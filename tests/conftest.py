@@ -110,6 +110,9 @@ def env(stack_info: StackInfo, registry_file: Path, cache_dir: Path) -> dict[str
         "SDFARM_VISIBILITY_TIMEOUT": "20",
         "SDFARM_UNACKED_RESTORE_INTERVAL": "1",
         "SDFARM_HEARTBEAT_INTERVAL": "1",
+        "SDFARM_S3_MAX_ATTEMPTS": "3",
+        "SDFARM_RETRY_BACKOFF_S": "1",
+        "SDFARM_RETRY_BACKOFF_MAX_S": "5",
     }
 
 

@@ -203,11 +203,13 @@ def process_chunk(state: WorkerState, payload: Any) -> dict[str, int]:
 
 
 def register_tasks(app: Celery) -> None:
-    @app.task(name=RENDER_TASK, bind=True, max_retries=20)  # type: ignore[untyped-decorator]
+    # transient failures retry until the dependency returns: nothing accepted is dropped
+    @app.task(name=RENDER_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
     def render_chunk(self: Task, payload: Any) -> dict[str, int]:
         try:
             return process_chunk(get_state(), payload)
         except TransientError as e:
-            delay = min(5 * 2 ** self.request.retries, 300)
+            settings = get_state().settings
+            delay = min(settings.retry_backoff_s * 2 ** self.request.retries, settings.retry_backoff_max_s)
             log.warning("transient failure, retrying in %ss: %s", delay, e)
             raise self.retry(exc=e, countdown=delay) from e

@@ -123,12 +123,17 @@ def worker_rows(board: ProgressBoard) -> list[dict[str, str]]:
 
 def workers_table(rows: list[dict[str, str]]) -> Table:
     table = Table(title="workers")
-    for col in ("hostname", "model", "device", "heartbeat", "chunks", "images", "failed", "busy with"):
-        table.add_column(col, no_wrap=col == "hostname")
+    for col in ("hostname", "model", "device", "heartbeat", "images", "images/s", "failed", "last failure", "state"):
+        table.add_column(col, no_wrap=col == "hostname", overflow="fold")
     now = time.time()
     for r in rows:
         counters = json.loads(r.get("counters", "{}"))
+        uptime = max(now - float(r.get("started_at", now)), 1e-9)
+        recent = json.loads(r.get("recent_failures", "[]"))
+        state = f"BLOCKED: {r['blocked']}" if r.get("blocked") else (
+            f"busy ({r['current_chunk']})" if r.get("current_chunk") else "idle")
         table.add_row(r["hostname"], f"{r['model']} ({r['model_hash']})", f"{r['device']} {r['device_name']}",
-                      f"{now - float(r['heartbeat_at']):.0f}s ago", str(counters.get("chunks", 0)),
-                      str(counters.get("images", 0)), str(counters.get("failed", 0)), r.get("current_chunk", ""))
+                      f"{now - float(r['heartbeat_at']):.0f}s ago", str(counters.get("images", 0)),
+                      f"{counters.get('images', 0) / uptime:.2f}", str(counters.get("failed", 0)),
+                      recent[-1]["reason"] if recent else "", state)
     return table

@@ -55,5 +55,9 @@ class TransientError(SdfarmError):
     """A dependency failed in a way that may pass: retry with backoff."""
 
 
+class NodeFault(SdfarmError):
+    """This worker, not the job, is wrong (other weights than the registry says): hand the job back."""
+
+
 class WorkerFatal(SdfarmError):
     """The worker cannot serve at all: exit non-zero at start rather than fail jobs."""

@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(default=5.0, gt=0)  # first delay after a transient failure (S3, Redis)
     retry_backoff_max_s: float = Field(default=300.0, gt=0)  # delays double up to this
     max_attempts: int = Field(default=3, ge=1, le=100)  # deliveries of a job whose worker died, before it fails
+    block_after_failures: int = Field(default=5, ge=1)  # failures in a row, while peers succeed, block a worker
     heartbeat_interval: float = Field(default=10.0, gt=0)
     upload_threads: int = Field(default=4, ge=1, le=64)
 

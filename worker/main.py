@@ -54,7 +54,7 @@ def _heartbeat_loop(state: WorkerState, stop: threading.Event) -> None:
                 "hostname": state.hostname, "model": state.loaded.entry.name, "model_hash": state.loaded.short_hash,
                 "device": str(state.loaded.device), "device_name": state.loaded.device_name, "pid": os.getpid(),
                 "host": socket.gethostname(), "started_at": started, "heartbeat_at": time.time(),
-                "counters": json.dumps(state.counters),
+                "counters": json.dumps(state.counters), **state.health.fields(),  # type: ignore[dict-item]
             })
             pipe.expire(key, int(state.settings.heartbeat_interval * 3) + 1)
             pipe.execute()

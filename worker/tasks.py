@@ -16,17 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 from pydantic import ValidationError
 
-from sdfarm.errors import TransientError
+from sdfarm.errors import NodeFault, TransientError
 from sdfarm.jobs import Chunk, ChunkEntry
 from sdfarm.layout import failed_key, image_key, sidecar_key
 from sdfarm.progress import ACTIVE, ProgressBoard
-from sdfarm.queue import RENDER_TASK
+from sdfarm.queue import RENDER_TASK, queue_name
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
 from .encode import Encoded, encode_png, sidecar
+from .health import NodeHealth, succeeding_peer
 from .pipeline import LoadedModel
 from .render import render_split
 
@@ -45,6 +47,7 @@ class WorkerState:
     versions: dict[str, str]
     pool: ThreadPoolExecutor
     counters: dict[str, Any] = field(default_factory=lambda: {"chunks": 0, "images": 0, "failed": 0})
+    health: NodeHealth = field(default_factory=NodeHealth)
     current: dict[str, str] = field(default_factory=dict)
 
     def worker_info(self) -> dict[str, Any]:
@@ -156,10 +159,8 @@ def process_chunk(state: WorkerState, payload: Any) -> dict[str, int]:
     batch, entries = chunk.batch_id, list(chunk.entries)
     first = entries[0].job
     if first.model != state.loaded.entry.name or first.model_hash != state.loaded.identity:
-        fail_entries(state, batch, entries,
-                     f"model mismatch: job wants {first.model} ({first.model_hash[:10]}), this worker serves"
-                     f" {state.loaded.entry.name} ({state.loaded.short_hash}); registries differ")
-        return {"failed": len(entries)}
+        raise NodeFault(f"model mismatch: job wants {first.model} ({first.model_hash[:10]}), this worker serves"
+                        f" {state.loaded.entry.name} ({state.loaded.short_hash}); registries differ")
     if halted := _halted(state, batch, entries):
         return {halted: len(entries)}
 
@@ -179,6 +180,7 @@ def process_chunk(state: WorkerState, payload: Any) -> dict[str, int]:
         except Exception as e:  # a job that breaks the pipeline fails with its reason; the worker serves on
             log.exception("render failed for chunk %s", chunk.id)
             fail_entries(state, batch, todo, f"{type(e).__name__}: {e}")
+            state.health.failure(f"{type(e).__name__}: {e}")
             return {"failed": len(todo)}
         finally:
             _set_busy(state, None)
@@ -199,6 +201,7 @@ def process_chunk(state: WorkerState, payload: Any) -> dict[str, int]:
         raise
     state.counters["chunks"] += 1
     state.counters["images"] += len(todo)
+    state.health.success()
     return {"rendered": len(todo), "skipped": len(entries) - len(todo)}
 
 
@@ -206,10 +209,36 @@ def register_tasks(app: Celery) -> None:
     # transient failures retry until the dependency returns: nothing accepted is dropped
     @app.task(name=RENDER_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
     def render_chunk(self: Task, payload: Any) -> dict[str, int]:
+        state = get_state()
         try:
-            return process_chunk(get_state(), payload)
+            result = process_chunk(state, payload)
+        except NodeFault as e:
+            log.error("handing the chunk back: %s", e)
+            state.health.failure(str(e))
+            maybe_block(self.app, state)
+            time.sleep(1)  # do not spin on a message this worker cannot serve
+            raise Reject(str(e), requeue=True) from e
         except TransientError as e:
             settings = get_state().settings
             delay = min(settings.retry_backoff_s * 2 ** self.request.retries, settings.retry_backoff_max_s)
             log.warning("transient failure, retrying in %ss: %s", delay, e)
             raise self.retry(exc=e, countdown=delay) from e
+        if state.health.streak:
+            maybe_block(self.app, state)
+        return result
+
+
+def maybe_block(app: Celery, state: WorkerState) -> None:
+    """Stop consuming when this worker keeps failing while a peer on the same model succeeds."""
+    health = state.health
+    if health.blocked or health.streak < state.settings.block_after_failures:
+        return
+    model = state.loaded.entry.name
+    peer = succeeding_peer(state.board.r, state.hostname, model, health.streak_started_at)
+    if peer is None:
+        return  # everyone fails: the jobs or a shared dependency are at fault, not this node
+    health.blocked = (f"stopped taking work after {health.streak} failures in a row while {peer} succeeds on"
+                      f" {model}; last: {health.recent[-1][1]}")
+    log.error("%s", health.blocked)
+    state.board.r.hset(f"sdfarm:worker:{state.hostname}", mapping=health.fields())  # type: ignore[arg-type]
+    app.control.cancel_consumer(queue_name(model), destination=[state.hostname])

@@ -198,3 +198,29 @@ def test_a_worker_that_cannot_load_its_model_exits_non_zero(env: dict[str, str])
                             capture_output=True, text=True, timeout=180, check=False)
     assert result.returncode == 3
     assert f"cannot load model '{BROKEN}'" in result.stderr
+
+
+def test_a_worker_that_keeps_failing_while_peers_succeed_blocks_itself(
+        tmp_path: Path, fault_workers: list[WorkerProcess], start_worker: Callable[..., WorkerProcess],
+        env: dict[str, str], board: ProgressBoard, registry: Registry) -> None:
+    from worker.tiny import write_tiny_model
+
+    # a node whose copy of the model differs from the registry's (other weights under the same name)
+    other = write_tiny_model(tmp_path / "other-weights", seed=1)
+    (tmp_path / "models.yaml").write_text(f"models:\n  {FAULTS}:\n    path: {other}\n")
+    bad = start_worker("fault-bad", model=FAULTS, extra_env={
+        "SDFARM_MODELS_FILE": str(tmp_path / "models.yaml"), "SDFARM_BLOCK_AFTER_FAILURES": "2"})
+    try:
+        path = write_batch(tmp_path, "bad-node", [f"bad node {i}" for i in range(24)], steps=30)
+        plan = plan_file(path, registry, 100)
+        assert cli(["submit", str(path), "--watch"], env).returncode == 0  # no job failed
+        assert progress_of(board, plan.batch_id) == (24, 0)
+        blocked = wait_for(lambda: board.r.hget(f"sdfarm:worker:{bad.hostname}", "blocked"), 30,
+                           "the bad worker to block itself")
+        assert b"failures in a row while fault-" in blocked
+        assert b"model mismatch" in blocked
+        shown = cli(["workers"], env)
+        assert "BLOCKED" in shown.stdout
+        assert "fault-bad@tests" in shown.stdout
+    finally:
+        bad.stop()

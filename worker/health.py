@@ -1,0 +1,49 @@
+"""A worker's own health: failures in a row, recent reasons, and the decision to stop taking work.
+
+Like a render-farm manager blocking a bad node: when this worker keeps failing while another worker
+of the same model succeeds, the fault is here, not in the jobs. The worker then cancels its own
+consumer (it stays up, heartbeating, and says why in `sdfarm workers`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class NodeHealth:
+    streak: int = 0  # failures in a row
+    streak_started_at: float = 0.0
+    last_success_at: float = 0.0
+    blocked: str = ""
+    recent: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=10))
+
+    def success(self) -> None:
+        self.streak = 0
+        self.last_success_at = time.time()
+
+    def failure(self, reason: str) -> None:
+        if self.streak == 0:
+            self.streak_started_at = time.time()
+        self.streak += 1
+        self.recent.append((time.time(), reason))
+
+    def fields(self) -> dict[str, str | float | int]:
+        return {"last_success_at": self.last_success_at, "failure_streak": self.streak, "blocked": self.blocked,
+                "recent_failures": json.dumps([{"at": t, "reason": r} for t, r in self.recent])}
+
+
+def succeeding_peer(client: Any, hostname: str, model: str, since: float) -> str | None:
+    """Another live worker of the same model with a success after `since`."""
+    for key in client.scan_iter("sdfarm:worker:*"):
+        raw = client.hgetall(key)
+        peer = {k.decode(): v.decode() for k, v in raw.items()}
+        if peer.get("hostname") in (None, hostname) or peer.get("model") != model:
+            continue
+        if float(peer.get("last_success_at") or 0) > since:
+            return str(peer["hostname"])
+    return None

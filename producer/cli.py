@@ -4,6 +4,7 @@ the worker package by name, so the producer never imports torch."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shlex
 import sys
@@ -26,7 +27,7 @@ from sdfarm.settings import Settings
 from sdfarm.store import Store
 
 from .control import cancel, pause, reconcile, resume, retry_failed
-from .fetch import contact_sheet, fetch
+from .fetch import contact_sheet, fetch, links
 from .submit import describe_plan, submit_plan
 from .watch import status_table, watch, worker_rows, workers_table
 
@@ -196,6 +197,15 @@ def fetch_cmd(batch_id: str, dest: Path, sheet: Path | None) -> None:
                   f" manifest {result.manifest}", highlight=False)
     if sheet is not None and result.images:
         console.print(f"contact sheet {contact_sheet(dest, sheet)}", highlight=False)
+
+
+@cli.command("links")
+@click.argument("batch_id")
+@click.option("--expires", type=int, default=3600, show_default=True, help="Seconds the links stay valid (max 7 days).")
+def links_cmd(batch_id: str, expires: int) -> None:
+    """Print short-lived read-only (presigned GET) links to a batch's images, one JSON line each."""
+    for row in links(Store.from_settings(_settings()), batch_id, expires):
+        click.echo(json.dumps(row))
 
 
 @cli.command("workers")

@@ -10,6 +10,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from sdfarm.errors import InvalidInput
 from sdfarm.jobs import RenderJob
 from sdfarm.layout import failed_key, failed_prefix, image_key, sidecar_key
 from sdfarm.store import MissingObject, Store
@@ -55,6 +56,21 @@ def fetch(store: Store, batch_id: str, dest: Path, threads: int = 8) -> FetchRes
     manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     count = {s: sum(1 for r in rows if r["status"] == s) for s in ("done", "missing", "failed")}
     return FetchResult(dest, count["done"], count["missing"], count["failed"], manifest)
+
+
+MAX_LINK_S = 7 * 24 * 3600
+
+
+def links(store: Store, batch_id: str, expires_s: int) -> list[dict[str, Any]]:
+    """Short-lived presigned GET links to a batch's finished images (never PUT: a PUT link could
+    overwrite an output)."""
+    if not 1 <= expires_s <= MAX_LINK_S:
+        raise InvalidInput(f"expires {expires_s}s is not allowed (allowed: 1..{MAX_LINK_S} seconds)")
+    jobs = read_batch_jobs(store, batch_id)
+    with ThreadPoolExecutor(8) as pool:
+        done = list(pool.map(lambda ij: store.exists(sidecar_key(ij[1].id)), jobs))
+    return [{"index": index, "job_id": job.id, "url": store.presigned_get(image_key(job.id), expires_s)}
+            for (index, job), ok in zip(jobs, done, strict=True) if ok]
 
 
 def contact_sheet(folder: Path, out: Path, thumb: int = 128, columns: int = 8) -> Path:

@@ -3,6 +3,7 @@ the worker package by name, so the producer never imports torch."""
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import json
 import os
@@ -16,8 +17,10 @@ import click
 import redis
 import yaml
 from rich.console import Console
+from rich.table import Table
 
 from sdfarm.batchfile import plan_file
+from sdfarm.datasets import load_spec
 from sdfarm.errors import BatchInvalid, SdfarmError
 from sdfarm.layout import batch_key
 from sdfarm.models import Registry
@@ -27,6 +30,9 @@ from sdfarm.settings import Settings
 from sdfarm.store import Store
 
 from .control import cancel, pause, reconcile, resume, retry_failed
+from .datasets import dataset_rows, run_dataset
+from .export import FORMATS as EXPORT_FORMATS
+from .export import export
 from .fetch import contact_sheet, fetch, links
 from .submit import describe_plan, submit_plan
 from .watch import status_table, watch, worker_rows, workers_table
@@ -216,6 +222,58 @@ def workers_cmd(check_host: str | None) -> None:
     if check_host is not None:
         sys.exit(0 if any(r["hostname"] == check_host for r in rows) else EXIT_FAILED)
     console.print(workers_table(rows))
+
+
+@cli.command("export")
+@click.argument("batch_id")
+@click.argument("dest")
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True)
+@click.option("--shard-size", type=int, default=1000, show_default=True, help="Images per WebDataset shard.")
+def export_cmd(batch_id: str, dest: str, fmt: str, shard_size: int) -> None:
+    """Export a batch as imagefolder, webdataset or parquet to DEST (a folder or s3://bucket/prefix)."""
+    count, files = export(Store.from_settings(_settings()), batch_id, fmt, dest, shard_size)
+    console.print(f"{count} images exported as {fmt}: {len(files)} files under {dest}", highlight=False)
+
+
+@cli.group()
+def dataset() -> None:
+    """Nightly dataset generation from specs (templates + wildcards), reproducible per date."""
+
+
+@dataset.command("run")
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.option("--date", "date_", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
+              help="Run (or backfill) this date; default today in the spec's time zone.")
+@click.option("--watch", "then_watch", is_flag=True)
+def dataset_run(spec: Path, date_: datetime.datetime | None, then_watch: bool) -> None:
+    """Expand SPEC for a date and submit it. The same spec and date render nothing twice."""
+    settings, store, board = _control()
+    loaded = load_spec(spec)
+    day = date_.date() if date_ else (loaded.spec.schedule.run_date(datetime.datetime.now(datetime.timezone.utc))
+                                      if loaded.spec.schedule else datetime.date.today())
+    result = run_dataset(spec, day, settings, store, board, make_celery(settings))
+    console.print(f"dataset {loaded.spec.name} {day}: batch {result.batch_id}: {result.submitted.jobs} jobs,"
+                  f" {result.submitted.chunks_enqueued} chunks enqueued, {result.submitted.already_done} already done",
+                  highlight=False)
+    if then_watch:
+        _watch_and_exit(settings, board, store, result.batch_id, None)
+
+
+@dataset.command("list")
+@click.argument("folder", type=click.Path(path_type=Path, file_okay=False), required=False)
+def dataset_list(folder: Path | None) -> None:
+    """Each spec's schedule, next and last run with its batch id and counts."""
+    settings = _settings()
+    folder = folder or settings.datasets_dir
+    if folder is None:
+        raise click.UsageError("give a FOLDER of dataset specs or set SDFARM_DATASETS_DIR")
+    table = Table(title=f"datasets in {folder}")
+    rows = dataset_rows(folder, _board(settings))
+    for col in ("name", "spec", "schedule", "next_run", "last_run", "last_batch", "counts"):
+        table.add_column(col, no_wrap=col in ("last_batch", "next_run"))
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
 
 
 @cli.command()

@@ -365,6 +365,20 @@ def plan_batch(
 ) -> BatchPlan:
     """Parse, expand and validate a whole batch. Raises BatchInvalid listing every problem."""
     header, items = read_batch(text, source, fmt)
+    return plan_items(header, items, source, fmt, registry, max_jobs, overrides, name)
+
+
+def plan_items(
+    header: dict[str, Any],
+    items: list[RawItem],
+    source: str,
+    fmt: str,
+    registry: Registry,
+    max_jobs: int,
+    overrides: Mapping[str, Any] | None = None,
+    name: str | None = None,
+) -> BatchPlan:
+    """Expand and validate parsed items (from a batch file, or generated from a dataset spec)."""
     planner = _Planner(source, registry, max_jobs)
     defaults: dict[str, Any] = {**header.get("defaults", {}), **(overrides or {})}
     for key in defaults:

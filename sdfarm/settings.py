@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "sdfarm")
 
     # Producer
+    datasets_dir: Path | None = None  # folder of dataset specs the scheduler runs
+    webhook_secret: SecretStr | None = None  # HMAC key for completion webhooks (a spec may name another variable)
     chunk_size: int = Field(default=8, ge=1, le=64)  # jobs per task message (one batched pipeline call)
     max_jobs_per_batch: int = Field(default=100_000, ge=1)
 

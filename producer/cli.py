@@ -34,6 +34,7 @@ from .datasets import dataset_rows, run_dataset
 from .export import FORMATS as EXPORT_FORMATS
 from .export import export
 from .fetch import contact_sheet, fetch, links
+from .scheduler import run_scheduler
 from .submit import describe_plan, submit_plan
 from .watch import status_table, watch, worker_rows, workers_table
 
@@ -274,6 +275,13 @@ def dataset_list(folder: Path | None) -> None:
     for row in rows:
         table.add_row(*row.values())
     console.print(table)
+
+
+@cli.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+def scheduler(loglevel: str) -> None:
+    """Run the control process: dataset schedules (SDFARM_DATASETS_DIR) and completion hooks."""
+    sys.exit(run_scheduler(_settings(), loglevel))
 
 
 @cli.command()

@@ -133,6 +133,10 @@ class ProgressBoard:
             raise ValueError(f"unknown batch state {state!r} (allowed: {', '.join(BATCH_STATES)})")
         self.r.hset(_key(batch_id), "state", state)
 
+    def claim_finish(self, batch_id: str) -> bool:
+        """True exactly once per batch, for whoever first sees it finished (to announce it)."""
+        return bool(self.r.set(_key(batch_id, "finished"), 1, nx=True, ex=self.ttl))
+
     def recent(self, limit: int = 20) -> list[str]:
         ids: list[bytes] = self.r.zrevrange(BATCHES, 0, limit - 1)  # type: ignore[assignment]
         return [i.decode() for i in ids]

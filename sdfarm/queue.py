@@ -10,6 +10,10 @@ from .jobs import Chunk
 from .settings import Settings
 
 RENDER_TASK: Final = "sdfarm.render_chunk"
+# the control queue is served by `sdfarm scheduler` (no GPU): schedules, completion hooks
+CONTROL_QUEUE: Final = "sdfarm.control"
+BATCH_FINISHED_TASK: Final = "sdfarm.batch_finished"
+DATASET_TICK_TASK: Final = "sdfarm.dataset_tick"
 QUEUE_PREFIX: Final = "render."
 PRIORITY_LEVELS: Final = 10  # user priority 0 (lowest) .. 9 (highest)
 DEFAULT_PRIORITY: Final = 5

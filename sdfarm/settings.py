@@ -34,7 +34,7 @@ class Settings(BaseSettings):
 
     # Producer
     datasets_dir: Path | None = None  # folder of dataset specs the scheduler runs
-    webhook_secret: SecretStr | None = None  # HMAC key for completion webhooks (a spec may name another variable)
+    scheduler_tick_s: float = Field(default=30.0, ge=1)  # how often the scheduler looks for due dataset runs
     chunk_size: int = Field(default=8, ge=1, le=64)  # jobs per task message (one batched pipeline call)
     max_jobs_per_batch: int = Field(default=100_000, ge=1)
 

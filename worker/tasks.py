@@ -23,7 +23,7 @@ from sdfarm.errors import NodeFault, TransientError
 from sdfarm.jobs import Chunk, ChunkEntry
 from sdfarm.layout import failed_key, image_key, sidecar_key
 from sdfarm.progress import ACTIVE, ProgressBoard
-from sdfarm.queue import RENDER_TASK, queue_name
+from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, RENDER_TASK, queue_name
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
@@ -225,7 +225,18 @@ def register_tasks(app: Celery) -> None:
             raise self.retry(exc=e, countdown=delay) from e
         if state.health.streak:
             maybe_block(self.app, state)
+        announce_if_finished(self.app, state, payload)
         return result
+
+
+def announce_if_finished(app: Celery, state: WorkerState, payload: Any) -> None:
+    """The worker that finishes a batch's last job hands it to the control queue (hooks, exports)."""
+    batch_id = payload.get("batch_id") if isinstance(payload, dict) else None
+    if not isinstance(batch_id, str):
+        return
+    progress = state.board.read(batch_id)
+    if progress is not None and progress.finished and state.board.claim_finish(batch_id):
+        app.send_task(BATCH_FINISHED_TASK, args=[batch_id], queue=CONTROL_QUEUE)
 
 
 def maybe_block(app: Celery, state: WorkerState) -> None:

@@ -1,0 +1,135 @@
+"""`sdfarm scheduler`: the control process. A Celery worker on the control queue with beat embedded,
+its schedule kept in Redis by celery-redbeat (a lock lets one beat run at a time, so two scheduler
+processes never double-fire).
+
+- every tick (SDFARM_SCHEDULER_TICK_S), for each spec in SDFARM_DATASETS_DIR with a schedule: if its
+  latest due time (cron, in the spec's time zone) is new, claim it in Redis (SET NX) and run the
+  dataset for that date. A run's batch id is a function of (spec, date): even a double fire renders
+  nothing twice.
+- when a batch finishes: its automatic exports, then its signed completion webhook (retried with backoff).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from celery import Celery, Task
+from croniter import croniter
+
+from sdfarm.datasets import load_spec
+from sdfarm.errors import SdfarmError, TransientError
+from sdfarm.layout import batch_key
+from sdfarm.progress import ProgressBoard
+from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, DATASET_TICK_TASK, make_celery
+from sdfarm.settings import Settings
+from sdfarm.store import Store
+
+from .datasets import run_dataset
+from .export import export
+from .webhook import deliver
+
+log = logging.getLogger("sdfarm.scheduler")
+
+
+def due_runs(folder: Path, board: ProgressBoard, now: dt.datetime) -> list[tuple[Path, dt.datetime]]:
+    """(spec, due time) for each scheduled spec whose latest due time is after it was first seen."""
+    due = []
+    for path in sorted(folder.glob("*.y*ml")):
+        try:
+            spec = load_spec(path).spec
+        except SdfarmError as e:
+            log.error("skipping %s: %s", path, e)
+            continue
+        if spec.schedule is None:
+            continue
+        key = f"sdfarm:dataset:{spec.name}"
+        board.r.hsetnx(key, "since", now.timestamp())
+        since = float(board.r.hget(key, "since") or now.timestamp())
+        local = now.astimezone(ZoneInfo(spec.schedule.timezone))
+        latest: dt.datetime = croniter(spec.schedule.cron, local).get_prev(dt.datetime)
+        if latest.timestamp() >= since:
+            due.append((path, latest))
+    return due
+
+
+def register_control_tasks(app: Celery, settings: Settings) -> None:
+    def services() -> tuple[Store, ProgressBoard]:
+        return Store.from_settings(settings), ProgressBoard.from_url(settings.redis_url.get_secret_value(),
+                                                                     settings.progress_ttl)
+
+    @app.task(name=DATASET_TICK_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def dataset_tick() -> None:
+        if settings.datasets_dir is None:
+            return
+        store, board = services()
+        for path, due_at in due_runs(settings.datasets_dir, board, dt.datetime.now(dt.timezone.utc)):
+            spec = load_spec(path).spec
+            claim = f"sdfarm:dataset:{spec.name}:fired:{due_at.isoformat()}"
+            if not board.r.set(claim, time.time(), nx=True, ex=400 * 24 * 3600):
+                continue  # this due time was already run
+            assert spec.schedule is not None
+            day = spec.schedule.run_date(due_at)
+            result = run_dataset(path, day, settings, store, board, app)
+            log.info("dataset fired: %s due %s -> batch %s (%d jobs, %d already done)", spec.name, due_at.isoformat(),
+                     result.batch_id, result.submitted.jobs, result.submitted.already_done)
+
+    @app.task(name=BATCH_FINISHED_TASK, bind=True, max_retries=None, ignore_result=True)  # type: ignore[untyped-decorator]
+    def batch_finished(self: Task, batch_id: str) -> None:
+        store, board = services()
+        spec = store.get_json(batch_key(batch_id))
+        hooks: dict[str, Any] = spec.get("hooks") or {}
+        for item in hooks.get("export", []):
+            count, _ = export(store, batch_id, item["format"], f"s3://{store.bucket}/{item['dest_prefix']}")
+            log.info("batch %s exported: %d images as %s to %s", batch_id, count, item["format"], item["dest_prefix"])
+        hook = hooks.get("webhook")
+        if not hook:
+            return
+        progress = board.read(batch_id)
+        notice = {"event": "batch.failed" if progress and progress.failed else "batch.completed",
+                  "batch_id": batch_id, "name": spec.get("name"), "dataset": hooks.get("dataset"),
+                  "date": hooks.get("date"), "total": progress.total if progress else spec.get("job_count"),
+                  "done": progress.done if progress else None, "failed": progress.failed if progress else None,
+                  "exports": [f"s3://{store.bucket}/{e['dest_prefix']}" for e in hooks.get("export", [])]}
+        secret = os.environ.get(hook["secret_env"], "")
+        if not secret:
+            log.error("batch %s: webhook not sent: %s is not set", batch_id, hook["secret_env"])
+            return
+        try:
+            status = deliver(hook["url"], secret.encode(), notice)
+        except TransientError as e:
+            delay = min(settings.retry_backoff_s * 2 ** self.request.retries, settings.retry_backoff_max_s)
+            log.warning("batch %s: %s; retrying in %ss", batch_id, e, delay)
+            raise self.retry(exc=e, countdown=delay) from e
+        log.info("batch %s: webhook delivered (%d)", batch_id, status)
+
+
+def run_scheduler(settings: Settings, loglevel: str = "INFO") -> int:
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from celery.schedules import schedule
+    from redbeat import RedBeatSchedulerEntry
+
+    app = make_celery(settings)
+    app.conf.update(
+        redbeat_redis_url=settings.redis_url.get_secret_value(),
+        redbeat_key_prefix="sdfarm:redbeat:",
+        redbeat_lock_timeout=max(int(settings.scheduler_tick_s * 5), 30),
+        beat_max_loop_interval=max(int(settings.scheduler_tick_s), 1),
+        beat_scheduler="redbeat.RedBeatScheduler",
+    )
+    register_control_tasks(app, settings)
+    RedBeatSchedulerEntry("dataset-tick", DATASET_TICK_TASK, schedule(dt.timedelta(seconds=settings.scheduler_tick_s)),
+                          options={"queue": CONTROL_QUEUE}, app=app).save()
+    argv = ["worker", "-B", f"--queues={CONTROL_QUEUE}", "--concurrency=1", f"--loglevel={loglevel}",
+            "--without-gossip", "--without-mingle", f"--hostname=scheduler-{os.getpid()}@%h",
+            f"--schedule={settings.cache_dir / 'beat-schedule'}"]
+    try:
+        app.worker_main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -87,7 +87,7 @@ schedule: {{cron: "* * * * *", timezone: UTC}}
 
 
 class _Receiver(BaseHTTPRequestHandler):
-    calls: list[tuple[int, bytes, str]] = []
+    calls: ClassVar[list[tuple[int, bytes, str]]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))

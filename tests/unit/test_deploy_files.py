@@ -52,6 +52,13 @@ def test_gpu_workers_reserve_a_device_and_have_a_healthcheck() -> None:
     assert "--check" in worker["healthcheck"]["test"]
 
 
+def test_scheduler_service_runs_the_dataset_specs() -> None:
+    scheduler = compose()["services"]["scheduler"]
+    assert scheduler["command"] == ["scheduler"]
+    assert scheduler["environment"]["SDFARM_DATASETS_DIR"] == "/datasets"
+    assert scheduler["environment"]["SDFARM_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD")
+
+
 def test_every_service_gets_credentials_from_the_environment_not_the_file() -> None:
     text = (ROOT / "docker-compose.yml").read_text()
     assert "${REDIS_PASSWORD:?" in text

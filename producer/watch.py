@@ -13,7 +13,7 @@ from rich.table import Table
 
 from sdfarm.errors import InvalidInput
 from sdfarm.layout import batch_key
-from sdfarm.progress import ACTIVE, CANCELLED, ProgressBoard
+from sdfarm.progress import ACTIVE, CANCELLED, WORKERS_PATTERN, ProgressBoard
 from sdfarm.progress import Progress as BatchProgress
 from sdfarm.store import MissingObject, Store
 
@@ -113,7 +113,7 @@ def status_table(board: ProgressBoard, limit: int = 20) -> Table:
 
 def worker_rows(board: ProgressBoard) -> list[dict[str, str]]:
     rows = []
-    for key in board.r.scan_iter("sdfarm:worker:*"):
+    for key in board.r.scan_iter(WORKERS_PATTERN):
         raw: dict[bytes, bytes] = board.r.hgetall(key)  # type: ignore[assignment]
         row = {k.decode(): v.decode() for k, v in raw.items()}
         if "heartbeat_at" in row:  # a worker that has loaded its model

@@ -14,6 +14,12 @@ import redis
 
 PREFIX = "sdfarm"
 BATCHES = f"{PREFIX}:batches"  # zset batch_id -> first submit time
+WORKERS_PATTERN = f"{PREFIX}:worker:*"
+
+
+def worker_key(hostname: str) -> str:
+    """A worker's heartbeat hash: model, device, counters, health, the chunk in hand."""
+    return f"{PREFIX}:worker:{hostname}"
 
 
 def _key(batch_id: str, part: str = "") -> str:

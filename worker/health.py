@@ -13,6 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdfarm.progress import WORKERS_PATTERN
+
 
 @dataclass
 class NodeHealth:
@@ -39,7 +41,7 @@ class NodeHealth:
 
 def succeeding_peer(client: Any, hostname: str, model: str, since: float) -> str | None:
     """Another live worker of the same model with a success after `since`."""
-    for key in client.scan_iter("sdfarm:worker:*"):
+    for key in client.scan_iter(WORKERS_PATTERN):
         raw = client.hgetall(key)
         peer = {k.decode(): v.decode() for k, v in raw.items()}
         if peer.get("hostname") in (None, hostname) or peer.get("model") != model:

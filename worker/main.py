@@ -25,7 +25,7 @@ from celery import signals
 
 from sdfarm.errors import SdfarmError, WorkerFatal
 from sdfarm.models import Registry
-from sdfarm.progress import ProgressBoard
+from sdfarm.progress import ProgressBoard, worker_key
 from sdfarm.queue import make_celery, queue_name
 from sdfarm.settings import Settings
 from sdfarm.store import Store
@@ -37,10 +37,6 @@ from .tasks import WorkerState, get_state, register_tasks, set_state
 log = logging.getLogger("sdfarm.worker")
 
 EXIT_FATAL = 3
-
-
-def worker_key(hostname: str) -> str:
-    return f"sdfarm:worker:{hostname}"
 
 
 def _heartbeat_loop(state: WorkerState, stop: threading.Event) -> None:

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from sdfarm.errors import NodeFault, TransientError
 from sdfarm.jobs import Chunk, ChunkEntry
 from sdfarm.layout import failed_key, image_key, sidecar_key
-from sdfarm.progress import ACTIVE, ProgressBoard
+from sdfarm.progress import ACTIVE, ProgressBoard, worker_key
 from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, RENDER_TASK, queue_name
 from sdfarm.settings import Settings
 from sdfarm.store import Store
@@ -48,7 +48,6 @@ class WorkerState:
     pool: ThreadPoolExecutor
     counters: dict[str, Any] = field(default_factory=lambda: {"chunks": 0, "images": 0, "failed": 0})
     health: NodeHealth = field(default_factory=NodeHealth)
-    current: dict[str, str] = field(default_factory=dict)
 
     def worker_info(self) -> dict[str, Any]:
         return {"hostname": self.hostname, "device": str(self.loaded.device), "device_name": self.loaded.device_name}
@@ -144,7 +143,7 @@ def _within_attempts(state: WorkerState, batch_id: str, entries: list[ChunkEntry
 
 
 def _set_busy(state: WorkerState, chunk: Chunk | None) -> None:
-    key = f"sdfarm:worker:{state.hostname}"
+    key = worker_key(state.hostname)
     if chunk is None:
         state.board.r.hdel(key, "current_chunk", "current_batch")
     else:
@@ -251,5 +250,5 @@ def maybe_block(app: Celery, state: WorkerState) -> None:
     health.blocked = (f"stopped taking work after {health.streak} failures in a row while {peer} succeeds on"
                       f" {model}; last: {health.recent[-1][1]}")
     log.error("%s", health.blocked)
-    state.board.r.hset(f"sdfarm:worker:{state.hostname}", mapping=health.fields())  # type: ignore[arg-type]
+    state.board.r.hset(worker_key(state.hostname), mapping=health.fields())  # type: ignore[arg-type]
     app.control.cancel_consumer(queue_name(model), destination=[state.hostname])

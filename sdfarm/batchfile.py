@@ -28,7 +28,8 @@ import yaml
 from pydantic import ValidationError
 
 from .errors import BatchInvalid, InvalidInput, Problem
-from .jobs import MAX_SEED, USER_FIELDS, RenderJob
+from .extra_networks import lora_tags
+from .jobs import MAX_SEED, USER_FIELDS, RenderJob, parse_loras
 from .models import Registry
 
 ITEM_KEYS: Final = (*USER_FIELDS, "count", "seeds", "matrix")
@@ -340,10 +341,11 @@ class _Planner:
                 model_hash = self.registry.identity(model)
             except InvalidInput as e:
                 self.problem(raw, "model", str(e))
+        values, assets_ok = self.assets(raw, values)
         try:  # check the other fields even when the model is bad: report everything at once
             job = RenderJob.model_validate({**values, "model": "unknown", "model_hash": "0" * 64}
                                            if model_hash is None else {**values, "model_hash": model_hash})
-            return job if model_hash is not None else None
+            return job if model_hash is not None and assets_ok else None
         except ValidationError as e:
             for err in e.errors():
                 fld = ".".join(str(p) for p in err["loc"])
@@ -352,6 +354,45 @@ class _Planner:
                     msg = f"{msg} (got {err['input']!r})"
                 self.problem(raw, fld, msg)
             return None
+
+
+    def assets(self, raw: RawItem, values: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Fill in the registry's hashes: LoRAs from the loras field and the prompt's <lora:...> tags,
+        embeddings named in the prompts. Unknown names are reported here; shapes by RenderJob."""
+        ok = True
+        out = dict(values)
+        prompt = values.get("prompt")
+        try:
+            tags = lora_tags(prompt) if isinstance(prompt, str) else []
+        except ValueError:
+            tags = []  # RenderJob reports the malformed tag against the prompt
+        given = parse_loras(values.get("loras", []))
+        if isinstance(given, list) and all(isinstance(x, dict) and isinstance(x.get("name"), str) for x in given):
+            loras = [dict(x) for x in given]  # a name given twice is RenderJob's to report
+            for name, weight in tags:
+                if all(x["name"] != name for x in loras):
+                    loras.append({"name": name, "weight": weight})
+            for i, item in enumerate(loras):
+                try:
+                    item["sha256"] = self.registry.asset_identity("lora", item["name"])
+                except InvalidInput as e:
+                    self.problem(raw, f"loras.{i}.name", str(e))
+                    item["sha256"], ok = "0" * 64, False
+            if loras:
+                out["loras"] = loras
+        texts = [t.lower() for t in (prompt, values.get("negative_prompt")) if isinstance(t, str)]
+        embeddings = []
+        for name in self.registry.asset_names("embedding"):
+            # the tokenizer matches an embedding's (lower-cased) name anywhere in the lower-cased text
+            if any(name.lower() in text for text in texts):
+                try:
+                    embeddings.append({"name": name, "sha256": self.registry.asset_identity("embedding", name)})
+                except InvalidInput as e:
+                    self.problem(raw, "prompt", str(e))
+                    ok = False
+        if embeddings:
+            out["embeddings"] = embeddings
+        return out, ok
 
 
 def plan_batch(

@@ -3,6 +3,8 @@
 - InvalidInput: the request is wrong; never retry, tell the user exactly what to fix.
 - TransientError: the world blinked (S3, Redis, network); retry with backoff.
 - WorkerFatal: this worker cannot serve (model missing, bad device); fail at start, loudly.
+- AssetError: a file one job needs (LoRA, embedding) is missing or not what was planned; that
+  job fails with the reason, the worker serves on.
 """
 
 from __future__ import annotations
@@ -61,3 +63,7 @@ class NodeFault(SdfarmError):
 
 class WorkerFatal(SdfarmError):
     """The worker cannot serve at all: exit non-zero at start rather than fail jobs."""
+
+
+class AssetError(SdfarmError):
+    """A LoRA or embedding a job needs is missing, unreadable, or has another sha256 than planned."""

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from . import __version__
+from .extra_networks import lora_tag, lora_tags
 from .jobs import RenderJob
 from .samplers import AUTOMATIC
 
@@ -36,8 +37,21 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) -
     return "\n".join(parts)
 
 
+def _hashes(refs: Any) -> str | None:
+    """A1111's "Lora hashes"/"TI hashes": name: first 12 hex digits of the file's sha256."""
+    return ", ".join(f"{r.name}: {r.sha256[:12]}" for r in refs) or None
+
+
+def infotext_prompt(job: RenderJob) -> str:
+    """The prompt as A1111 records it: LoRAs given in the loras field are added as <lora:...> tags."""
+    tagged = {name for name, _ in lora_tags(job.prompt)}
+    extra = [lora_tag(lora.name, lora.weight) for lora in job.loras if lora.name not in tagged]
+    return " ".join([job.prompt, *extra])
+
+
 def job_parameters(job: RenderJob, model_short_hash: str) -> dict[str, Any]:
-    """The last line's parameters for a txt2img job, in A1111's order."""
+    """The last line's parameters, in A1111's order."""
+    hires, upscale = job.hires, job.upscale
     return {
         "Steps": job.steps,
         "Sampler": job.sampler,
@@ -47,13 +61,21 @@ def job_parameters(job: RenderJob, model_short_hash: str) -> dict[str, Any]:
         "Size": f"{job.width}x{job.height}",
         "Model hash": model_short_hash,
         "Model": job.model,
+        "Denoising strength": _number(hires.denoising_strength) if hires else None,
         "Clip skip": job.clip_skip if job.clip_skip > 1 else None,
+        "Hires upscale": _number(hires.scale) if hires else None,
+        "Hires steps": hires.steps if hires and hires.steps else None,
+        "Hires upscaler": hires.upscaler if hires else None,
+        "Lora hashes": _hashes(job.loras),
+        "TI hashes": _hashes(job.embeddings),
+        "Postprocess upscale by": _number(upscale.factor) if upscale else None,
+        "Postprocess upscaler": upscale.upscaler if upscale else None,
         "Version": f"sdfarm {__version__}",
     }
 
 
 def job_infotext(job: RenderJob, model_short_hash: str) -> str:
-    return format_infotext(job.prompt, job.negative_prompt, job_parameters(job, model_short_hash))
+    return format_infotext(infotext_prompt(job), job.negative_prompt, job_parameters(job, model_short_hash))
 
 
 def parse_infotext(text: str) -> dict[str, Any]:

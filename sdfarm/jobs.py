@@ -14,6 +14,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .extra_networks import lora_tags
 from .samplers import AUTOMATIC, SAMPLERS, allowed_sampler_names, split_sampler_name
 
 SCHEMA_VERSION: Final = 1
@@ -24,6 +25,22 @@ MAX_STEPS: Final = 150
 MAX_GUIDANCE: Final = 30.0
 MAX_SEED: Final = 2**32 - 1
 MODEL_NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+ASSET_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # LoRAs, embeddings: as A1111 files are named
+SHA256_PATTERN: Final = r"^[0-9a-f]{64}$"
+MAX_LORA_WEIGHT: Final = 5.0
+MAX_LORAS: Final = 8
+MAX_HIRES_SIZE: Final = 4096
+MAX_UPSCALED_SIZE: Final = 8192
+# A1111's names. Latent ones resize the latents (interpolation mode, antialias); the others the image.
+LATENT_UPSCALERS: Final[dict[str, tuple[str, bool]]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+IMAGE_UPSCALERS: Final = ("Lanczos", "Nearest")
 
 # Fields a batch file may set for a job. model_hash is filled in from the registry.
 USER_FIELDS: Final = (
@@ -38,12 +55,91 @@ USER_FIELDS: Final = (
     "sampler",
     "schedule_type",
     "clip_skip",
+    "loras",
+    "hires",
+    "upscale",
 )
 
 
 def _id_of(payload: dict[str, Any]) -> str:
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def parse_loras(value: Any) -> Any:
+    """Accept `[{name, weight}]`, `["name:0.8", ...]` or one string "a:0.8, b" (a CSV cell)."""
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, list | tuple):
+        return value  # pydantic reports the type
+    items = []
+    for item in value:
+        if isinstance(item, str):
+            name, _, weight = item.strip().partition(":")
+            items.append({"name": name.strip(), "weight": weight.strip() or 1.0})
+        else:
+            items.append(item)
+    return items
+
+
+class LoraRef(BaseModel):
+    """A registered LoRA at a weight. sha256 is filled in from the registry: it is the LoRA's identity."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=ASSET_NAME_PATTERN)
+    weight: float = Field(default=1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT)
+    sha256: str = Field(pattern=SHA256_PATTERN)
+
+
+class EmbeddingRef(BaseModel):
+    """A registered textual-inversion embedding that a prompt names. Filled in by the planner."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=ASSET_NAME_PATTERN)
+    sha256: str = Field(pattern=SHA256_PATTERN)
+
+
+class HiresFix(BaseModel):
+    """A1111's hires fix: render, upscale by `scale`, then an img2img pass at `denoising_strength`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scale: float = Field(default=2.0, gt=1.0, le=4.0)
+    steps: int = Field(default=0, ge=0, le=MAX_STEPS)  # 0: as many as the first pass, as in A1111
+    denoising_strength: float = Field(default=0.7, gt=0.0, le=1.0)
+    upscaler: str = "Latent"
+
+    @field_validator("upscaler")
+    @classmethod
+    def _upscaler(cls, v: str) -> str:
+        if v not in LATENT_UPSCALERS and v not in IMAGE_UPSCALERS:
+            raise ValueError(f"unknown upscaler {v!r} (allowed: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])})")
+        return v
+
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        """The second pass's size: the scaled size, rounded down to a multiple of 8."""
+        return int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8
+
+
+class Upscale(BaseModel):
+    """A final upscale of the finished image (A1111's "Extras" postprocessing)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    factor: float = Field(gt=1.0, le=4.0)
+    upscaler: str = "Lanczos"
+
+    @field_validator("upscaler")
+    @classmethod
+    def _upscaler(cls, v: str) -> str:
+        if v not in IMAGE_UPSCALERS:
+            raise ValueError(f"unknown upscaler {v!r} (allowed: {', '.join(IMAGE_UPSCALERS)})")
+        return v
+
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        return round(width * self.factor), round(height * self.factor)
 
 
 class RenderJob(BaseModel):
@@ -64,6 +160,10 @@ class RenderJob(BaseModel):
     sampler: str = "DPM++ 2M"
     schedule_type: str = AUTOMATIC
     clip_skip: int = 1
+    loras: tuple[LoraRef, ...] = ()
+    embeddings: tuple[EmbeddingRef, ...] = ()
+    hires: HiresFix | None = None
+    upscale: Upscale | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -88,6 +188,7 @@ class RenderJob(BaseModel):
             raise ValueError("must not be empty")
         if len(v) > MAX_PROMPT_CHARS:
             raise ValueError(f"is {len(v)} characters long (allowed: at most {MAX_PROMPT_CHARS})")
+        lora_tags(v)  # a malformed or unsupported <...> tag is reported against the prompt
         return v
 
     @field_validator("negative_prompt")
@@ -139,6 +240,26 @@ class RenderJob(BaseModel):
             raise ValueError(f"{v} is out of range (allowed: 1..12)")
         return v
 
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _parse_loras(cls, v: Any) -> Any:
+        return parse_loras(v)
+
+    @field_validator("loras")
+    @classmethod
+    def _loras(cls, v: tuple[LoraRef, ...]) -> tuple[LoraRef, ...]:
+        names = [lora.name for lora in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"names a LoRA twice: {', '.join(sorted(n for n in set(names) if names.count(n) > 1))}")
+        if len(v) > MAX_LORAS:
+            raise ValueError(f"has {len(v)} LoRAs (allowed: at most {MAX_LORAS})")
+        return tuple(sorted(v, key=lambda lora: lora.name))  # order does not change the image
+
+    @field_validator("embeddings")
+    @classmethod
+    def _embeddings(cls, v: tuple[EmbeddingRef, ...]) -> tuple[EmbeddingRef, ...]:
+        return tuple(sorted(set(v), key=lambda e: e.name))
+
     @model_validator(mode="after")
     def _schedule(self) -> RenderJob:
         allowed = SAMPLERS[self.sampler]
@@ -148,6 +269,38 @@ class RenderJob(BaseModel):
                 f" (allowed: {', '.join(allowed)})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _tags_match_loras(self) -> RenderJob:
+        weights = {lora.name: lora.weight for lora in self.loras}
+        for name, weight in lora_tags(self.prompt):
+            if weights.get(name) != weight:
+                raise ValueError(f"the prompt's tag <lora:{name}:{weight:g}> is not in loras at that weight")
+        return self
+
+    @model_validator(mode="after")
+    def _sizes(self) -> RenderJob:
+        if self.hires is not None:
+            w, h = self.hires.target(self.width, self.height)
+            if max(w, h) > MAX_HIRES_SIZE or min(w, h) < MIN_SIZE:
+                raise ValueError(f"hires.scale {self.hires.scale:g} makes {w}x{h} (allowed: sides up to"
+                                 f" {MAX_HIRES_SIZE})")
+        if self.upscale is not None:
+            w, h = self.upscale.target(*self.rendered_size)
+            if max(w, h) > MAX_UPSCALED_SIZE:
+                raise ValueError(f"upscale.factor {self.upscale.factor:g} makes {w}x{h} (allowed: sides up to"
+                                 f" {MAX_UPSCALED_SIZE})")
+        return self
+
+    @property
+    def rendered_size(self) -> tuple[int, int]:
+        """Width and height after the hires pass, before any upscale."""
+        return self.hires.target(self.width, self.height) if self.hires else (self.width, self.height)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """Width and height of the stored image."""
+        return self.upscale.target(*self.rendered_size) if self.upscale else self.rendered_size
 
     @cached_property
     def id(self) -> str:
@@ -170,6 +323,9 @@ class RenderJob(BaseModel):
             self.schedule_type,
             self.guidance_scale,
             self.clip_skip,
+            self.loras,  # adapters change between chunks, never inside one
+            self.hires,
+            self.upscale,
         )
 
 

@@ -12,8 +12,18 @@ A registry is YAML (a file, or inline text in SDFARM_MODELS):
       hub-model:
         hub: org/name
         revision: 0123abcd...           # pin a commit: it is the model's identity
+    loras:
+      add_detail:
+        file: loras/add_detail.safetensors   # a local file (A1111/kohya or diffusers layout)
+      film-grain:
+        s3: loras/film_grain.safetensors     # a key under the bucket's models/ prefix
+        sha256: 7c6bad76eb54...             # required for s3: workers verify the download
+    embeddings:
+      EasyNegative:
+        file: embeddings/easynegative.safetensors   # used by writing its name in a prompt
 
 Each model's identity is a sha256: of the file, of the folder's files, or of the hub id and revision.
+LoRAs and embeddings are identified by the sha256 of their file; A1111 records the first 12 digits.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -34,6 +44,11 @@ from .jobs import MODEL_NAME_PATTERN
 from .settings import Settings
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+ASSET_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ASSET_KEY_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$"
+ASSETS_PREFIX: Final = "models/"  # where s3: sources live in the bucket
+AssetKind = Literal["lora", "embedding"]
+ASSET_SECTIONS: Final[dict[str, AssetKind]] = {"loras": "lora", "embeddings": "embedding"}
 # weight and config files that make up a diffusers folder's identity
 _FOLDER_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 
@@ -59,13 +74,7 @@ class ModelEntry(BaseModel):
         if len(sources) != 1:
             raise ValueError(f"set exactly one of path, file, hub (got {', '.join(sources) or 'none'})")
         if self.file is not None:
-            if self.file.suffix.lower() in PICKLE_SUFFIXES and not self.allow_pickle:
-                raise ValueError(
-                    f"{self.file.name} is a pickle checkpoint, which can run code when loaded;"
-                    " convert it to .safetensors, or set allow_pickle: true if you trust it"
-                )
-            if self.file.suffix.lower() not in (".safetensors", *PICKLE_SUFFIXES):
-                raise ValueError(f"{self.file.name}: expected a .safetensors file")
+            _check_weights_file(self.file, self.allow_pickle)
         return self
 
     def identity(self, cache: HashCache) -> str:
@@ -86,6 +95,61 @@ class ModelEntry(BaseModel):
     def short_hash(self, cache: HashCache) -> str:
         """A1111's "Model hash": the first 10 hex digits of the checkpoint's sha256."""
         return self.identity(cache)[:10]
+
+
+def _check_weights_file(file: Path | str, allow_pickle: bool) -> None:
+    name = Path(file).name
+    suffix = Path(file).suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise ValueError(f"{name} is a pickle file, which can run code when loaded; convert it to"
+                         " .safetensors, or set allow_pickle: true if you trust it")
+    if suffix not in (".safetensors", *PICKLE_SUFFIXES):
+        raise ValueError(f"{name}: expected a .safetensors file")
+
+
+class AssetEntry(BaseModel):
+    """A LoRA or a textual-inversion embedding: one weights file, local (file) or in the bucket (s3)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: AssetKind
+    name: str = Field(pattern=ASSET_NAME_PATTERN)
+    family: Literal["sd15"] = "sd15"
+    file: Path | None = None
+    s3: str | None = Field(default=None, pattern=ASSET_KEY_PATTERN)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    allow_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AssetEntry:
+        sources = [s for s in ("file", "s3") if getattr(self, s) is not None]
+        if len(sources) != 1:
+            raise ValueError(f"set exactly one of file, s3 (got {', '.join(sources) or 'none'})")
+        if self.s3 is not None:
+            if ".." in self.s3.split("/"):
+                raise ValueError(f"s3 key {self.s3!r} must not contain '..'")
+            if self.sha256 is None:
+                raise ValueError("an s3 source needs its sha256, so that workers can verify the download")
+        _check_weights_file(self.file or self.s3 or "", self.allow_pickle)
+        return self
+
+    @property
+    def s3_key(self) -> str:
+        assert self.s3 is not None
+        return ASSETS_PREFIX + self.s3
+
+    def identity(self, cache: HashCache) -> str:
+        """The file's sha256; a registered sha256 is checked against a local file when it differs."""
+        if self.file is None:
+            assert self.sha256 is not None
+            return self.sha256
+        if not self.file.is_file():
+            raise UnknownModel(f"{self.kind} {self.name!r}: file {self.file} does not exist")
+        actual = cache.file_sha256(self.file)
+        if self.sha256 is not None and actual != self.sha256:
+            raise InvalidInput(f"{self.kind} {self.name!r}: {self.file} has sha256 {actual[:12]}…, the registry"
+                               f" says {self.sha256[:12]}…")
+        return actual
 
 
 class HashCache:
@@ -135,14 +199,18 @@ def folder_sha256(folder: Path, cache: HashCache) -> str:
 class Registry:
     """Named models, loaded from settings. Lookups by name only."""
 
-    def __init__(self, entries: dict[str, ModelEntry], cache: HashCache) -> None:
+    def __init__(self, entries: dict[str, ModelEntry], cache: HashCache,
+                 assets: dict[tuple[AssetKind, str], AssetEntry] | None = None) -> None:
         self.entries = entries
         self.cache = cache
+        self.assets = assets or {}
         self._identities: dict[str, str] = {}
+        self._asset_identities: dict[tuple[AssetKind, str], str] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
         entries: dict[str, ModelEntry] = {}
+        assets: dict[tuple[AssetKind, str], AssetEntry] = {}
         if settings.models_file is not None:
             path = settings.models_file
             try:
@@ -150,9 +218,11 @@ class Registry:
             except OSError as e:
                 raise InvalidInput(f"model registry {path}: {e.strerror}") from e
             entries.update(parse_registry(text, str(path), base=path.parent))
+            assets.update(parse_assets(text, str(path), base=path.parent))
         if settings.models:
             entries.update(parse_registry(settings.models, "SDFARM_MODELS", base=Path.cwd()))
-        return cls(entries, HashCache(settings.cache_dir))
+            assets.update(parse_assets(settings.models, "SDFARM_MODELS", base=Path.cwd()))
+        return cls(entries, HashCache(settings.cache_dir), assets)
 
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self.entries.values())
@@ -173,12 +243,67 @@ class Registry:
         return self._identities[name]
 
 
-def parse_registry(text: str, source: str, base: Path) -> dict[str, ModelEntry]:
+    def asset_names(self, kind: AssetKind) -> list[str]:
+        return sorted(name for k, name in self.assets if k == kind)
+
+    def asset(self, kind: AssetKind, name: str) -> AssetEntry:
+        if not isinstance(name, str) or (kind, name) not in self.assets:
+            known = ", ".join(self.asset_names(kind)) or "none registered"
+            raise UnknownModel(f"unknown {kind} {name!r} (allowed: {known})")
+        return self.assets[(kind, name)]
+
+    def asset_identity(self, kind: AssetKind, name: str) -> str:
+        entry = self.asset(kind, name)
+        if (kind, name) not in self._asset_identities:
+            self._asset_identities[(kind, name)] = entry.identity(self.cache)
+        return self._asset_identities[(kind, name)]
+
+
+def _load_yaml(text: str, source: str) -> dict[str, object]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise InvalidInput(f"model registry {source}: not valid YAML: {e}") from e
-    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"model registry {source}: expected a mapping with 'models:'")
+    unknown = set(data) - {"models", *ASSET_SECTIONS}
+    if unknown:
+        raise InvalidInput(f"model registry {source}: unknown section {sorted(unknown)[0]!r}"
+                           f" (allowed: models, {', '.join(ASSET_SECTIONS)})")
+    return data
+
+
+def _details(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, x['loc'])) or 'entry'}: {x['msg']}" for x in e.errors())
+
+
+def parse_assets(text: str, source: str, base: Path) -> dict[tuple[AssetKind, str], AssetEntry]:
+    """The loras: and embeddings: sections of a registry."""
+    data = _load_yaml(text, source)
+    assets: dict[tuple[AssetKind, str], AssetEntry] = {}
+    for section, kind in ASSET_SECTIONS.items():
+        specs = data.get(section) or {}
+        if not isinstance(specs, dict):
+            raise InvalidInput(f"model registry {source}: expected a mapping '{section}: {{name: {{...}}}}'")
+        for name, spec in specs.items():
+            if not isinstance(spec, dict):
+                raise InvalidInput(f"model registry {source}: {kind} {name!r}: expected a mapping")
+            spec = dict(spec)
+            if spec.get("file") is not None:
+                spec["file"] = (base / Path(os.path.expanduser(str(spec["file"])))).resolve()
+            try:
+                assets[(kind, str(name))] = AssetEntry(kind=kind, name=str(name), **spec)
+            except ValidationError as e:
+                raise InvalidInput(f"model registry {source}: {kind} {name!r}: {_details(e)}") from e
+        lowered = [name.lower() for k, name in assets if k == kind]
+        if len(set(lowered)) != len(lowered):  # prompts are lower-cased before embeddings are found
+            raise InvalidInput(f"model registry {source}: two {section} differ only in case")
+    return assets
+
+
+def parse_registry(text: str, source: str, base: Path) -> dict[str, ModelEntry]:
+    data = _load_yaml(text, source)
+    models = data.get("models")
     if not isinstance(models, dict):
         raise InvalidInput(f"model registry {source}: expected a mapping 'models: {{name: {{...}}}}'")
     entries: dict[str, ModelEntry] = {}
@@ -192,6 +317,5 @@ def parse_registry(text: str, source: str, base: Path) -> dict[str, ModelEntry]:
         try:
             entries[str(name)] = ModelEntry(name=str(name), **spec)
         except ValidationError as e:
-            details = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'entry'}: {x['msg']}" for x in e.errors())
-            raise InvalidInput(f"model registry {source}: model {name!r}: {details}") from e
+            raise InvalidInput(f"model registry {source}: model {name!r}: {_details(e)}") from e
     return entries

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -116,6 +117,15 @@ class Store:
             raise
         data: bytes = response["Body"].read()
         return data
+
+    def download(self, key: str, path: Path) -> None:
+        """Stream an object to a local file (large weights files); MissingObject when absent."""
+        try:
+            self._call("download " + key, lambda **kw: self.client.download_file(kw["Bucket"], key, str(path)))
+        except ClientError as e:
+            if _code(e) in ("NoSuchKey", "404") or _status(e) == 404:
+                raise MissingObject(f"s3://{self.bucket}/{key} does not exist") from e
+            raise
 
     def get_json(self, key: str) -> Any:
         return json.loads(self.get(key))

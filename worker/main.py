@@ -30,6 +30,7 @@ from sdfarm.queue import make_celery, queue_name
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
+from .assets import AssetFiles
 from .encode import versions
 from .pipeline import check_device, load_model
 from .tasks import WorkerState, get_state, register_tasks, set_state
@@ -63,14 +64,16 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
     try:
         registry = Registry.from_settings(settings)
         loaded = load_model(registry, model, device)
+        store = Store.from_settings(settings)
         state = WorkerState(
             settings=settings,
             hostname=hostname,
             loaded=loaded,
-            store=Store.from_settings(settings),
+            store=store,
             board=ProgressBoard.from_url(settings.redis_url.get_secret_value(), settings.progress_ttl),
             versions=versions(),
             pool=ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload"),
+            assets=AssetFiles(registry, store, settings.cache_dir),
         )
     except Exception as e:
         reason = str(e) if isinstance(e, SdfarmError) else f"{type(e).__name__}: {e}"

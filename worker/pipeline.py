@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from sdfarm.errors import WorkerFatal
 from sdfarm.models import ModelEntry, Registry
+
+from .adapters import Adapters
 
 log = logging.getLogger("sdfarm.worker")
 
@@ -48,6 +50,11 @@ class LoadedModel:
     dtype: torch.dtype
     base_scheduler_config: Any
     load_s: float
+    img2img: Any = None  # built on first use over the same modules (hires fix)
+    adapters: Adapters = field(init=False)  # LoRAs and embeddings in the pipeline
+
+    def __post_init__(self) -> None:
+        self.adapters = Adapters(self.pipe)
 
     @property
     def short_hash(self) -> str:

@@ -9,10 +9,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from sdfarm.extra_networks import strip_tags
 from sdfarm.jobs import RenderJob
 
+from .hires import second_pass, upscale
 from .pipeline import LoadedModel
-from .prompts import encode
+from .prompts import encode_prompts
 from .samplers import make_scheduler
 
 log = logging.getLogger("sdfarm.worker")
@@ -25,22 +27,23 @@ def generators(jobs: list[RenderJob]) -> list[torch.Generator]:
 
 
 def render(loaded: LoadedModel, jobs: list[RenderJob]) -> list[Image.Image]:
-    """All jobs must share RenderJob.compat_key() (a Chunk guarantees it)."""
+    """All jobs must share RenderJob.compat_key() (a Chunk guarantees it), and the pipeline must
+    already hold their LoRAs and embeddings (Adapters.activate)."""
     first = jobs[0]
     pipe = loaded.pipe
     pipe.scheduler = make_scheduler(first.sampler, first.schedule_type, loaded.base_scheduler_config)
-    kwargs: dict[str, Any] = {
-        "width": first.width,
-        "height": first.height,
-        "num_inference_steps": first.steps,
-        "guidance_scale": first.guidance_scale,
-        "generator": generators(jobs),
-        "output_type": "pil",
-    }
+    shared: dict[str, Any] = {"guidance_scale": first.guidance_scale}
     with torch.inference_mode():
-        kwargs["prompt_embeds"] = encode(pipe, [j.prompt for j in jobs], first.clip_skip)
-        kwargs["negative_prompt_embeds"] = encode(pipe, [j.negative_prompt for j in jobs], first.clip_skip)
-        images: list[Image.Image] = pipe(**kwargs).images
+        shared["prompt_embeds"], shared["negative_prompt_embeds"] = encode_prompts(
+            pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs], first.clip_skip)
+        out = pipe(width=first.width, height=first.height, num_inference_steps=first.steps,
+                   generator=generators(jobs), output_type="latent" if first.hires else "pil", **shared)
+        if first.hires is None:
+            images: list[Image.Image] = list(out.images)
+        else:
+            images = second_pass(loaded, jobs, out.images, shared, generators(jobs))
+    if first.upscale is not None:
+        images = [upscale(image, first.upscale) for image in images]
     return images
 
 

@@ -19,7 +19,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
-from sdfarm.errors import NodeFault, TransientError
+from sdfarm.errors import AssetError, NodeFault, TransientError
 from sdfarm.jobs import Chunk, ChunkEntry
 from sdfarm.layout import failed_key, image_key, sidecar_key
 from sdfarm.progress import ACTIVE, ProgressBoard, worker_key
@@ -27,6 +27,7 @@ from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, RENDER_TASK, queue_
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
+from .assets import AssetFiles
 from .encode import Encoded, encode_png, sidecar
 from .health import NodeHealth, succeeding_peer
 from .pipeline import LoadedModel
@@ -46,6 +47,7 @@ class WorkerState:
     board: ProgressBoard
     versions: dict[str, str]
     pool: ThreadPoolExecutor
+    assets: AssetFiles
     counters: dict[str, Any] = field(default_factory=lambda: {"chunks": 0, "images": 0, "failed": 0})
     health: NodeHealth = field(default_factory=NodeHealth)
 
@@ -172,10 +174,18 @@ def process_chunk(state: WorkerState, payload: Any) -> dict[str, int]:
         started_at = time.time()
         if halted := _halted(state, batch, todo):  # checked again right before the GPU starts
             return {halted: len(todo)}
+        jobs = [e.job for e in todo]
+        try:  # LoRAs and embeddings: fetched, verified, then switched in between chunks
+            files = state.assets.for_jobs(jobs)
+            state.loaded.adapters.activate(first.loras, tuple({e for j in jobs for e in j.embeddings}), files)
+        except AssetError as e:  # the job's files, not this node, are wrong: fail them, serve on
+            log.error("chunk %s: %s", chunk.id, e)
+            fail_entries(state, batch, todo, str(e))
+            return {"failed": len(todo)}
         _set_busy(state, chunk)
         t0 = time.perf_counter()
         try:
-            images = render_split(state.loaded, [e.job for e in todo])
+            images = render_split(state.loaded, jobs)
         except Exception as e:  # a job that breaks the pipeline fails with its reason; the worker serves on
             log.exception("render failed for chunk %s", chunk.id)
             fail_entries(state, batch, todo, f"{type(e).__name__}: {e}")

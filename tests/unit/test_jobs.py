@@ -26,6 +26,10 @@ PIXEL_CHANGES = {
     "sampler": "Euler a",
     "schedule_type": "Karras",
     "clip_skip": 2,
+    "loras": [{"name": "add_detail", "weight": 0.5, "sha256": "ab" * 32}],
+    "embeddings": [{"name": "EasyNegative", "sha256": "ef" * 32}],
+    "hires": {"scale": 2},
+    "upscale": {"factor": 2},
 }
 
 

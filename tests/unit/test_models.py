@@ -40,7 +40,7 @@ def test_folder_identity_covers_weights_and_configs(tmp_path: Path) -> None:
 
 
 def test_pickle_checkpoints_are_refused_unless_opted_in(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInput, match=r"model\.ckpt is a pickle checkpoint"):
+    with pytest.raises(InvalidInput, match=r"model\.ckpt is a pickle file"):
         parse_registry("models:\n  m:\n    file: model.ckpt\n", "r", tmp_path)
     entries = parse_registry("models:\n  m:\n    file: model.ckpt\n    allow_pickle: true\n", "r", tmp_path)
     assert entries["m"].allow_pickle

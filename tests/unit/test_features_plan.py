@@ -1,0 +1,206 @@
+"""LoRAs, embeddings, hires fix and upscale on the producer side: fields, validation, registry
+hashes, ids and the A1111 infotext. No torch needed."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from sdfarm import __version__
+from sdfarm.batchfile import plan_batch
+from sdfarm.errors import BatchInvalid, InvalidInput
+from sdfarm.infotext import job_infotext, parse_infotext
+from sdfarm.jobs import RenderJob
+from sdfarm.models import HashCache, Registry, parse_assets, parse_registry
+
+SHA = "9" * 64
+S3_SHA = "ab" * 32
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    (tmp_path / "detail.safetensors").write_bytes(b"detail weights")
+    (tmp_path / "grain.safetensors").write_bytes(b"grain weights")
+    (tmp_path / "easyneg.safetensors").write_bytes(b"embedding")
+    text = f"""
+models:
+  tiny-sd15: {{hub: test/tiny, sha256: '{SHA}'}}
+loras:
+  add_detail: {{file: detail.safetensors}}
+  FilmGrain: {{file: grain.safetensors}}
+  remote: {{s3: loras/remote.safetensors, sha256: '{S3_SHA}'}}
+embeddings:
+  EasyNegative: {{file: easyneg.safetensors}}
+"""
+    return Registry(parse_registry(text, "r", tmp_path), HashCache(tmp_path), parse_assets(text, "r", tmp_path))
+
+
+def sha_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def plan(text: str, registry: Registry, fmt: str = "yaml") -> list[RenderJob]:
+    return plan_batch(text, f"b.{fmt}", fmt, registry, 1000).jobs
+
+
+def problems(text: str, registry: Registry, fmt: str = "yaml") -> list[str]:
+    with pytest.raises(BatchInvalid) as info:
+        plan(text, registry, fmt)
+    return [str(p) for p in info.value.problems]
+
+
+# ------------------------------------------------------------------ LoRAs
+
+
+def test_loras_from_the_field_and_from_prompt_tags_get_registry_hashes(registry: Registry) -> None:
+    jobs = plan("""
+defaults: {model: tiny-sd15, seed: 1}
+items:
+  - prompt: a cat <lora:add_detail:0.6>
+  - {prompt: a dog, loras: [{name: FilmGrain, weight: 0.4}, "remote:1.2"]}
+""", registry)
+    assert [(x.name, x.weight, x.sha256) for x in jobs[0].loras] == [("add_detail", 0.6, sha_of(b"detail weights"))]
+    assert [(x.name, x.weight, x.sha256) for x in jobs[1].loras] == [
+        ("FilmGrain", 0.4, sha_of(b"grain weights")), ("remote", 1.2, S3_SHA)]
+
+
+def test_a_csv_cell_lists_loras(registry: Registry) -> None:
+    jobs = plan('model,prompt,seed,loras\ntiny-sd15,a cat,1,"add_detail:0.5, FilmGrain"\n', registry, "csv")
+    assert [(x.name, x.weight) for x in jobs[0].loras] == [("FilmGrain", 1.0), ("add_detail", 0.5)]
+
+
+def test_lora_order_and_lora_weight_belong_to_the_id(registry: Registry) -> None:
+    a, b, c, d = plan("""
+defaults: {model: tiny-sd15, seed: 1, prompt: a cat}
+items:
+  - loras: ["add_detail:0.5", "FilmGrain:1"]
+  - loras: ["FilmGrain:1", "add_detail:0.5"]
+  - loras: ["add_detail:0.6", "FilmGrain:1"]
+  - {}
+""", registry)
+    assert a.id == b.id  # order does not change the image
+    assert len({a.id, c.id, d.id}) == 3
+    assert a.compat_key() != c.compat_key() != d.compat_key()  # different LoRA sets never share a chunk
+
+
+def test_lora_problems_are_reported_with_what_is_allowed(registry: Registry) -> None:
+    found = problems("""
+defaults: {model: tiny-sd15, seed: 1}
+items:
+  - {prompt: a cat, loras: [nope]}
+  - {prompt: a cat, loras: ["add_detail:9"]}
+  - {prompt: a cat, loras: ["add_detail:0.5", "add_detail:0.7"]}
+  - {prompt: "a cat <lora:add_detail:0.5>", loras: ["add_detail:0.8"]}
+  - {prompt: "a cat <hypernet:x:1>"}
+  - {prompt: "a cat <lora:add_detail:lots>"}
+""", registry)
+    assert found[0] == ("b.yaml:4: item 1: loras.0.name: unknown lora 'nope'"
+                        " (allowed: FilmGrain, add_detail, remote)")
+    assert "item 2: loras.0.weight: Input should be less than or equal to 5" in found[1]
+    assert "item 3: loras: names a LoRA twice: add_detail" in found[2]
+    assert "item 4" in found[3]
+    assert "<lora:add_detail:0.5> is not in loras at that weight" in found[3]
+    assert "item 5: prompt: extra network tag '<hypernet:x:1>' is not supported" in found[4]
+    assert "item 6: prompt: tag '<lora:add_detail:lots>': weight 'lots' is not a number" in found[5]
+
+
+# ------------------------------------------------------------------ embeddings
+
+
+def test_embeddings_named_in_prompts_are_recorded_case_insensitively(registry: Registry) -> None:
+    a, b, c = plan("""
+defaults: {model: tiny-sd15, seed: 1}
+items:
+  - {prompt: a cat, negative_prompt: "EasyNegative, blurry"}
+  - {prompt: "a cat, (easynegative:1.2)"}
+  - {prompt: a cat}
+""", registry)
+    expected = [("EasyNegative", sha_of(b"embedding"))]
+    assert [(e.name, e.sha256) for e in a.embeddings] == expected
+    assert [(e.name, e.sha256) for e in b.embeddings] == expected
+    assert c.embeddings == ()
+    assert "embeddings" in problems("items: [{model: tiny-sd15, prompt: x, embeddings: []}]", registry)[0]
+
+
+def test_registry_rejects_unsafe_or_ambiguous_assets(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match=r"lora 'x': .*x\.ckpt is a pickle file"):
+        parse_assets("loras:\n  x: {file: x.ckpt}\n", "r", tmp_path)
+    with pytest.raises(InvalidInput, match="an s3 source needs its sha256"):
+        parse_assets("loras:\n  x: {s3: loras/x.safetensors}\n", "r", tmp_path)
+    with pytest.raises(InvalidInput, match=r"must not contain '\.\.'"):
+        parse_assets(f"loras:\n  x: {{s3: a/../x.safetensors, sha256: '{SHA}'}}\n", "r", tmp_path)
+    with pytest.raises(InvalidInput, match="two embeddings differ only in case"):
+        parse_assets("embeddings:\n  Bad: {file: a.safetensors}\n  bad: {file: b.safetensors}\n", "r", tmp_path)
+    with pytest.raises(InvalidInput, match="unknown section 'lora'"):
+        parse_assets("lora:\n  x: {file: x.safetensors}\n", "r", tmp_path)
+
+
+def test_a_local_file_that_no_longer_matches_its_registered_hash_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "x.safetensors").write_bytes(b"changed")
+    text = f"models:\n  m: {{hub: a/b}}\nloras:\n  x: {{file: x.safetensors, sha256: '{SHA}'}}\n"
+    reg = Registry(parse_registry(text, "r", tmp_path), HashCache(tmp_path), parse_assets(text, "r", tmp_path))
+    found = problems("items: [{model: m, prompt: a, seed: 1, loras: [x]}]", reg)
+    assert "loras.0.name: lora 'x': " in found[0]
+    assert "the registry says 999999999999" in found[0]
+
+
+# ------------------------------------------------------------------ hires fix and upscale
+
+
+def test_hires_and_upscale_sizes_and_limits(registry: Registry) -> None:
+    job, = plan("items: [{model: tiny-sd15, prompt: a, seed: 1, width: 512, height: 768,"
+                " hires: {scale: 1.5, upscaler: Lanczos}, upscale: {factor: 2}}]", registry)
+    assert job.rendered_size == (768, 1152)
+    assert job.output_size == (1536, 2304)
+    found = problems("""
+defaults: {model: tiny-sd15, prompt: a, seed: 1}
+items:
+  - {hires: {upscaler: ESRGAN_4x}}
+  - {hires: {scale: 4}, width: 2048}
+  - {hires: {denoising_strength: 0}}
+  - {upscale: {factor: 2, upscaler: Latent}}
+""", registry)
+    assert "hires.upscaler: unknown upscaler 'ESRGAN_4x' (allowed: Latent, Latent (antialiased)" in found[0]
+    assert "hires.scale 4 makes 8192x2048 (allowed: sides up to 4096)" in found[1]
+    assert "hires.denoising_strength: Input should be greater than 0" in found[2]
+    assert "upscale.upscaler: unknown upscaler 'Latent' (allowed: Lanczos, Nearest)" in found[3]
+
+
+# ------------------------------------------------------------------ infotext
+
+
+def test_infotext_records_loras_embeddings_and_hires_as_a1111_does(registry: Registry) -> None:
+    job, = plan("""
+items:
+  - model: tiny-sd15
+    prompt: a cat <lora:add_detail:0.6>
+    negative_prompt: EasyNegative
+    loras: ["FilmGrain:0.4"]
+    seed: 7
+    steps: 20
+    hires: {scale: 2, steps: 10, denoising_strength: 0.55, upscaler: Latent}
+""", registry)
+    text = job_infotext(job, SHA[:10])
+    detail, grain, easy = sha_of(b"detail weights")[:12], sha_of(b"grain weights")[:12], sha_of(b"embedding")[:12]
+    assert text == (
+        "a cat <lora:add_detail:0.6> <lora:FilmGrain:0.4>\n"
+        "Negative prompt: EasyNegative\n"
+        "Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 7, Size: 512x512, Model hash: 9999999999,"
+        " Model: tiny-sd15, Denoising strength: 0.55, Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent,"
+        f' Lora hashes: "FilmGrain: {grain}, add_detail: {detail}", TI hashes: "EasyNegative: {easy}",'
+        f" Version: sdfarm {__version__}"
+    )
+    back = parse_infotext(text)
+    assert back["Lora hashes"] == f"FilmGrain: {grain}, add_detail: {detail}"
+    assert back["TI hashes"] == f"EasyNegative: {easy}"
+    assert (back["Hires upscale"], back["Hires steps"], back["Hires upscaler"], back["Denoising strength"]) == (
+        "2", "10", "Latent", "0.55")
+    assert back["Size-1"] == "512"  # A1111 records the first pass's size
+
+
+def test_upscale_is_recorded_as_postprocessing(registry: Registry) -> None:
+    job, = plan("items: [{model: tiny-sd15, prompt: a, seed: 1, upscale: {factor: 2.5}}]", registry)
+    back = parse_infotext(job_infotext(job, SHA[:10]))
+    assert (back["Postprocess upscale by"], back["Postprocess upscaler"]) == ("2.5", "Lanczos")

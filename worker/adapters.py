@@ -1,0 +1,98 @@
+"""LoRAs and textual-inversion embeddings inside the pinned pipeline.
+
+LoRAs are switched between chunks (a chunk shares one LoRA set, so never between images): each
+file is loaded once as a named peft adapter and kept for reuse, least recently used first out
+beyond `keep`, so a worker that sees many LoRAs does not grow without bound. Embeddings become
+tokens in the tokenizer, loaded the first time a job names them and kept: a prompt that does not
+contain an embedding's name never meets its token. Tokens are the lower-cased name: CLIP
+tokenizers lower-case prompts, so "EasyNegative" and "easynegative" both name it, as in A1111.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from sdfarm.errors import AssetError
+from sdfarm.jobs import EmbeddingRef, LoraRef
+
+log = logging.getLogger("sdfarm.worker")
+
+
+def adapter_name(sha256: str) -> str:
+    return f"lora_{sha256[:16]}"
+
+
+class Adapters:
+    def __init__(self, pipe: Any, keep: int = 4) -> None:
+        self.pipe = pipe
+        self.keep = keep
+        self.loras: OrderedDict[str, str] = OrderedDict()  # sha256 -> adapter name, oldest use first
+        self.embeddings: dict[str, str] = {}  # token -> sha256
+        self._active: tuple[tuple[str, float], ...] = ()
+
+    def activate(self, loras: tuple[LoraRef, ...], embeddings: tuple[EmbeddingRef, ...],
+                 files: dict[str, Path]) -> None:
+        """Make the pipeline render with exactly these LoRAs and have these embeddings' tokens."""
+        for emb in embeddings:
+            self._embedding(emb, files[emb.sha256])
+        wanted = tuple((lora.sha256, lora.weight) for lora in loras)
+        if wanted == self._active:
+            return
+        if not loras:
+            if self.loras:
+                self.pipe.disable_lora()
+            self._active = ()
+            return
+        for lora in loras:
+            self._load(lora, files[lora.sha256])
+        self._evict({lora.sha256 for lora in loras})
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([self.loras[lora.sha256] for lora in loras],
+                               adapter_weights=[lora.weight for lora in loras])
+        self._active = wanted
+
+    def _load(self, lora: LoraRef, path: Path) -> None:
+        if lora.sha256 in self.loras:
+            self.loras.move_to_end(lora.sha256)
+            return
+        name = adapter_name(lora.sha256)
+        try:
+            self.pipe.load_lora_weights(str(path), adapter_name=name)
+        except Exception as e:
+            self._drop(name)
+            raise AssetError(f"lora {lora.name!r}: cannot load {path.name}: {type(e).__name__}: {e}") from e
+        self.loras[lora.sha256] = name
+        self._active = ()  # loading may activate the new adapter on its own
+        log.info("lora %s loaded as %s (%d held)", lora.name, name, len(self.loras))
+
+    def _evict(self, needed: set[str]) -> None:
+        for sha in list(self.loras):
+            if len(self.loras) <= self.keep:
+                return
+            if sha not in needed:
+                self._drop(self.loras.pop(sha))
+
+    def _drop(self, name: str) -> None:
+        adapters = self.pipe.get_list_adapters()
+        if any(name in names for names in adapters.values()):
+            self.pipe.delete_adapters([name])
+
+    def _embedding(self, emb: EmbeddingRef, path: Path) -> None:
+        token = emb.name.lower()
+        if self.embeddings.get(token) == emb.sha256:
+            return
+        if token in self.embeddings:  # the registry now names another file: replace its tokens
+            vectors = re.compile(re.escape(token) + r"(_\d+)?")
+            self.pipe.unload_textual_inversion([t for t in self.pipe.tokenizer.get_added_vocab()
+                                                if vectors.fullmatch(t)])
+            del self.embeddings[token]
+        try:
+            self.pipe.load_textual_inversion(str(path), token=token)
+        except Exception as e:
+            raise AssetError(f"embedding {emb.name!r}: cannot load {path.name}: {type(e).__name__}: {e}") from e
+        self.embeddings[token] = emb.sha256
+        log.info("embedding %s loaded (%s)", emb.name, emb.sha256[:12])

@@ -1,0 +1,68 @@
+"""A1111's hires fix and the final upscale.
+
+Hires fix: the first pass stops at latents; they are resized (a "Latent" upscaler) or decoded,
+resized as pixels and encoded again (Lanczos, Nearest); then an img2img pass at the denoising
+strength adds detail at the new size. As in A1111, the second pass runs exactly `hires.steps`
+denoising steps (the first pass's count when 0) and draws its noise from the job's own seed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sdfarm.jobs import IMAGE_UPSCALERS, LATENT_UPSCALERS, RenderJob, Upscale
+
+from .pipeline import LoadedModel
+from .samplers import make_scheduler
+
+_RESAMPLE = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+assert set(_RESAMPLE) == set(IMAGE_UPSCALERS)
+
+
+def img2img_pipe(loaded: LoadedModel) -> Any:
+    """An img2img pipeline over the same modules (no second copy of the weights), built once."""
+    if loaded.img2img is None:
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        loaded.img2img = StableDiffusionImg2ImgPipeline(**loaded.pipe.components)
+        loaded.img2img.set_progress_bar_config(disable=True)
+    return loaded.img2img
+
+
+def scheduled_steps(steps: int, strength: float) -> int:
+    """num_inference_steps for diffusers img2img so that exactly `steps` denoising steps run
+    (diffusers runs int(n * strength) of n)."""
+    return max(steps, math.ceil(steps / strength - 1e-9))
+
+
+def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Tensor, kwargs: dict[str, Any],
+                generators: list[torch.Generator]) -> list[Image.Image]:
+    """first_pass: the first pass's latents. kwargs: prompt embeddings and guidance, shared."""
+    job = jobs[0]
+    hires = job.hires
+    assert hires is not None
+    width, height = hires.target(job.width, job.height)
+    pipe = img2img_pipe(loaded)
+    if hires.upscaler in LATENT_UPSCALERS:
+        mode, antialias = LATENT_UPSCALERS[hires.upscaler]
+        image: Any = F.interpolate(first_pass, size=(height // 8, width // 8), mode=mode, antialias=antialias)
+    else:
+        decoded = loaded.pipe.vae.decode(first_pass / loaded.pipe.vae.config.scaling_factor).sample
+        pil = loaded.pipe.image_processor.postprocess(decoded, output_type="pil")
+        image = [img.resize((width, height), _RESAMPLE[hires.upscaler]) for img in pil]
+    pipe.scheduler = make_scheduler(job.sampler, job.schedule_type, loaded.base_scheduler_config)
+    steps = hires.steps or job.steps
+    out = pipe(image=image, strength=hires.denoising_strength,
+               num_inference_steps=scheduled_steps(steps, hires.denoising_strength),
+               generator=generators, output_type="pil", **kwargs)
+    return list(out.images)
+
+
+def upscale(image: Image.Image, spec: Upscale) -> Image.Image:
+    return image.resize(spec.target(*image.size), _RESAMPLE[spec.upscaler])
+

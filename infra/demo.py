@@ -1,8 +1,9 @@
 """`make demo`: the farm on the embedded stack, start to finish, on this machine's CPU.
 
 Writes a tiny random-weight model, starts a real Redis and a real S3 server, starts two worker
-processes, submits examples/demo.yaml through the real CLI, watches it finish, fetches the images
-and draws a contact sheet, then shuts everything down. State lives under .sdfarm/demo/.
+processes, submits examples/demo.yaml and examples/features.yaml (LoRAs, an embedding, weighted and
+long prompts, hires fix, upscaling) through the real CLI, watches them finish, fetches the images
+and draws a contact sheet of each, then shuts everything down. State lives under .sdfarm/demo/.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from infra.stack import EmbeddedStack
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".sdfarm" / "demo"
 MODEL = "tiny-sd15"
-BATCH = ROOT / "examples" / "demo.yaml"
+BATCHES = [ROOT / "examples" / "demo.yaml", ROOT / "examples" / "features.yaml"]
 WORKERS = 2
 
 
@@ -39,8 +40,18 @@ def main() -> int:
 
         print(f"writing a tiny random-weight SD1.5-architecture model to {model_dir}", flush=True)
         write_tiny_model(model_dir)
+    assets = {"tiny-detail": "loras/tiny-detail.safetensors", "tiny-grain": "loras/tiny-grain.safetensors",
+              "tiny-sparkle": "embeddings/tiny-sparkle.safetensors"}
+    if not all((STATE / path).exists() for path in assets.values()):
+        from worker.tiny import write_tiny_assets
+
+        print("writing tiny LoRAs and an embedding that fit it", flush=True)
+        write_tiny_assets(STATE)
     registry = STATE / "models.yaml"
-    registry.write_text(f"models:\n  {MODEL}:\n    path: models/{MODEL}\n")
+    registry.write_text(f"models:\n  {MODEL}:\n    path: models/{MODEL}\n"
+                        f"loras:\n  tiny-detail: {{file: {assets['tiny-detail']}}}\n"
+                        f"  tiny-grain: {{file: {assets['tiny-grain']}}}\n"
+                        f"embeddings:\n  tiny-sparkle: {{file: {assets['tiny-sparkle']}}}\n")
 
     stack = EmbeddedStack(STATE / "stack")
     workers: list[subprocess.Popen[bytes]] = []
@@ -69,24 +80,28 @@ def main() -> int:
                 return 1
             time.sleep(0.2)
 
-        submitted = sdfarm("submit", str(BATCH), env=env)
-        print(submitted.stdout, end="", flush=True)
-        if submitted.returncode != 0:
-            return submitted.returncode
-        batch_id = submitted.stdout.split()[1].rstrip(":")
-        watched = sdfarm("watch", batch_id, "--timeout", "600", env=env)
-        if watched.returncode != 0:
-            return watched.returncode
-        fetched = STATE / "output"
-        sheet = STATE / "contact_sheet.png"
-        sdfarm("fetch", batch_id, str(fetched), "--contact-sheet", str(sheet), env=env)
+        batch_ids = []
+        for batch in BATCHES:
+            submitted = sdfarm("submit", str(batch), env=env)
+            print(submitted.stdout, end="", flush=True)
+            if submitted.returncode != 0:
+                return submitted.returncode
+            batch_ids.append(submitted.stdout.split()[1].rstrip(":"))
+        summary = []
+        for batch, batch_id in zip(BATCHES, batch_ids, strict=True):
+            watched = sdfarm("watch", batch_id, "--timeout", "600", env=env)
+            if watched.returncode != 0:
+                return watched.returncode
+            fetched = STATE / "output" / batch.stem
+            sheet = STATE / f"contact_sheet_{batch.stem}.png"
+            sdfarm("fetch", batch_id, str(fetched), "--contact-sheet", str(sheet), env=env)
+            summary.append(f"  {batch.name}: batch {batch_id}\n    fetched to:     {fetched}\n"
+                           f"    contact sheet:  {sheet}")
         sdfarm("status", "--limit", "5", env=env)
-        print(f"\nDone. Batch {batch_id}:\n"
-              f"  in S3:          s3://{info.bucket}/renders/<job_id>.png and .json"
-              f" (manifest s3://{info.bucket}/batches/{batch_id}/)\n"
-              f"  fetched to:     {fetched}\n"
-              f"  contact sheet:  {sheet}\n"
-              f"  worker logs:    {logs}", flush=True)
+        print("\nDone.\n" + "\n".join(summary) + "\n"
+              f"  in S3:            s3://{info.bucket}/renders/<job_id>.png and .json"
+              f" (manifests under s3://{info.bucket}/batches/)\n"
+              f"  worker logs:      {logs}", flush=True)
         return 0
     finally:
         for w in workers:

@@ -16,11 +16,12 @@ from sdfarm.errors import AssetError
 from sdfarm.infotext import parse_infotext
 from sdfarm.jobs import RenderJob
 from sdfarm.models import HashCache, Registry, parse_assets
-from tests.assets import write_embedding, write_lora
 from worker.assets import AssetFiles
 from worker.encode import encode_png
 from worker.pipeline import LoadedModel, load_model
 from worker.render import render
+from worker.tiny import write_tiny_embedding as write_embedding
+from worker.tiny import write_tiny_lora as write_lora
 
 LORAS = 10  # distinct LoRA files for the swap test
 

@@ -6,6 +6,7 @@ tests fail under CI (CI=true) and are skipped locally with the reason.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ VICTIM = "tiny-victim"  # served only by the workers of the kill test
 FAULTS = "tiny-faults"  # served only by the workers of the fault-injection tests
 OUTAGE = "tiny-outage"  # served only by the workers of the Redis/S3 outage tests
 BROKEN = "tiny-broken"  # a diffusers folder whose UNet weights are garbage: it cannot load
+FEATURES = "tiny-features"  # served only by the workers of the render-feature farm tests
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
@@ -56,15 +58,36 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def registry_file(tiny_model_dir: Path) -> Path:
+def tiny_assets(tiny_model_dir: Path) -> dict[str, Path]:
+    """The tiny model's LoRAs (diffusers and kohya layouts) and embedding, as local files."""
+    from worker.tiny import write_tiny_assets
+
+    return write_tiny_assets(tiny_model_dir.parent / "assets")
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def registry_file(tiny_model_dir: Path, tiny_assets: dict[str, Path]) -> Path:
+    """Every test model, plus LoRAs and an embedding: local files, and S3 sources (uploaded by the
+    tests that use them) whose registered sha256 is the good file's."""
     path = tiny_model_dir.parent / "models.yaml"
     broken = tiny_model_dir.parent / "broken"
     shutil.copytree(tiny_model_dir, broken)
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     entries = {TINY: tiny_model_dir, IDLE: tiny_model_dir, VICTIM: tiny_model_dir, FAULTS: tiny_model_dir,
-               OUTAGE: tiny_model_dir,
+               OUTAGE: tiny_model_dir, FEATURES: tiny_model_dir,
                BROKEN: broken}
-    path.write_text("models:\n" + "".join(f"  {name}:\n    path: {folder}\n" for name, folder in entries.items()))
+    detail = sha256_of(tiny_assets["tiny-detail"])
+    unseen = hashlib.sha256(b"a file no worker has: the bucket holds other bytes under its key").hexdigest()
+    path.write_text(
+        "models:\n" + "".join(f"  {name}:\n    path: {folder}\n" for name, folder in entries.items())
+        + f"loras:\n  tiny-grain: {{file: {tiny_assets['tiny-grain']}}}\n"
+        f"  s3-detail: {{s3: loras/detail.safetensors, sha256: '{detail}'}}\n"
+        f"  s3-tampered: {{s3: loras/tampered.safetensors, sha256: '{unseen}'}}\n"
+        f"embeddings:\n  tiny-sparkle: {{file: {tiny_assets['tiny-sparkle']}}}\n")
     return path
 
 

@@ -286,11 +286,15 @@ def scheduler(loglevel: str) -> None:
 
 @cli.command()
 def models() -> None:
-    """The model registry: names, sources and identities."""
+    """The model registry: models, LoRAs and embeddings with their sources and identities."""
     registry = Registry.from_settings(_settings())
     for entry in registry:
         source = entry.path or entry.file or f"hub:{entry.hub}@{entry.revision}"
-        console.print(f"{entry.name:<24} {entry.family:<6} {registry.identity(entry.name)[:10]}  {source}",
+        console.print(f"model      {entry.name:<24} {entry.family:<6} {registry.identity(entry.name)[:10]}  {source}",
+                      highlight=False)
+    for (kind, name), asset in sorted(registry.assets.items()):
+        where = asset.file or f"s3://{_settings().s3_bucket}/{asset.s3_key}"
+        console.print(f"{kind:<10} {name:<24} {asset.family:<6} {registry.asset_identity(kind, name)[:12]}  {where}",
                       highlight=False)
 
 

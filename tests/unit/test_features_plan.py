@@ -204,3 +204,26 @@ def test_upscale_is_recorded_as_postprocessing(registry: Registry) -> None:
     job, = plan("items: [{model: tiny-sd15, prompt: a, seed: 1, upscale: {factor: 2.5}}]", registry)
     back = parse_infotext(job_infotext(job, SHA[:10]))
     assert (back["Postprocess upscale by"], back["Postprocess upscaler"]) == ("2.5", "Lanczos")
+
+
+def test_the_features_example_uses_every_feature(tmp_path: Path) -> None:
+    for name in ("detail", "grain", "sparkle"):
+        (tmp_path / f"{name}.safetensors").write_bytes(name.encode())
+    text = f"""
+models: {{tiny-sd15: {{hub: test/tiny, sha256: '{SHA}'}}}}
+loras: {{tiny-detail: {{file: detail.safetensors}}, tiny-grain: {{file: grain.safetensors}}}}
+embeddings: {{tiny-sparkle: {{file: sparkle.safetensors}}}}
+"""
+    reg = Registry(parse_registry(text, "r", tmp_path), HashCache(tmp_path), parse_assets(text, "r", tmp_path))
+    path = Path(__file__).resolve().parents[2] / "examples" / "features.yaml"
+    jobs = plan_batch(path.read_text(), str(path), "yaml", reg, 1000).jobs
+    assert len(jobs) == 9
+    assert all(j.embeddings for j in jobs)
+    assert {lora.name for j in jobs for lora in j.loras} == {"tiny-detail", "tiny-grain"}
+    assert any(len(j.loras) == 2 for j in jobs)
+    assert {j.hires.upscaler for j in jobs if j.hires} == {"Latent", "Lanczos"}
+    assert any(j.upscale for j in jobs)
+    assert any("BREAK" in j.prompt and "(red:1.3)" in j.prompt for j in jobs)
+    assert max(len(j.prompt) for j in jobs) > 300  # well past 77 tokens
+    assert {j.schedule_type for j in jobs} == {"Automatic", "Karras", "Exponential"}
+    assert any(j.clip_skip == 2 for j in jobs)

@@ -22,6 +22,7 @@ from rich.table import Table
 from sdfarm.batchfile import plan_file
 from sdfarm.datasets import load_spec
 from sdfarm.errors import BatchInvalid, SdfarmError
+from sdfarm.inputs import Inputs
 from sdfarm.layout import batch_key
 from sdfarm.models import Registry
 from sdfarm.progress import ACTIVE, CANCELLED, ProgressBoard
@@ -84,12 +85,14 @@ def submit(file: Path, dry_run: bool, priority: int, model: str | None, sets: tu
     overrides = _parse_sets(sets)
     if model:
         overrides["model"] = model
-    plan = plan_file(file, Registry.from_settings(settings), settings.max_jobs_per_batch, overrides, name)
+    store = Store.from_settings(settings)
+    plan = plan_file(file, Registry.from_settings(settings), settings.max_jobs_per_batch, overrides, name,
+                     Inputs(store, settings.inputs_dir))
     if dry_run:
         console.print(describe_plan(plan, settings.chunk_size), highlight=False)
         console.print("dry run: nothing enqueued")
         return
-    store, board = Store.from_settings(settings), _board(settings)
+    board = _board(settings)
     result = submit_plan(plan, store, make_celery(settings), board, settings.chunk_size, priority)
     console.print(f"batch {result.batch_id}: {result.jobs} jobs, {result.chunks_enqueued} chunks enqueued,"
                   f" {result.already_done} already done", highlight=False)

@@ -41,8 +41,10 @@ def describe_plan(plan: BatchPlan, chunk_size: int) -> str:
 
 
 def record_batch(plan: BatchPlan, store: Store, board: ProgressBoard) -> None:
-    """The durable record (S3), then live progress (Redis). Nothing is enqueued yet."""
+    """Local input images, the durable record (S3), then live progress (Redis). Nothing is enqueued yet."""
     store.ensure_bucket()
+    for key, data in plan.uploads.items():  # content-addressed: a second upload of the same file is a no-op
+        store.put_if_absent(key, data, "application/octet-stream")
     store.put_json_if_absent(batch_key(plan.batch_id), plan.spec)
     store.put_if_absent(jobs_key(plan.batch_id), jobs_jsonl(plan), "application/x-ndjson")
     board.register(plan.batch_id, plan.name, len(plan.jobs))

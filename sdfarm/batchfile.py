@@ -29,7 +29,8 @@ from pydantic import ValidationError
 
 from .errors import BatchInvalid, InvalidInput, Problem
 from .extra_networks import lora_tags
-from .jobs import MAX_SEED, USER_FIELDS, RenderJob, parse_loras
+from .inputs import Inputs
+from .jobs import DEFAULT_MASK_MODEL, MAX_SEED, USER_FIELDS, RenderJob, parse_loras
 from .models import Registry
 
 ITEM_KEYS: Final = (*USER_FIELDS, "count", "seeds", "matrix")
@@ -56,6 +57,7 @@ class BatchPlan:
     seed: int
     jobs: tuple[RenderJob, ...]
     spec: dict[str, Any]
+    uploads: dict[str, bytes] = field(default_factory=dict)  # local input images: key -> bytes
 
 
 # ---------------------------------------------------------------- YAML with line numbers
@@ -250,10 +252,11 @@ def derive_seed(batch_seed: int, item: int, k: int) -> int:
 
 
 class _Planner:
-    def __init__(self, source: str, registry: Registry, max_jobs: int) -> None:
+    def __init__(self, source: str, registry: Registry, max_jobs: int, inputs: Inputs | None) -> None:
         self.source = source
         self.registry = registry
         self.max_jobs = max_jobs
+        self.inputs = inputs or Inputs(None, None)
         self.problems: list[Problem] = []
         self._seen: set[tuple[int, str, str]] = set()
 
@@ -392,6 +395,25 @@ class _Planner:
                     ok = False
         if embeddings:
             out["embeddings"] = embeddings
+        for fld in ("init_image", "mask_image"):
+            if isinstance(values.get(fld), str):
+                try:
+                    out[fld] = self.inputs.resolve(values[fld])
+                except InvalidInput as e:
+                    self.problem(raw, fld, str(e))
+                    out.pop(fld)
+                    ok = False
+        if values.get("mask_prompt") is not None:
+            name = values.get("mask_model", DEFAULT_MASK_MODEL)
+            try:
+                out["mask_model"] = {"name": name, "sha256": self.registry.asset_identity("mask_model", name)}
+            except InvalidInput as e:
+                self.problem(raw, "mask_model", str(e))
+                out["mask_model"], ok = {"name": "unknown", "sha256": "0" * 64}, False
+        elif isinstance(values.get("mask_model"), str):
+            self.problem(raw, "mask_model", "goes with mask_prompt")
+            out.pop("mask_model")
+            ok = False
         return out, ok
 
 
@@ -403,10 +425,11 @@ def plan_batch(
     max_jobs: int,
     overrides: Mapping[str, Any] | None = None,
     name: str | None = None,
+    inputs: Inputs | None = None,
 ) -> BatchPlan:
     """Parse, expand and validate a whole batch. Raises BatchInvalid listing every problem."""
     header, items = read_batch(text, source, fmt)
-    return plan_items(header, items, source, fmt, registry, max_jobs, overrides, name)
+    return plan_items(header, items, source, fmt, registry, max_jobs, overrides, name, inputs)
 
 
 def plan_items(
@@ -418,9 +441,11 @@ def plan_items(
     max_jobs: int,
     overrides: Mapping[str, Any] | None = None,
     name: str | None = None,
+    inputs: Inputs | None = None,
 ) -> BatchPlan:
-    """Expand and validate parsed items (from a batch file, or generated from a dataset spec)."""
-    planner = _Planner(source, registry, max_jobs)
+    """Expand and validate parsed items (from a batch file, or generated from a dataset spec).
+    `inputs` reads init images and masks (the bucket, SDFARM_INPUTS_DIR); without it they are refused."""
+    planner = _Planner(source, registry, max_jobs, inputs)
     defaults: dict[str, Any] = {**header.get("defaults", {}), **(overrides or {})}
     for key in defaults:
         if key not in ITEM_KEYS or key == "matrix":
@@ -472,7 +497,8 @@ def plan_items(
         "job_count": len(jobs),
         "models": models,
     }
-    return BatchPlan(batch_id=batch_id, name=batch_name, seed=batch_seed, jobs=tuple(jobs), spec=spec)
+    return BatchPlan(batch_id=batch_id, name=batch_name, seed=batch_seed, jobs=tuple(jobs), spec=spec,
+                     uploads=dict(planner.inputs.uploads))
 
 
 def _file_problem(path: Path, message: str) -> Problem:
@@ -485,6 +511,7 @@ def plan_file(
     max_jobs: int,
     overrides: Mapping[str, Any] | None = None,
     name: str | None = None,
+    inputs: Inputs | None = None,
 ) -> BatchPlan:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -499,4 +526,4 @@ def plan_file(
         raise BatchInvalid([_file_problem(path, f"not UTF-8 text: {e.reason} at byte {e.start}")]) from e
     except OSError as e:
         raise BatchInvalid([_file_problem(path, f"cannot read: {e.strerror}")]) from e
-    return plan_batch(text, str(path), fmt, registry, max_jobs, overrides, name)
+    return plan_batch(text, str(path), fmt, registry, max_jobs, overrides, name, inputs)

@@ -24,6 +24,9 @@ def lora_tags(text: str) -> list[tuple[str, float]]:
         kind, args = match.group(1), match.group(2).split(":")
         if kind not in LORA_TAGS:
             raise ValueError(f"extra network tag {match.group(0)!r} is not supported (allowed: <lora:name:weight>)")
+        if len(args) > 2:
+            raise ValueError(f"tag {match.group(0)!r}: separate text-encoder/UNet weights are not supported"
+                             " (allowed: <lora:name:weight>)")
         name = args[0].strip()
         try:
             weight = float(args[1]) if len(args) > 1 and args[1].strip() else 1.0

@@ -61,8 +61,10 @@ def job_parameters(job: RenderJob, model_short_hash: str) -> dict[str, Any]:
         "Size": f"{job.width}x{job.height}",
         "Model hash": model_short_hash,
         "Model": job.model,
-        "Denoising strength": _number(hires.denoising_strength) if hires else None,
+        "Denoising strength": _number(hires.denoising_strength) if hires else (
+            _number(job.strength) if job.init_image else None),
         "Clip skip": job.clip_skip if job.clip_skip > 1 else None,
+        "Mask blur": job.mask_blur if job.mode == "inpaint" else None,
         "Hires upscale": _number(hires.scale) if hires else None,
         "Hires steps": hires.steps if hires and hires.steps else None,
         "Hires upscaler": hires.upscaler if hires else None,

@@ -15,6 +15,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .extra_networks import lora_tags
+from .prompt_syntax import parse_prompt_attention
 from .samplers import AUTOMATIC, SAMPLERS, allowed_sampler_names, split_sampler_name
 
 SCHEMA_VERSION: Final = 1
@@ -58,7 +59,17 @@ USER_FIELDS: Final = (
     "loras",
     "hires",
     "upscale",
+    "init_image",
+    "strength",
+    "mask_image",
+    "mask_prompt",
+    "mask_model",
+    "mask_threshold",
+    "mask_dilate",
+    "mask_blur",
 )
+MASK_FIELDS: Final = ("mask_threshold", "mask_dilate", "mask_blur")
+DEFAULT_MASK_MODEL: Final = "clipseg"
 
 
 def _id_of(payload: dict[str, Any]) -> str:
@@ -92,13 +103,25 @@ class LoraRef(BaseModel):
     sha256: str = Field(pattern=SHA256_PATTERN)
 
 
-class EmbeddingRef(BaseModel):
-    """A registered textual-inversion embedding that a prompt names. Filled in by the planner."""
+class AssetRef(BaseModel):
+    """A registered file a job uses by name (an embedding its prompt names, the mask model), with
+    its sha256. Filled in by the planner."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=ASSET_NAME_PATTERN)
     sha256: str = Field(pattern=SHA256_PATTERN)
+
+
+class ImageRef(BaseModel):
+    """An input image in the bucket: its key, and the sha256 and size read at planning."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,511}$")
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
 
 
 class HiresFix(BaseModel):
@@ -161,9 +184,17 @@ class RenderJob(BaseModel):
     schedule_type: str = AUTOMATIC
     clip_skip: int = 1
     loras: tuple[LoraRef, ...] = ()
-    embeddings: tuple[EmbeddingRef, ...] = ()
+    embeddings: tuple[AssetRef, ...] = ()
     hires: HiresFix | None = None
     upscale: Upscale | None = None
+    init_image: ImageRef | None = None  # img2img: resized to width x height, as A1111's "Just resize"
+    strength: float = Field(default=0.75, gt=0.0, le=1.0)  # A1111's img2img "Denoising strength"
+    mask_image: ImageRef | None = None  # inpainting: white is repainted
+    mask_prompt: str | None = Field(default=None, min_length=1, max_length=200)  # a mask from text (CLIPSeg)
+    mask_model: AssetRef | None = None  # the registered CLIPSeg model; filled in when mask_prompt is set
+    mask_threshold: float = Field(default=0.4, ge=0.0, le=1.0)  # CLIPSeg probability that counts as masked
+    mask_dilate: int = Field(default=0, ge=0, le=128)  # grow the mask by this many pixels
+    mask_blur: int = Field(default=4, ge=0, le=64)  # A1111's "Mask blur"
 
     @model_validator(mode="before")
     @classmethod
@@ -189,6 +220,7 @@ class RenderJob(BaseModel):
         if len(v) > MAX_PROMPT_CHARS:
             raise ValueError(f"is {len(v)} characters long (allowed: at most {MAX_PROMPT_CHARS})")
         lora_tags(v)  # a malformed or unsupported <...> tag is reported against the prompt
+        parse_prompt_attention(v)  # and a malformed (word:weight), here rather than on a GPU
         return v
 
     @field_validator("negative_prompt")
@@ -196,6 +228,7 @@ class RenderJob(BaseModel):
     def _negative(cls, v: str) -> str:
         if len(v) > MAX_PROMPT_CHARS:
             raise ValueError(f"is {len(v)} characters long (allowed: at most {MAX_PROMPT_CHARS})")
+        parse_prompt_attention(v)
         return v
 
     @field_validator("seed")
@@ -257,7 +290,7 @@ class RenderJob(BaseModel):
 
     @field_validator("embeddings")
     @classmethod
-    def _embeddings(cls, v: tuple[EmbeddingRef, ...]) -> tuple[EmbeddingRef, ...]:
+    def _embeddings(cls, v: tuple[AssetRef, ...]) -> tuple[AssetRef, ...]:
         return tuple(sorted(set(v), key=lambda e: e.name))
 
     @model_validator(mode="after")
@@ -291,6 +324,37 @@ class RenderJob(BaseModel):
                 raise ValueError(f"upscale.factor {self.upscale.factor:g} makes {w}x{h} (allowed: sides up to"
                                  f" {MAX_UPSCALED_SIZE})")
         return self
+
+    @model_validator(mode="after")
+    def _img2img(self) -> RenderJob:
+        # set to something other than the default (a full dump round-trips every field as "set")
+        given = {f for f in ("strength", "mask_image", "mask_prompt", *MASK_FIELDS)
+                 if getattr(self, f) != type(self).model_fields[f].default}
+        if self.init_image is None:
+            needs = [f for f in ("strength", "mask_image", "mask_prompt", *MASK_FIELDS) if f in given]
+            if needs:
+                raise ValueError(f"{', '.join(needs)} needs init_image (img2img or inpainting)")
+            return self
+        if self.hires is not None:
+            raise ValueError("hires applies to txt2img; with init_image, set width and height instead")
+        if self.mask_image is not None and self.mask_prompt is not None:
+            raise ValueError("set mask_image or mask_prompt, not both")
+        if self.mask_image is not None and (self.mask_image.width, self.mask_image.height) != (
+                self.init_image.width, self.init_image.height):
+            raise ValueError(f"mask_image is {self.mask_image.width}x{self.mask_image.height}, init_image is"
+                             f" {self.init_image.width}x{self.init_image.height}: they must be the same size")
+        if (self.mask_prompt is None) != (self.mask_model is None):
+            raise ValueError("mask_model goes with mask_prompt")
+        if self.mask_image is None and self.mask_prompt is None and set(MASK_FIELDS) & given:
+            raise ValueError(f"{', '.join(sorted(set(MASK_FIELDS) & given))} needs mask_image or mask_prompt")
+        return self
+
+    @property
+    def mode(self) -> str:
+        """txt2img, img2img or inpaint: which pipeline renders the job."""
+        if self.init_image is None:
+            return "txt2img"
+        return "img2img" if self.mask_image is None and self.mask_prompt is None else "inpaint"
 
     @property
     def rendered_size(self) -> tuple[int, int]:
@@ -326,6 +390,8 @@ class RenderJob(BaseModel):
             self.loras,  # adapters change between chunks, never inside one
             self.hires,
             self.upscale,
+            self.mode,
+            self.strength if self.init_image else None,
         )
 
 

@@ -21,6 +21,9 @@ A registry is YAML (a file, or inline text in SDFARM_MODELS):
     embeddings:
       EasyNegative:
         file: embeddings/easynegative.safetensors   # used by writing its name in a prompt
+    mask_models:
+      clipseg:
+        path: models/clipseg-rd64-refined   # a transformers CLIPSeg folder: text -> inpainting mask
 
 Each model's identity is a sha256: of the file, of the folder's files, or of the hub id and revision.
 LoRAs and embeddings are identified by the sha256 of their file; A1111 records the first 12 digits.
@@ -47,8 +50,9 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 ASSET_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ASSET_KEY_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$"
 ASSETS_PREFIX: Final = "models/"  # where s3: sources live in the bucket
-AssetKind = Literal["lora", "embedding"]
-ASSET_SECTIONS: Final[dict[str, AssetKind]] = {"loras": "lora", "embeddings": "embedding"}
+AssetKind = Literal["lora", "embedding", "mask_model"]
+ASSET_SECTIONS: Final[dict[str, AssetKind]] = {"loras": "lora", "embeddings": "embedding",
+                                               "mask_models": "mask_model"}
 # weight and config files that make up a diffusers folder's identity
 _FOLDER_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 
@@ -108,7 +112,8 @@ def _check_weights_file(file: Path | str, allow_pickle: bool) -> None:
 
 
 class AssetEntry(BaseModel):
-    """A LoRA or a textual-inversion embedding: one weights file, local (file) or in the bucket (s3)."""
+    """A LoRA or a textual-inversion embedding: one weights file, local (file) or in the bucket (s3).
+    A mask model (CLIPSeg) is a local transformers folder (path)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -116,15 +121,19 @@ class AssetEntry(BaseModel):
     name: str = Field(pattern=ASSET_NAME_PATTERN)
     family: Literal["sd15"] = "sd15"
     file: Path | None = None
+    path: Path | None = None
     s3: str | None = Field(default=None, pattern=ASSET_KEY_PATTERN)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     allow_pickle: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> AssetEntry:
-        sources = [s for s in ("file", "s3") if getattr(self, s) is not None]
-        if len(sources) != 1:
-            raise ValueError(f"set exactly one of file, s3 (got {', '.join(sources) or 'none'})")
+        allowed = ("path",) if self.kind == "mask_model" else ("file", "s3")
+        sources = [s for s in ("file", "path", "s3") if getattr(self, s) is not None]
+        if len(sources) != 1 or sources[0] not in allowed:
+            raise ValueError(f"set exactly one of {', '.join(allowed)} (got {', '.join(sources) or 'none'})")
+        if self.path is not None:
+            return self
         if self.s3 is not None:
             if ".." in self.s3.split("/"):
                 raise ValueError(f"s3 key {self.s3!r} must not contain '..'")
@@ -140,6 +149,10 @@ class AssetEntry(BaseModel):
 
     def identity(self, cache: HashCache) -> str:
         """The file's sha256; a registered sha256 is checked against a local file when it differs."""
+        if self.path is not None:
+            if not (self.path / "config.json").is_file():
+                raise UnknownModel(f"{self.kind} {self.name!r}: {self.path} is not a model folder (no config.json)")
+            return self.sha256 or folder_sha256(self.path, cache)
         if self.file is None:
             assert self.sha256 is not None
             return self.sha256
@@ -289,8 +302,9 @@ def parse_assets(text: str, source: str, base: Path) -> dict[tuple[AssetKind, st
             if not isinstance(spec, dict):
                 raise InvalidInput(f"model registry {source}: {kind} {name!r}: expected a mapping")
             spec = dict(spec)
-            if spec.get("file") is not None:
-                spec["file"] = (base / Path(os.path.expanduser(str(spec["file"])))).resolve()
+            for key in ("file", "path"):
+                if spec.get(key) is not None:
+                    spec[key] = (base / Path(os.path.expanduser(str(spec[key])))).resolve()
             try:
                 assets[(kind, str(name))] = AssetEntry(kind=kind, name=str(name), **spec)
             except ValidationError as e:

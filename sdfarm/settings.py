@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "sdfarm")
 
     # Producer
+    inputs_dir: Path | None = None  # local init images and masks (`local:NAME` in a batch), uploaded at submit
     datasets_dir: Path | None = None  # folder of dataset specs the scheduler runs
     scheduler_tick_s: float = Field(default=30.0, ge=1)  # how often the scheduler looks for due dataset runs
     chunk_size: int = Field(default=8, ge=1, le=64)  # jobs per task message (one batched pipeline call)

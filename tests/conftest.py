@@ -87,8 +87,15 @@ def registry_file(tiny_model_dir: Path, tiny_assets: dict[str, Path]) -> Path:
         + f"loras:\n  tiny-grain: {{file: {tiny_assets['tiny-grain']}}}\n"
         f"  s3-detail: {{s3: loras/detail.safetensors, sha256: '{detail}'}}\n"
         f"  s3-tampered: {{s3: loras/tampered.safetensors, sha256: '{unseen}'}}\n"
-        f"embeddings:\n  tiny-sparkle: {{file: {tiny_assets['tiny-sparkle']}}}\n")
+        f"embeddings:\n  tiny-sparkle: {{file: {tiny_assets['tiny-sparkle']}}}\n"
+        f"mask_models:\n  clipseg: {{path: {tiny_assets['tiny-clipseg']}}}\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def inputs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SDFARM_INPUTS_DIR of the test session: `local:NAME` init images and masks."""
+    return tmp_path_factory.mktemp("inputs")
 
 
 @pytest.fixture(scope="session")
@@ -122,13 +129,14 @@ def stack_info(stack: EmbeddedStack) -> StackInfo:
 
 
 @pytest.fixture(scope="session")
-def env(stack_info: StackInfo, registry_file: Path, cache_dir: Path) -> dict[str, str]:
+def env(stack_info: StackInfo, registry_file: Path, cache_dir: Path, inputs_dir: Path) -> dict[str, str]:
     """SDFARM_* for processes started by tests: short visibility timeout so a killed worker's chunk
     comes back within seconds."""
     return {
         **stack_info.env(),
         "SDFARM_MODELS_FILE": str(registry_file),
         "SDFARM_CACHE_DIR": str(cache_dir),
+        "SDFARM_INPUTS_DIR": str(inputs_dir),
         "SDFARM_CHUNK_SIZE": "4",
         "SDFARM_VISIBILITY_TIMEOUT": "20",
         "SDFARM_UNACKED_RESTORE_INTERVAL": "1",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sdfarm.errors import AssetError
-from sdfarm.jobs import EmbeddingRef, LoraRef
+from sdfarm.jobs import AssetRef, LoraRef
 
 log = logging.getLogger("sdfarm.worker")
 
@@ -32,9 +32,9 @@ class Adapters:
         self.keep = keep
         self.loras: OrderedDict[str, str] = OrderedDict()  # sha256 -> adapter name, oldest use first
         self.embeddings: dict[str, str] = {}  # token -> sha256
-        self._active: tuple[tuple[str, float], ...] = ()
+        self._active: tuple[tuple[str, float], ...] | None = ()  # None: unknown (a switch failed midway)
 
-    def activate(self, loras: tuple[LoraRef, ...], embeddings: tuple[EmbeddingRef, ...],
+    def activate(self, loras: tuple[LoraRef, ...], embeddings: tuple[AssetRef, ...],
                  files: dict[str, Path]) -> None:
         """Make the pipeline render with exactly these LoRAs and have these embeddings' tokens."""
         for emb in embeddings:
@@ -42,6 +42,7 @@ class Adapters:
         wanted = tuple((lora.sha256, lora.weight) for lora in loras)
         if wanted == self._active:
             return
+        self._active = None  # unknown until the switch below has fully succeeded
         if not loras:
             if self.loras:
                 self.pipe.disable_lora()
@@ -66,7 +67,6 @@ class Adapters:
             self._drop(name)
             raise AssetError(f"lora {lora.name!r}: cannot load {path.name}: {type(e).__name__}: {e}") from e
         self.loras[lora.sha256] = name
-        self._active = ()  # loading may activate the new adapter on its own
         log.info("lora %s loaded as %s (%d held)", lora.name, name, len(self.loras))
 
     def _evict(self, needed: set[str]) -> None:
@@ -81,7 +81,7 @@ class Adapters:
         if any(name in names for names in adapters.values()):
             self.pipe.delete_adapters([name])
 
-    def _embedding(self, emb: EmbeddingRef, path: Path) -> None:
+    def _embedding(self, emb: AssetRef, path: Path) -> None:
         token = emb.name.lower()
         if self.embeddings.get(token) == emb.sha256:
             return

@@ -1,7 +1,9 @@
-"""LoRA and embedding files on this worker: fetched once into the local cache, verified, then used.
+"""Files a job needs on this worker: LoRAs and embeddings (fetched once into the local cache),
+the mask model, and input images (read from the bucket per job), each verified before use.
 
-A job names each file by registry name and sha256 (filled in when the batch was planned). The
-worker trusts neither the bucket nor the disk: a file is loaded only after its sha256 matches.
+A job names each file by registry name or bucket key, and by sha256 (filled in when the batch was
+planned). The worker trusts neither the bucket nor the disk: a file is used only after its sha256
+matches.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from PIL import Image
+
 from sdfarm.errors import AssetError, InvalidInput
-from sdfarm.jobs import RenderJob
+from sdfarm.inputs import open_image
+from sdfarm.jobs import ImageRef, RenderJob
 from sdfarm.models import AssetEntry, AssetKind, Registry
 from sdfarm.store import MissingObject, Store
 
@@ -35,18 +40,18 @@ class AssetFiles:
         self.registry = registry
         self.store = store
         self.folder = cache_dir / "assets"
-        self._verified: dict[str, Path] = {}  # sha256 -> file, checked in this process
+        self._verified: dict[str, Path] = {}  # sha256 -> fetched file, checked in this process
 
     def path(self, kind: AssetKind, name: str, sha256: str) -> Path:
-        if sha256 in self._verified:
-            return self._verified[sha256]
         try:
             entry = self.registry.asset(kind, name)
         except InvalidInput as e:
             raise AssetError(f"{e} on this worker") from e
-        path = self._local(entry, sha256) if entry.file is not None else self._fetched(entry, sha256)
-        self._verified[sha256] = path
-        return path
+        if entry.file is not None:  # checked every time (the hash cache makes it cheap): it may be replaced
+            return self._local(entry, sha256)
+        if sha256 not in self._verified:  # our own cache file, named by its sha256
+            self._verified[sha256] = self._fetched(entry, sha256)
+        return self._verified[sha256]
 
     def for_jobs(self, jobs: Iterable[RenderJob]) -> dict[str, Path]:
         """Every LoRA and embedding file the jobs use, by sha256."""
@@ -57,6 +62,36 @@ class AssetFiles:
             for emb in job.embeddings:
                 files[emb.sha256] = self.path("embedding", emb.name, emb.sha256)
         return files
+
+    def mask_model(self, name: str, sha256: str) -> Path:
+        """The registered CLIPSeg folder, if it is still what the job was planned with."""
+        try:
+            entry = self.registry.asset("mask_model", name)
+            actual = self.registry.asset_identity("mask_model", name)
+        except InvalidInput as e:
+            raise AssetError(f"{e} on this worker") from e
+        if actual != sha256:
+            raise AssetError(f"mask model {name!r}: {entry.path} has identity {actual[:12]}…, the job was planned"
+                             f" with {sha256[:12]}…")
+        assert entry.path is not None
+        return entry.path
+
+    def image(self, ref: ImageRef) -> Image.Image:
+        """An input image from the bucket, decoded, if its bytes still have the planned sha256."""
+        if self.store is None:
+            raise AssetError(f"input {ref.key} lives in S3, and this worker has no bucket")
+        try:
+            data = self.store.get(ref.key)
+        except MissingObject as e:
+            raise AssetError(f"input {e}") from e
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != ref.sha256:
+            raise AssetError(f"input s3://{self.store.bucket}/{ref.key} has sha256 {actual[:12]}…, the job was"
+                             f" planned with {ref.sha256[:12]}…; it was replaced after submit")
+        try:
+            return open_image(data, ref.key).convert("RGB")
+        except InvalidInput as e:
+            raise AssetError(str(e)) from e
 
     def _local(self, entry: AssetEntry, sha256: str) -> Path:
         assert entry.file is not None

@@ -24,20 +24,13 @@ _RESAMPLE = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NE
 assert set(_RESAMPLE) == set(IMAGE_UPSCALERS)
 
 
-def img2img_pipe(loaded: LoadedModel) -> Any:
-    """An img2img pipeline over the same modules (no second copy of the weights), built once."""
-    if loaded.img2img is None:
-        from diffusers import StableDiffusionImg2ImgPipeline
-
-        loaded.img2img = StableDiffusionImg2ImgPipeline(**loaded.pipe.components)
-        loaded.img2img.set_progress_bar_config(disable=True)
-    return loaded.img2img
-
-
 def scheduled_steps(steps: int, strength: float) -> int:
     """num_inference_steps for diffusers img2img so that exactly `steps` denoising steps run
     (diffusers runs int(n * strength) of n)."""
-    return max(steps, math.ceil(steps / strength - 1e-9))
+    n = max(steps, math.ceil(steps / strength) - 1)
+    while int(n * strength) < steps:  # float rounding: step up until diffusers' own count is reached
+        n += 1
+    return n
 
 
 def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Tensor, kwargs: dict[str, Any],
@@ -47,7 +40,7 @@ def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Te
     hires = job.hires
     assert hires is not None
     width, height = hires.target(job.width, job.height)
-    pipe = img2img_pipe(loaded)
+    pipe = loaded.variant("img2img")
     if hires.upscaler in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[hires.upscaler]
         image: Any = F.interpolate(first_pass, size=(height // 8, width // 8), mode=mode, antialias=antialias)

@@ -32,6 +32,7 @@ from sdfarm.store import Store
 
 from .assets import AssetFiles
 from .encode import versions
+from .masks import MaskModels
 from .pipeline import check_device, load_model
 from .tasks import WorkerState, get_state, register_tasks, set_state
 
@@ -74,6 +75,7 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
             versions=versions(),
             pool=ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload"),
             assets=AssetFiles(registry, store, settings.cache_dir),
+            masks=MaskModels(loaded.device),
         )
     except Exception as e:
         reason = str(e) if isinstance(e, SdfarmError) else f"{type(e).__name__}: {e}"

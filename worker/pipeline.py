@@ -50,11 +50,26 @@ class LoadedModel:
     dtype: torch.dtype
     base_scheduler_config: Any
     load_s: float
-    img2img: Any = None  # built on first use over the same modules (hires fix)
     adapters: Adapters = field(init=False)  # LoRAs and embeddings in the pipeline
+    _variants: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.adapters = Adapters(self.pipe)
+
+    def variant(self, mode: str) -> Any:
+        """The pipeline for txt2img, img2img or inpaint: the last two are built on first use over the
+        same modules (no second copy of the weights; LoRAs and embeddings apply to all)."""
+        if mode == "txt2img":
+            return self.pipe
+        if mode not in self._variants:
+            import diffusers
+
+            classes: dict[str, Any] = {"img2img": diffusers.StableDiffusionImg2ImgPipeline,
+                                       "inpaint": diffusers.StableDiffusionInpaintPipeline}
+            pipe = classes[mode](**self.pipe.components)
+            pipe.set_progress_bar_config(disable=True)
+            self._variants[mode] = pipe
+        return self._variants[mode]
 
     @property
     def short_hash(self) -> str:

@@ -81,6 +81,13 @@ def chunk_prompt(pipe: Any, text: str) -> list[Chunk]:
     return chunks
 
 
+def chunk_counts(pipe: Any, prompts: list[str], negatives: list[str]) -> list[int]:
+    """How many 75-token chunks each (prompt, negative) pair needs: jobs that need different counts
+    are encoded in separate calls, so no job is padded to a chunk-mate's length."""
+    return [max(len(chunk_prompt(pipe, p)), len(chunk_prompt(pipe, n))) for p, n in zip(prompts, negatives,
+                                                                                          strict=True)]
+
+
 def encode_prompts(pipe: Any, prompts: list[str], negatives: list[str],
                    clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings [B, 77*k, D] for prompts and for negatives, in the text encoder's dtype and on its

@@ -13,8 +13,9 @@ from sdfarm.extra_networks import strip_tags
 from sdfarm.jobs import RenderJob
 
 from .hires import second_pass, upscale
+from .masks import Inputs
 from .pipeline import LoadedModel
-from .prompts import encode_prompts
+from .prompts import chunk_counts, encode_prompts
 from .samplers import make_scheduler
 
 log = logging.getLogger("sdfarm.worker")
@@ -26,22 +27,42 @@ def generators(jobs: list[RenderJob]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
 
 
-def render(loaded: LoadedModel, jobs: list[RenderJob]) -> list[Image.Image]:
+def render(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None = None) -> list[Image.Image]:
     """All jobs must share RenderJob.compat_key() (a Chunk guarantees it), and the pipeline must
-    already hold their LoRAs and embeddings (Adapters.activate)."""
+    already hold their LoRAs and embeddings (Adapters.activate). img2img and inpaint jobs take their
+    init image and mask from `inputs` (masks.job_inputs)."""
     first = jobs[0]
-    pipe = loaded.pipe
+    pipe = loaded.variant(first.mode)
+    counts = chunk_counts(pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs])
+    if len(set(counts)) > 1:  # one call per prompt length: an image must not depend on its chunk-mates
+        images_by_index: dict[int, Image.Image] = {}
+        for count in sorted(set(counts)):
+            group = [i for i, c in enumerate(counts) if c == count]
+            for i, image in zip(group, render(loaded, [jobs[i] for i in group], inputs), strict=True):
+                images_by_index[i] = image
+        return [images_by_index[i] for i in range(len(jobs))]
     pipe.scheduler = make_scheduler(first.sampler, first.schedule_type, loaded.base_scheduler_config)
     shared: dict[str, Any] = {"guidance_scale": first.guidance_scale}
+    call: dict[str, Any] = {"num_inference_steps": first.steps, "generator": generators(jobs)}
+    if first.mode == "txt2img":
+        call.update(width=first.width, height=first.height)
+    else:
+        assert inputs is not None, "img2img and inpaint jobs need their inputs"
+        call.update(image=[inputs[j.id][0] for j in jobs], strength=first.strength)
+        if first.mode == "inpaint":
+            call.update(mask_image=[inputs[j.id][1] for j in jobs], width=first.width, height=first.height)
     with torch.inference_mode():
         shared["prompt_embeds"], shared["negative_prompt_embeds"] = encode_prompts(
             pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs], first.clip_skip)
-        out = pipe(width=first.width, height=first.height, num_inference_steps=first.steps,
-                   generator=generators(jobs), output_type="latent" if first.hires else "pil", **shared)
+        out = pipe(output_type="latent" if first.hires else "pil", **call, **shared)
         if first.hires is None:
             images: list[Image.Image] = list(out.images)
         else:
             images = second_pass(loaded, jobs, out.images, shared, generators(jobs))
+    if first.mode == "inpaint":  # as A1111: the kept area is the init image itself, not a VAE round trip
+        assert inputs is not None
+        images = [loaded.pipe.image_processor.apply_overlay(inputs[j.id][1], inputs[j.id][0], image)
+                  for j, image in zip(jobs, images, strict=True)]
     if first.upscale is not None:
         images = [upscale(image, first.upscale) for image in images]
     return images

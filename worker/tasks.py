@@ -13,6 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from celery import Celery, Task
@@ -30,8 +31,9 @@ from sdfarm.store import Store
 from .assets import AssetFiles
 from .encode import Encoded, encode_png, sidecar
 from .health import NodeHealth, succeeding_peer
+from .masks import MaskModels, job_inputs
 from .pipeline import LoadedModel
-from .render import render_split
+from .render import render, render_split
 
 log = logging.getLogger("sdfarm.worker")
 
@@ -48,6 +50,7 @@ class WorkerState:
     versions: dict[str, str]
     pool: ThreadPoolExecutor
     assets: AssetFiles
+    masks: MaskModels
     counters: dict[str, Any] = field(default_factory=lambda: {"chunks": 0, "images": 0, "failed": 0})
     health: NodeHealth = field(default_factory=NodeHealth)
 
@@ -175,17 +178,21 @@ def process_chunk(state: WorkerState, payload: Any) -> dict[str, int]:
         if halted := _halted(state, batch, todo):  # checked again right before the GPU starts
             return {halted: len(todo)}
         jobs = [e.job for e in todo]
-        try:  # LoRAs and embeddings: fetched, verified, then switched in between chunks
+        try:  # LoRAs and embeddings switched in between chunks; input images and masks; all verified
             files = state.assets.for_jobs(jobs)
             state.loaded.adapters.activate(first.loras, tuple({e for j in jobs for e in j.embeddings}), files)
-        except AssetError as e:  # the job's files, not this node, are wrong: fail them, serve on
-            log.error("chunk %s: %s", chunk.id, e)
-            fail_entries(state, batch, todo, str(e))
+            inputs = job_inputs(state.assets, state.masks, jobs)
+        except TransientError:
+            raise  # S3 blinked: retried, not failed
+        except Exception as e:  # the job's files, not this node, are wrong: fail them, serve on
+            reason = str(e) if isinstance(e, AssetError) else f"preparing the chunk: {type(e).__name__}: {e}"
+            log.error("chunk %s: %s", chunk.id, reason)
+            fail_entries(state, batch, todo, reason)
             return {"failed": len(todo)}
         _set_busy(state, chunk)
         t0 = time.perf_counter()
         try:
-            images = render_split(state.loaded, jobs)
+            images = render_split(state.loaded, jobs, partial(render, inputs=inputs))
         except Exception as e:  # a job that breaks the pipeline fails with its reason; the worker serves on
             log.exception("render failed for chunk %s", chunk.id)
             fail_entries(state, batch, todo, f"{type(e).__name__}: {e}")

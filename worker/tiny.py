@@ -157,11 +157,45 @@ def write_tiny_embedding(path: Path, seed: int, vectors: int = 2, dim: int = 32,
     return path
 
 
+def write_tiny_clipseg(folder: Path, seed: int = 0) -> Path:
+    """A tiny random-weight CLIPSeg (text -> mask) with its processor, as a transformers folder."""
+    import tempfile
+
+    from transformers import (
+        CLIPSegConfig,
+        CLIPSegForImageSegmentation,
+        CLIPSegProcessor,
+        CLIPTokenizer,
+        ViTImageProcessor,
+    )
+
+    torch.manual_seed(seed)
+    config = CLIPSegConfig(
+        text_config={"vocab_size": 514, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 77, "bos_token_id": 512,
+                     "eos_token_id": 513, "pad_token_id": 513},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 64, "patch_size": 16},
+        projection_dim=32, reduce_dim=16, extract_layers=[0, 1], decoder_num_attention_heads=4,
+        decoder_intermediate_size=32,
+    )
+    model = CLIPSegForImageSegmentation(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(Path(tmp))
+        tokenizer = CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77)
+    images = ViTImageProcessor(do_resize=True, size={"height": 64, "width": 64}, image_mean=[0.5] * 3,
+                               image_std=[0.5] * 3)
+    model.save_pretrained(folder)
+    CLIPSegProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
 def write_tiny_assets(folder: Path) -> dict[str, Path]:
-    """The demo's LoRAs and embedding: tiny-detail (diffusers layout), tiny-grain (kohya layout),
-    tiny-sparkle (an A1111 embedding)."""
+    """The demo's LoRAs, embedding and mask model: tiny-detail (diffusers layout), tiny-grain (kohya
+    layout), tiny-sparkle (an A1111 embedding), tiny-clipseg (a CLIPSeg folder)."""
     return {
         "tiny-detail": write_tiny_lora(folder / "loras" / "tiny-detail.safetensors", seed=1),
         "tiny-grain": write_tiny_lora(folder / "loras" / "tiny-grain.safetensors", seed=2, kohya=True),
         "tiny-sparkle": write_tiny_embedding(folder / "embeddings" / "tiny-sparkle.safetensors", seed=3),
+        "tiny-clipseg": write_tiny_clipseg(folder / "mask_models" / "tiny-clipseg"),
     }

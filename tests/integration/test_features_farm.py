@@ -1,21 +1,27 @@
-"""Render features on the farm: LoRAs fetched from S3 and verified, embeddings, hires fix, through
-real `sdfarm worker` processes; a tampered LoRA fails its job with the reason, the worker serves on."""
+"""Render features on the farm: LoRAs fetched from S3 and verified, embeddings, hires fix, img2img
+and inpainting (local, S3 and CLIPSeg text masks), through real `sdfarm worker` processes; a
+tampered LoRA or a replaced input fails its job with the reason, and the worker serves on."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from producer.submit import submit_plan
 from sdfarm.batchfile import plan_file
 from sdfarm.infotext import parse_infotext
+from sdfarm.inputs import Inputs
 from sdfarm.layout import failed_key, image_key, sidecar_key
 from sdfarm.models import Registry
+from sdfarm.progress import ProgressBoard
 from sdfarm.store import Store
-from tests.conftest import FEATURES, WorkerProcess, cli, sha256_of
+from tests.conftest import FEATURES, WorkerProcess, cli, sha256_of, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +91,57 @@ def test_a_tampered_lora_fails_its_job_with_the_reason_and_the_worker_serves_on(
     assert feature_worker.proc.poll() is None
     again = write(tmp_path, "after-tampered", "items: [a later job]\n")
     assert cli(["submit", str(again), "--watch"], env).returncode == 0
+
+
+def picture(seed: int, size: int = 96) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((size, size))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_img2img_and_inpainting_with_local_s3_and_text_masks(
+        tmp_path: Path, feature_worker: WorkerProcess, env: dict[str, str], store: Store, registry: Registry,
+        inputs_dir: Path) -> None:
+    init = picture(1)
+    init.save(inputs_dir / "init.png")
+    mask = Image.new("L", (96, 96), 0)
+    mask.paste(255, (24, 24, 72, 72))
+    store.client.put_object(Bucket=store.bucket, Key="inputs/square-mask.png", Body=png_bytes(mask))
+    path = write(tmp_path, "inpaint", """items:
+  - {prompt: a fox, init_image: "local:init.png", strength: 0.6}
+  - {prompt: a fox, init_image: "local:init.png", mask_image: inputs/square-mask.png, strength: 1.0}
+  - {prompt: a fox, init_image: "local:init.png", mask_prompt: background, mask_threshold: 0.5}
+""")
+    result = cli(["submit", str(path), "--watch"], env)
+    assert result.returncode == 0, result.stdout + result.stderr + feature_worker.tail()
+    plan = plan_file(path, registry, 100, inputs=Inputs(store, inputs_dir))
+    img2img, square, texted = plan.jobs
+    assert img2img.init_image is not None
+    assert store.exists(img2img.init_image.key)  # the local file was uploaded at submit, by its sha256
+    out = {j.id: Image.open(io.BytesIO(store.get(image_key(j.id)))) for j in plan.jobs}
+    assert all(image.size == (64, 64) for image in out.values())
+    assert parse_infotext(out[img2img.id].text["parameters"])["Denoising strength"] == "0.6"
+    assert parse_infotext(out[square.id].text["parameters"])["Mask blur"] == "4"
+    kept = np.asarray(init.resize((64, 64), Image.Resampling.LANCZOS)).astype(int)
+    got = np.asarray(out[square.id].convert("RGB")).astype(int)
+    assert np.abs(got[:4] - kept[:4]).max() <= 2  # the top rows are outside the mask: the init image
+    assert store.get_json(sidecar_key(texted.id))["job"]["mask_prompt"] == "background"
+
+
+def test_an_input_replaced_after_submit_fails_its_job(tmp_path: Path, feature_worker: WorkerProcess,
+                                                      store: Store, registry: Registry, board: ProgressBoard,
+                                                      celery_app: Any) -> None:
+    store.client.put_object(Bucket=store.bucket, Key="inputs/swap.png", Body=png_bytes(picture(7)))
+    path = write(tmp_path, "swapped", 'items: [{prompt: a fox, init_image: inputs/swap.png}]\n')
+    plan = plan_file(path, registry, 100, inputs=Inputs(store, None))
+    store.client.put_object(Bucket=store.bucket, Key="inputs/swap.png", Body=png_bytes(picture(8)))
+    submit_plan(plan, store, celery_app, board, 4)
+    wait_for(lambda: (p := board.read(plan.batch_id)) is not None and p.finished, 120, "the batch to finish")
+    reason = store.get_json(failed_key(plan.batch_id, plan.jobs[0].id))["reason"]
+    assert "inputs/swap.png has sha256" in reason
+    assert "it was replaced after submit" in reason

@@ -95,6 +95,8 @@ items:
   - {prompt: "a cat <lora:add_detail:0.5>", loras: ["add_detail:0.8"]}
   - {prompt: "a cat <hypernet:x:1>"}
   - {prompt: "a cat <lora:add_detail:lots>"}
+  - {prompt: "a (cat:1.2.3)"}
+  - {prompt: "a cat <lora:add_detail:1:0.5>"}
 """, registry)
     assert found[0] == ("b.yaml:4: item 1: loras.0.name: unknown lora 'nope'"
                         " (allowed: FilmGrain, add_detail, remote)")
@@ -104,6 +106,8 @@ items:
     assert "<lora:add_detail:0.5> is not in loras at that weight" in found[3]
     assert "item 5: prompt: extra network tag '<hypernet:x:1>' is not supported" in found[4]
     assert "item 6: prompt: tag '<lora:add_detail:lots>': weight 'lots' is not a number" in found[5]
+    assert "item 7: prompt: bad attention weight '1.2.3' in prompt 'a (cat:1.2.3)'" in found[6]
+    assert "item 8: prompt: tag '<lora:add_detail:1:0.5>': separate text-encoder/UNet weights" in found[7]
 
 
 # ------------------------------------------------------------------ embeddings

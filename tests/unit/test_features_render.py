@@ -33,6 +33,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["kohya"] = write_lora(folder / "kohya.safetensors", seed=99, kohya=True)
     out["Sparkle"] = write_embedding(folder / "sparkle.safetensors", seed=1, a1111=True)
     out["glow"] = write_embedding(folder / "glow.safetensors", seed=2, a1111=False)
+    out["broken"] = folder / "broken.safetensors"
+    out["broken"].write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     return out
 
 
@@ -43,7 +45,7 @@ def loaded(registry: Registry) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def assets(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> AssetFiles:
-    text = "loras:\n" + "".join(f"  {n}: {{file: {p}}}\n" for n, p in files.items() if n.startswith(("l", "k")))
+    text = "loras:\n" + "".join(f"  {n}: {{file: {p}}}\n" for n, p in files.items() if n.startswith(("l", "k", "b")))
     text += "embeddings:\n" + "".join(f"  {n}: {{file: {files[n]}}}\n" for n in ("Sparkle", "glow"))
     cache = tmp_path_factory.mktemp("cache")
     return AssetFiles(Registry({}, HashCache(cache), parse_assets(text, "t", cache)), None, cache)
@@ -103,6 +105,24 @@ def test_the_same_lora_job_gives_the_same_image_alone_and_in_a_chunk(loaded: Loa
     job = make(loaded, files, {"l2": 0.8}, prompt="a lighthouse")
     alone, = run(loaded, assets, job)
     _, inside = run(loaded, assets, make(loaded, files, {"l2": 0.8}, seed=3), job)
+    assert diff(alone, inside) <= 2
+
+
+def test_a_failed_lora_switch_leaves_no_lora_behind(loaded: LoadedModel, assets: AssetFiles,
+                                                    files: dict[str, Path]) -> None:
+    none, = run(loaded, assets, make(loaded, files))
+    with pytest.raises(AssetError, match=r"lora 'broken': cannot load broken\.safetensors"):
+        run(loaded, assets, make(loaded, files, {"l5": 1.0, "broken": 1.0}))
+    after, = run(loaded, assets, make(loaded, files))
+    assert diff(after, none) == 0  # l5 loaded before broken failed: it must not stay on
+
+
+def test_an_image_does_not_depend_on_a_long_prompt_in_its_chunk(loaded: LoadedModel, assets: AssetFiles,
+                                                                 files: dict[str, Path]) -> None:
+    short = make(loaded, files, prompt="a lighthouse")
+    long = make(loaded, files, prompt="a lighthouse on a cliff, " * 8, seed=3)
+    alone, = run(loaded, assets, short)
+    _, inside = run(loaded, assets, long, short)
     assert diff(alone, inside) <= 2
 
 

@@ -2,8 +2,9 @@
 
 Writes a tiny random-weight model, starts a real Redis and a real S3 server, starts two worker
 processes, submits examples/demo.yaml and examples/features.yaml (LoRAs, an embedding, weighted and
-long prompts, hires fix, upscaling) through the real CLI, watches them finish, fetches the images
-and draws a contact sheet of each, then shuts everything down. State lives under .sdfarm/demo/.
+long prompts, hires fix, upscaling, img2img, inpainting with image and text masks) through the real
+CLI, watches them finish, fetches the images and draws a contact sheet of each, then shuts
+everything down. State lives under .sdfarm/demo/.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def main() -> int:
         print(f"writing a tiny random-weight SD1.5-architecture model to {model_dir}", flush=True)
         write_tiny_model(model_dir)
     assets = {"tiny-detail": "loras/tiny-detail.safetensors", "tiny-grain": "loras/tiny-grain.safetensors",
-              "tiny-sparkle": "embeddings/tiny-sparkle.safetensors"}
+              "tiny-sparkle": "embeddings/tiny-sparkle.safetensors", "tiny-clipseg": "mask_models/tiny-clipseg"}
     if not all((STATE / path).exists() for path in assets.values()):
         from worker.tiny import write_tiny_assets
 
@@ -51,7 +52,8 @@ def main() -> int:
     registry.write_text(f"models:\n  {MODEL}:\n    path: models/{MODEL}\n"
                         f"loras:\n  tiny-detail: {{file: {assets['tiny-detail']}}}\n"
                         f"  tiny-grain: {{file: {assets['tiny-grain']}}}\n"
-                        f"embeddings:\n  tiny-sparkle: {{file: {assets['tiny-sparkle']}}}\n")
+                        f"embeddings:\n  tiny-sparkle: {{file: {assets['tiny-sparkle']}}}\n"
+                        f"mask_models:\n  clipseg: {{path: {assets['tiny-clipseg']}}}\n")
 
     stack = EmbeddedStack(STATE / "stack")
     workers: list[subprocess.Popen[bytes]] = []
@@ -59,6 +61,7 @@ def main() -> int:
         print("starting the embedded stack (Redis + SeaweedFS S3) ...", flush=True)
         info = stack.start()
         env = {**os.environ, **info.env(), "SDFARM_MODELS_FILE": str(registry), "SDFARM_CHUNK_SIZE": "4",
+               "SDFARM_INPUTS_DIR": str(ROOT / "examples" / "inputs"),
                "HF_HUB_OFFLINE": "1"}
         print(f"  redis   127.0.0.1:{info.redis_port} (password, AOF)\n  s3      {info.s3_endpoint}"
               f"  bucket {info.bucket}", flush=True)

@@ -111,7 +111,11 @@ def _encode(pipe: Any, rows: list[list[Chunk]], clip_skip: int) -> torch.Tensor:
     # of one prompt here, so an image does not depend on the jobs batched with it. All weights 1
     # gives a factor of exactly 1: an unweighted prompt's embedding is the plain encoder output.
     weighted = z * weights[..., None]
-    weighted = weighted * (z.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
+    original, new = z.mean(dim=(1, 2), keepdim=True), weighted.mean(dim=(1, 2), keepdim=True)
+    # a chunk without weights keeps its output exactly; a mean of (about) zero cannot be restored
+    # (0/0 would poison the image with NaN): such chunks keep the plain weighting
+    keep = (weights == 1).all(dim=1)[:, None, None] | (new.abs() <= 1e-6 * z.abs().mean(dim=(1, 2), keepdim=True))
+    weighted = weighted * torch.where(keep, torch.ones_like(new), original / new)
     return weighted.to(dtype=text_encoder.dtype).reshape(len(rows), -1, z.shape[-1])
 
 

@@ -79,6 +79,8 @@ def build_tiny_sd15(seed: int = 0) -> object:
         max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, bos_token_id=512,
         eos_token_id=513, pad_token_id=513,
     ))
+    with torch.no_grad():  # trained CLIP norms have biases: hidden states whose mean is not zero
+        getattr(text_encoder, "text_model", text_encoder).final_layer_norm.bias.normal_(0.05, 0.1)
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer_files(Path(tmp))
         tokenizer = CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77)

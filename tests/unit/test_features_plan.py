@@ -12,6 +12,7 @@ from sdfarm import __version__
 from sdfarm.batchfile import plan_batch
 from sdfarm.errors import BatchInvalid, InvalidInput
 from sdfarm.infotext import job_infotext, parse_infotext
+from sdfarm.inputs import Inputs
 from sdfarm.jobs import RenderJob
 from sdfarm.models import HashCache, Registry, parse_assets, parse_registry
 
@@ -217,12 +218,18 @@ def test_the_features_example_uses_every_feature(tmp_path: Path) -> None:
 models: {{tiny-sd15: {{hub: test/tiny, sha256: '{SHA}'}}}}
 loras: {{tiny-detail: {{file: detail.safetensors}}, tiny-grain: {{file: grain.safetensors}}}}
 embeddings: {{tiny-sparkle: {{file: sparkle.safetensors}}}}
+mask_models: {{clipseg: {{path: clipseg}}}}
 """
+    (tmp_path / "clipseg").mkdir()
+    (tmp_path / "clipseg" / "config.json").write_text("{}")
     reg = Registry(parse_registry(text, "r", tmp_path), HashCache(tmp_path), parse_assets(text, "r", tmp_path))
-    path = Path(__file__).resolve().parents[2] / "examples" / "features.yaml"
-    jobs = plan_batch(path.read_text(), str(path), "yaml", reg, 1000).jobs
-    assert len(jobs) == 9
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    path = examples / "features.yaml"
+    jobs = plan_batch(path.read_text(), str(path), "yaml", reg, 1000, inputs=Inputs(None, examples / "inputs")).jobs
+    assert len(jobs) == 12
     assert all(j.embeddings for j in jobs)
+    assert [j.mode for j in jobs[-3:]] == ["img2img", "inpaint", "inpaint"]
+    assert jobs[-1].mask_prompt == "sky"
     assert {lora.name for j in jobs for lora in j.loras} == {"tiny-detail", "tiny-grain"}
     assert any(len(j.loras) == 2 for j in jobs)
     assert {j.hires.upscaler for j in jobs if j.hires} == {"Latent", "Lanczos"}

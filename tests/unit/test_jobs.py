@@ -31,6 +31,18 @@ PIXEL_CHANGES = {
     "hires": {"scale": 2},
     "upscale": {"factor": 2},
 }
+# the same for img2img and inpainting, over a job that has an init image
+INIT = {"key": "inputs/a.png", "sha256": "01" * 32, "width": 64, "height": 64}
+IMG2IMG_CHANGES = {
+    "init_image": {**INIT, "sha256": "02" * 32},
+    "strength": 0.5,
+    "mask_image": {**INIT, "sha256": "03" * 32},
+    "mask_prompt": "sky",
+    "mask_model": {"name": "clipseg", "sha256": "04" * 32},
+    "mask_threshold": 0.6,
+    "mask_dilate": 4,
+    "mask_blur": 8,
+}
 
 
 def job(**changes: object) -> RenderJob:
@@ -57,9 +69,19 @@ def test_fields_that_do_not_affect_pixels_leave_the_id() -> None:
     assert RenderJob.model_validate_json(job().model_dump_json()).id == job().id
 
 
+@pytest.mark.parametrize(("field", "value"), IMG2IMG_CHANGES.items())
+def test_every_img2img_field_changes_the_id(field: str, value: object) -> None:
+    clipseg = {"name": "clipseg", "sha256": "05" * 32}
+    if field in ("mask_image", "init_image", "strength"):
+        base: dict[str, object] = {"init_image": INIT}
+    else:  # the mask options, over a text-masked inpainting job
+        base = {"init_image": INIT, "mask_prompt": "background", "mask_model": clipseg}
+    assert job(**{**base, field: value}).id != job(**base).id
+
+
 def test_every_field_is_classified() -> None:
     labels = {"model", "schema_version"}
-    assert set(RenderJob.model_fields) == set(PIXEL_CHANGES) | labels | {"prompt", "seed"}
+    assert set(RenderJob.model_fields) == set(PIXEL_CHANGES) | set(IMG2IMG_CHANGES) | labels | {"prompt", "seed"}
 
 
 def test_legacy_sampler_name_is_split_and_same_job() -> None:

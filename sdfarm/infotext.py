@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from . import __version__
@@ -37,9 +38,10 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) -
     return "\n".join(parts)
 
 
-def _hashes(refs: Any) -> str | None:
-    """A1111's "Lora hashes"/"TI hashes": name: first 12 hex digits of the file's sha256."""
-    return ", ".join(f"{r.name}: {r.sha256[:12]}" for r in refs) or None
+def _hashes(refs: Any, short: Mapping[str, str] | None = None) -> str | None:
+    """A1111's "Lora hashes"/"TI hashes": name: short hash. TI: the file's sha256[:12]; LoRA: A1111's
+    addnet hash when the worker gives it (`short`, by sha256), else the sha256[:12]."""
+    return ", ".join(f"{r.name}: {(short or {}).get(r.sha256, r.sha256[:12])}" for r in refs) or None
 
 
 def infotext_prompt(job: RenderJob) -> str:
@@ -49,7 +51,8 @@ def infotext_prompt(job: RenderJob) -> str:
     return " ".join([job.prompt, *extra])
 
 
-def job_parameters(job: RenderJob, model_short_hash: str) -> dict[str, Any]:
+def job_parameters(job: RenderJob, model_short_hash: str,
+                   lora_hashes: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The last line's parameters, in A1111's order."""
     hires, upscale = job.hires, job.upscale
     return {
@@ -68,7 +71,7 @@ def job_parameters(job: RenderJob, model_short_hash: str) -> dict[str, Any]:
         "Hires upscale": _number(hires.scale) if hires else None,
         "Hires steps": hires.steps if hires and hires.steps else None,
         "Hires upscaler": hires.upscaler if hires else None,
-        "Lora hashes": _hashes(job.loras),
+        "Lora hashes": _hashes(job.loras, lora_hashes),
         "TI hashes": _hashes(job.embeddings),
         "Postprocess upscale by": _number(upscale.factor) if upscale else None,
         "Postprocess upscaler": upscale.upscaler if upscale else None,
@@ -76,8 +79,9 @@ def job_parameters(job: RenderJob, model_short_hash: str) -> dict[str, Any]:
     }
 
 
-def job_infotext(job: RenderJob, model_short_hash: str) -> str:
-    return format_infotext(infotext_prompt(job), job.negative_prompt, job_parameters(job, model_short_hash))
+def job_infotext(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[str, str] | None = None) -> str:
+    return format_infotext(infotext_prompt(job), job.negative_prompt,
+                           job_parameters(job, model_short_hash, lora_hashes))
 
 
 def parse_infotext(text: str) -> dict[str, Any]:

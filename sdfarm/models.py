@@ -197,6 +197,19 @@ class HashCache:
             pass  # a cache that cannot be written only costs time
 
 
+def addnet_hash(path: Path) -> str:
+    """A1111's LoRA hash (its "Lora hashes", Civitai's AutoV3): the sha256 of a .safetensors file
+    after its JSON header, so editing metadata keeps it. Other files: the whole file's sha256."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        if path.suffix.lower() == ".safetensors":
+            header = int.from_bytes(f.read(8), "little")
+            f.seek(8 + header)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def folder_sha256(folder: Path, cache: HashCache) -> str:
     """Identity of a diffusers folder: its weight and config files, by relative path and content."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _FOLDER_SUFFIXES)

@@ -19,7 +19,7 @@ from PIL import Image
 from sdfarm.errors import AssetError, InvalidInput
 from sdfarm.inputs import open_image
 from sdfarm.jobs import ImageRef, RenderJob
-from sdfarm.models import AssetEntry, AssetKind, Registry
+from sdfarm.models import AssetEntry, AssetKind, Registry, addnet_hash
 from sdfarm.store import MissingObject, Store
 
 log = logging.getLogger("sdfarm.worker")
@@ -41,6 +41,7 @@ class AssetFiles:
         self.store = store
         self.folder = cache_dir / "assets"
         self._verified: dict[str, Path] = {}  # sha256 -> fetched file, checked in this process
+        self.lora_hashes: dict[str, str] = {}  # sha256 -> A1111's short LoRA hash (addnet), for infotexts
 
     def path(self, kind: AssetKind, name: str, sha256: str) -> Path:
         try:
@@ -59,6 +60,8 @@ class AssetFiles:
         for job in jobs:
             for lora in job.loras:
                 files[lora.sha256] = self.path("lora", lora.name, lora.sha256)
+                if lora.sha256 not in self.lora_hashes:
+                    self.lora_hashes[lora.sha256] = addnet_hash(files[lora.sha256])[:12]
             for emb in job.embeddings:
                 files[emb.sha256] = self.path("embedding", emb.name, emb.sha256)
         return files

@@ -7,6 +7,7 @@ import io
 import json
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
@@ -35,8 +36,10 @@ class Encoded:
     infotext: str
 
 
-def encode_png(image: Image.Image, job: RenderJob, model_short_hash: str) -> Encoded:
-    infotext = job_infotext(job, model_short_hash)
+def encode_png(image: Image.Image, job: RenderJob, model_short_hash: str,
+               lora_hashes: Mapping[str, str] | None = None) -> Encoded:
+    """lora_hashes: A1111's short LoRA hashes by sha256 (worker.assets.AssetFiles.lora_hashes)."""
+    infotext = job_infotext(job, model_short_hash, lora_hashes)
     info = PngInfo()
     info.add_text("parameters", infotext)  # tEXt, or iTXt when not Latin-1 (Pillow decides)
     info.add_text(PNG_JOB_KEY, json.dumps({"id": job.id, **job.model_dump(mode="json")}, ensure_ascii=False))

@@ -91,7 +91,7 @@ def fail_entries(state: WorkerState, batch_id: str, entries: list[ChunkEntry], r
 def _store_one(state: WorkerState, batch_id: str, entry: ChunkEntry, image: Any, timings: dict[str, float]) -> None:
     t0 = time.perf_counter()
     job = entry.job
-    encoded = encode_png(image, job, state.loaded.short_hash)  # 4. encode
+    encoded = encode_png(image, job, state.loaded.short_hash, state.assets.lora_hashes)  # 4. encode
     t1 = time.perf_counter()
     png_written = state.store.put_if_absent(image_key(job.id), encoded.png, "image/png")  # 5. store
     if not png_written:  # an earlier attempt stored the PNG and died before its sidecar: describe that one

@@ -73,3 +73,22 @@ def test_registry_from_file_and_env(tmp_path: Path) -> None:
     assert reg.names() == ["a", "b"]
     with pytest.raises(InvalidInput, match=r"model registry .*missing\.yaml"):
         Registry.from_settings(Settings(models_file=tmp_path / "missing.yaml", cache_dir=tmp_path))
+
+
+def test_a1111_lora_hash_skips_the_safetensors_header(tmp_path: Path) -> None:
+    """A1111 names LoRAs by the sha256 of the tensor bytes after the header ("addnet" hash): a file
+    whose metadata changes keeps it; the whole-file sha256 (our identity) changes."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdfarm.models import addnet_hash
+
+    tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(tensors, str(a), metadata={"ss_output_name": "a"})
+    save_file(tensors, str(b), metadata={"ss_output_name": "a longer name"})
+    assert addnet_hash(a) == addnet_hash(b)
+    assert hashlib.sha256(a.read_bytes()).digest() != hashlib.sha256(b.read_bytes()).digest()
+    data = a.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    assert addnet_hash(a) == hashlib.sha256(data[8 + header:]).hexdigest()

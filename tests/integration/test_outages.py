@@ -59,7 +59,7 @@ def assert_complete_once(store: Store, plan: BatchPlan) -> list[dict[str, object
 def test_redis_restart_mid_batch(tmp_path: Path, outage_workers: list[WorkerProcess], stack: EmbeddedStack,
                                  env: dict[str, str], store: Store, board: ProgressBoard,
                                  registry: Registry) -> None:
-    path = write_batch(tmp_path, "redis-restart", 32, steps=30)
+    path = write_batch(tmp_path, "redis-restart", 24, steps=15)
     plan = plan_file(path, registry, 100)
     assert cli(["submit", str(path)], env).returncode == 0
     wait_for(lambda: done_count(board, plan.batch_id) >= 4, 120, "the batch to be under way")
@@ -78,7 +78,7 @@ def test_redis_restart_mid_batch(tmp_path: Path, outage_workers: list[WorkerProc
 def test_s3_gone_for_thirty_seconds(tmp_path: Path, outage_workers: list[WorkerProcess], stack: EmbeddedStack,
                                     env: dict[str, str], store: Store, board: ProgressBoard,
                                     registry: Registry) -> None:
-    path = write_batch(tmp_path, "s3-outage", 24, steps=30)
+    path = write_batch(tmp_path, "s3-outage", 16, steps=15)
     plan = plan_file(path, registry, 100)
     assert cli(["submit", str(path)], env).returncode == 0
     wait_for(lambda: done_count(board, plan.batch_id) >= 4, 120, "the batch to be under way")

@@ -19,13 +19,14 @@ from typing import Final
 from PIL import Image
 
 from .errors import InvalidInput
+from .jobs import INPUT_KEY_PATTERN
 from .store import MissingObject, Store
 
 MAX_INPUT_BYTES: Final = 32 * 1024 * 1024
 MAX_INPUT_SIDE: Final = 4096
 FORMATS: Final = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 LOCAL_PREFIX: Final = "local:"
-_KEY_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,511}$")
+_KEY_RE: Final = re.compile(INPUT_KEY_PATTERN)
 
 
 def input_key(sha256: str, ext: str) -> str:

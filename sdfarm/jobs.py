@@ -28,6 +28,7 @@ MAX_SEED: Final = 2**32 - 1
 MODEL_NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 ASSET_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # LoRAs, embeddings: as A1111 files are named
 SHA256_PATTERN: Final = r"^[0-9a-f]{64}$"
+INPUT_KEY_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,511}$"  # an input image's key in the bucket
 MAX_LORA_WEIGHT: Final = 5.0
 MAX_LORAS: Final = 8
 MAX_HIRES_SIZE: Final = 4096
@@ -118,7 +119,7 @@ class ImageRef(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    key: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,511}$")
+    key: str = Field(pattern=INPUT_KEY_PATTERN)
     sha256: str = Field(pattern=SHA256_PATTERN)
     width: int = Field(ge=1)
     height: int = Field(ge=1)
@@ -172,7 +173,7 @@ class RenderJob(BaseModel):
 
     schema_version: int = SCHEMA_VERSION
     model: str = Field(pattern=MODEL_NAME_PATTERN)  # registry name: recorded, not hashed
-    model_hash: str = Field(pattern=r"^[0-9a-f]{64}$")  # sha256 identity of the weights: hashed
+    model_hash: str = Field(pattern=SHA256_PATTERN)  # sha256 identity of the weights: hashed
     prompt: str
     negative_prompt: str = ""
     seed: int

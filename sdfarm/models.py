@@ -43,11 +43,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InvalidInput, UnknownModel
-from .jobs import MODEL_NAME_PATTERN
+from .jobs import ASSET_NAME_PATTERN, MODEL_NAME_PATTERN, SHA256_PATTERN
 from .settings import Settings
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-ASSET_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ASSET_KEY_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$"
 ASSETS_PREFIX: Final = "models/"  # where s3: sources live in the bucket
 AssetKind = Literal["lora", "embedding", "mask_model"]
@@ -69,7 +68,7 @@ class ModelEntry(BaseModel):
     config: Path | None = None
     hub: str | None = None
     revision: str = "main"
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     allow_pickle: bool = False  # an operator's explicit opt-in for .ckpt/.bin weights
 
     @model_validator(mode="after")
@@ -123,7 +122,7 @@ class AssetEntry(BaseModel):
     file: Path | None = None
     path: Path | None = None
     s3: str | None = Field(default=None, pattern=ASSET_KEY_PATTERN)
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)
     allow_pickle: bool = False
 
     @model_validator(mode="after")

@@ -336,15 +336,20 @@ class _Planner:
 
     def job(self, raw: RawItem, values: dict[str, Any]) -> RenderJob | None:
         model = values.get("model")
-        model_hash = None
+        model_hash, family = None, None
         if model is None:
             self.problem(raw, "model", f"missing (allowed: {', '.join(self.registry.names()) or 'none registered'})")
         else:
             try:
                 model_hash = self.registry.identity(model)
+                family = self.registry.get(model).family
             except InvalidInput as e:
                 self.problem(raw, "model", str(e))
-        values, assets_ok = self.assets(raw, values)
+        if family == "sdxl" and values.get("clip_skip", 1) not in (1, "1"):
+            self.problem(raw, "clip_skip", f"does not apply to SDXL (model {model!r} always uses the penultimate"
+                                           " layer, as A1111 does); leave it out")
+            return None
+        values, assets_ok = self.assets(raw, values, family)
         try:  # check the other fields even when the model is bad: report everything at once
             job = RenderJob.model_validate({**values, "model": "unknown", "model_hash": "0" * 64}
                                            if model_hash is None else {**values, "model_hash": model_hash})
@@ -359,9 +364,11 @@ class _Planner:
             return None
 
 
-    def assets(self, raw: RawItem, values: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    def assets(self, raw: RawItem, values: dict[str, Any], family: str | None) -> tuple[dict[str, Any], bool]:
         """Fill in the registry's hashes: LoRAs from the loras field and the prompt's <lora:...> tags,
-        embeddings named in the prompts. Unknown names are reported here; shapes by RenderJob."""
+        embeddings named in the prompts, the VAE. Unknown names, and LoRAs and VAEs made for another
+        model family, are reported here; shapes by RenderJob. As in A1111, an embedding of another
+        family is not one: its name in an SDXL prompt is plain text."""
         ok = True
         out = dict(values)
         prompt = values.get("prompt")
@@ -377,7 +384,7 @@ class _Planner:
                     loras.append({"name": name, "weight": weight})
             for i, item in enumerate(loras):
                 try:
-                    item["sha256"] = self.registry.asset_identity("lora", item["name"])
+                    item["sha256"] = self.registry.asset_identity("lora", item["name"], family)
                 except InvalidInput as e:
                     self.problem(raw, f"loras.{i}.name", str(e))
                     item["sha256"], ok = "0" * 64, False
@@ -385,7 +392,7 @@ class _Planner:
                 out["loras"] = loras
         texts = [t.lower() for t in (prompt, values.get("negative_prompt")) if isinstance(t, str)]
         embeddings = []
-        for name in self.registry.asset_names("embedding"):
+        for name in self.registry.asset_names("embedding", family):
             # the tokenizer matches an embedding's (lower-cased) name anywhere in the lower-cased text
             if any(name.lower() in text for text in texts):
                 try:
@@ -395,6 +402,14 @@ class _Planner:
                     ok = False
         if embeddings:
             out["embeddings"] = embeddings
+        if values.get("vae") is not None:
+            try:
+                sha256 = self.registry.asset_identity("vae", values["vae"], family)
+                out["vae"] = {"name": values["vae"], "sha256": sha256}
+            except InvalidInput as e:
+                self.problem(raw, "vae", str(e))
+                out.pop("vae")
+                ok = False
         for fld in ("init_image", "mask_image"):
             if isinstance(values.get(fld), str):
                 try:

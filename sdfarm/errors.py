@@ -67,3 +67,7 @@ class WorkerFatal(SdfarmError):
 
 class AssetError(SdfarmError):
     """A LoRA or embedding a job needs is missing, unreadable, or has another sha256 than planned."""
+
+
+class RenderError(SdfarmError):
+    """The pipeline ran but gave no usable image (NaN in the latents or the decoded pixels)."""

@@ -64,6 +64,8 @@ def job_parameters(job: RenderJob, model_short_hash: str,
         "Size": f"{job.width}x{job.height}",
         "Model hash": model_short_hash,
         "Model": job.model,
+        "VAE hash": job.vae.sha256[:10] if job.vae else None,
+        "VAE": job.vae.name if job.vae else None,
         "Denoising strength": _number(hires.denoising_strength) if hires else (
             _number(job.strength) if job.init_image else None),
         "Clip skip": job.clip_skip if job.clip_skip > 1 else None,

@@ -57,6 +57,7 @@ USER_FIELDS: Final = (
     "sampler",
     "schedule_type",
     "clip_skip",
+    "vae",
     "loras",
     "hires",
     "upscale",
@@ -105,8 +106,8 @@ class LoraRef(BaseModel):
 
 
 class AssetRef(BaseModel):
-    """A registered file a job uses by name (an embedding its prompt names, the mask model), with
-    its sha256. Filled in by the planner."""
+    """A registered file a job uses by name (an embedding its prompt names, a VAE, the mask model),
+    with its sha256. Filled in by the planner."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -184,6 +185,7 @@ class RenderJob(BaseModel):
     sampler: str = "DPM++ 2M"
     schedule_type: str = AUTOMATIC
     clip_skip: int = 1
+    vae: AssetRef | None = None  # a registered VAE instead of the model's own; filled in by the planner
     loras: tuple[LoraRef, ...] = ()
     embeddings: tuple[AssetRef, ...] = ()
     hires: HiresFix | None = None
@@ -388,6 +390,7 @@ class RenderJob(BaseModel):
             self.schedule_type,
             self.guidance_scale,
             self.clip_skip,
+            self.vae,
             self.loras,  # adapters change between chunks, never inside one
             self.hires,
             self.upscale,

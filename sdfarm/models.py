@@ -5,6 +5,9 @@ A registry is YAML (a file, or inline text in SDFARM_MODELS):
     models:
       tiny-sd15:
         path: models/tiny-sd15          # a diffusers folder (relative to the registry file)
+      sdxl-base:
+        path: models/sdxl-base-1.0
+        family: sdxl                    # sd15 (the default) or sdxl: which pipeline renders it
       v1-5:
         file: /models/v1-5-pruned-emaonly.safetensors   # a single-file checkpoint
         config: /models/sd15-config     # diffusers-format folder with the configs (offline)
@@ -21,6 +24,10 @@ A registry is YAML (a file, or inline text in SDFARM_MODELS):
     embeddings:
       EasyNegative:
         file: embeddings/easynegative.safetensors   # used by writing its name in a prompt
+    vaes:
+      sdxl-vae-fp16-fix:
+        path: vaes/sdxl-vae-fp16-fix        # a diffusers AutoencoderKL folder, or file:/s3: single file
+        family: sdxl                        # LoRAs, embeddings and VAEs name the family they fit (sd15)
     mask_models:
       clipseg:
         path: models/clipseg-rd64-refined   # a transformers CLIPSeg folder: text -> inpainting mask
@@ -49,8 +56,9 @@ from .settings import Settings
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 ASSET_KEY_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$"
 ASSETS_PREFIX: Final = "models/"  # where s3: sources live in the bucket
-AssetKind = Literal["lora", "embedding", "mask_model"]
-ASSET_SECTIONS: Final[dict[str, AssetKind]] = {"loras": "lora", "embeddings": "embedding",
+AssetKind = Literal["lora", "embedding", "vae", "mask_model"]
+Family = Literal["sd15", "sdxl"]  # SD 1.x; SDXL base
+ASSET_SECTIONS: Final[dict[str, AssetKind]] = {"loras": "lora", "embeddings": "embedding", "vaes": "vae",
                                                "mask_models": "mask_model"}
 # weight and config files that make up a diffusers folder's identity
 _FOLDER_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
@@ -62,7 +70,7 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
-    family: Literal["sd15"] = "sd15"
+    family: Family = "sd15"
     path: Path | None = None
     file: Path | None = None
     config: Path | None = None
@@ -111,14 +119,15 @@ def _check_weights_file(file: Path | str, allow_pickle: bool) -> None:
 
 
 class AssetEntry(BaseModel):
-    """A LoRA or a textual-inversion embedding: one weights file, local (file) or in the bucket (s3).
-    A mask model (CLIPSeg) is a local transformers folder (path)."""
+    """A LoRA, a textual-inversion embedding or a VAE: one weights file, local (file) or in the
+    bucket (s3). A VAE may also be a diffusers AutoencoderKL folder (path); a mask model (CLIPSeg)
+    is a local transformers folder (path)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: AssetKind
     name: str = Field(pattern=ASSET_NAME_PATTERN)
-    family: Literal["sd15"] = "sd15"
+    family: Family = "sd15"  # the model family a LoRA, embedding or VAE fits
     file: Path | None = None
     path: Path | None = None
     s3: str | None = Field(default=None, pattern=ASSET_KEY_PATTERN)
@@ -127,7 +136,7 @@ class AssetEntry(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> AssetEntry:
-        allowed = ("path",) if self.kind == "mask_model" else ("file", "s3")
+        allowed = {"mask_model": ("path",), "vae": ("file", "s3", "path")}.get(self.kind, ("file", "s3"))
         sources = [s for s in ("file", "path", "s3") if getattr(self, s) is not None]
         if len(sources) != 1 or sources[0] not in allowed:
             raise ValueError(f"set exactly one of {', '.join(allowed)} (got {', '.join(sources) or 'none'})")
@@ -268,8 +277,10 @@ class Registry:
         return self._identities[name]
 
 
-    def asset_names(self, kind: AssetKind) -> list[str]:
-        return sorted(name for k, name in self.assets if k == kind)
+    def asset_names(self, kind: AssetKind, family: str | None = None) -> list[str]:
+        """Registered names of a kind; with a family, only the files made for it."""
+        return sorted(name for (k, name), entry in self.assets.items()
+                      if k == kind and (family is None or entry.family == family))
 
     def asset(self, kind: AssetKind, name: str) -> AssetEntry:
         if not isinstance(name, str) or (kind, name) not in self.assets:
@@ -277,8 +288,13 @@ class Registry:
             raise UnknownModel(f"unknown {kind} {name!r} (allowed: {known})")
         return self.assets[(kind, name)]
 
-    def asset_identity(self, kind: AssetKind, name: str) -> str:
+    def asset_identity(self, kind: AssetKind, name: str, family: str | None = None) -> str:
+        """The asset's sha256. With a family (the job's model's), a LoRA or VAE made for another
+        family is refused: its layers do not fit."""
         entry = self.asset(kind, name)
+        if family is not None and kind != "mask_model" and entry.family != family:
+            raise InvalidInput(f"{kind} {name!r} is for {entry.family} models; this job's model is {family}"
+                               f" (allowed: {', '.join(self.asset_names(kind, family)) or 'none registered'})")
         if (kind, name) not in self._asset_identities:
             self._asset_identities[(kind, name)] = entry.identity(self.cache)
         return self._asset_identities[(kind, name)]

@@ -36,6 +36,7 @@ FAULTS = "tiny-faults"  # served only by the workers of the fault-injection test
 OUTAGE = "tiny-outage"  # served only by the workers of the Redis/S3 outage tests
 BROKEN = "tiny-broken"  # a diffusers folder whose UNet weights are garbage: it cannot load
 FEATURES = "tiny-features"  # served only by the workers of the render-feature farm tests
+SDXL = "tiny-sdxl"  # the tiny SDXL-architecture model (family: sdxl)
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
@@ -65,12 +66,21 @@ def tiny_assets(tiny_model_dir: Path) -> dict[str, Path]:
     return write_tiny_assets(tiny_model_dir.parent / "assets")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_model_dir: Path) -> dict[str, Path]:
+    """The tiny SDXL model ("model") and its LoRAs, embedding and VAE."""
+    from worker.tiny import write_tiny_model, write_tiny_sdxl_assets
+
+    folder = tiny_model_dir.parent / "sdxl"
+    return {"model": write_tiny_model(folder / "tiny-sdxl", family="sdxl"), **write_tiny_sdxl_assets(folder)}
+
+
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="session")
-def registry_file(tiny_model_dir: Path, tiny_assets: dict[str, Path]) -> Path:
+def registry_file(tiny_model_dir: Path, tiny_assets: dict[str, Path], tiny_sdxl: dict[str, Path]) -> Path:
     """Every test model, plus LoRAs and an embedding: local files, and S3 sources (uploaded by the
     tests that use them) whose registered sha256 is the good file's."""
     path = tiny_model_dir.parent / "models.yaml"
@@ -84,10 +94,15 @@ def registry_file(tiny_model_dir: Path, tiny_assets: dict[str, Path]) -> Path:
     unseen = hashlib.sha256(b"a file no worker has: the bucket holds other bytes under its key").hexdigest()
     path.write_text(
         "models:\n" + "".join(f"  {name}:\n    path: {folder}\n" for name, folder in entries.items())
-        + f"loras:\n  tiny-grain: {{file: {tiny_assets['tiny-grain']}}}\n"
+        + f"  {SDXL}: {{path: {tiny_sdxl['model']}, family: sdxl}}\n"
+        f"loras:\n  tiny-grain: {{file: {tiny_assets['tiny-grain']}}}\n"
         f"  s3-detail: {{s3: loras/detail.safetensors, sha256: '{detail}'}}\n"
         f"  s3-tampered: {{s3: loras/tampered.safetensors, sha256: '{unseen}'}}\n"
+        f"  xl-detail: {{file: {tiny_sdxl['xl-detail']}, family: sdxl}}\n"
+        f"  xl-grain: {{file: {tiny_sdxl['xl-grain']}, family: sdxl}}\n"
         f"embeddings:\n  tiny-sparkle: {{file: {tiny_assets['tiny-sparkle']}}}\n"
+        f"  xl-sparkle: {{file: {tiny_sdxl['xl-sparkle']}, family: sdxl}}\n"
+        f"vaes:\n  xl-vae: {{path: {tiny_sdxl['xl-vae']}, family: sdxl}}\n"
         f"mask_models:\n  clipseg: {{path: {tiny_assets['tiny-clipseg']}}}\n")
     return path
 

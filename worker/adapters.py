@@ -6,6 +6,8 @@ beyond `keep`, so a worker that sees many LoRAs does not grow without bound. Emb
 tokens in the tokenizer, loaded the first time a job names them and kept: a prompt that does not
 contain an embedding's name never meets its token. Tokens are the lower-cased name: CLIP
 tokenizers lower-case prompts, so "EasyNegative" and "easynegative" both name it, as in A1111.
+SDXL embeddings hold one tensor per text encoder (`clip_l`, `clip_g`, as A1111 saves them); each
+goes into its own encoder under the same token.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
+
 from sdfarm.errors import AssetError
 from sdfarm.jobs import AssetRef, LoraRef
+
+from .prompts import encoders
 
 log = logging.getLogger("sdfarm.worker")
 
@@ -85,14 +91,31 @@ class Adapters:
         token = emb.name.lower()
         if self.embeddings.get(token) == emb.sha256:
             return
+        pairs = encoders(self.pipe)
+        sdxl = len(pairs) == 2
         if token in self.embeddings:  # the registry now names another file: replace its tokens
-            vectors = re.compile(re.escape(token) + r"(_\d+)?")
-            self.pipe.unload_textual_inversion([t for t in self.pipe.tokenizer.get_added_vocab()
-                                                if vectors.fullmatch(t)])
+            self._unload(token, pairs)
             del self.embeddings[token]
         try:
-            self.pipe.load_textual_inversion(str(path), token=token)
+            if not sdxl:
+                self.pipe.load_textual_inversion(str(path), token=token)
+            else:
+                tensors = load_file(str(path))
+                if set(tensors) != {"clip_l", "clip_g"}:
+                    raise ValueError("an SDXL embedding holds clip_l and clip_g, this one"
+                                     f" {', '.join(sorted(tensors))}")
+                for (tokenizer, text_encoder), key in zip(pairs, ("clip_l", "clip_g"), strict=True):
+                    self.pipe.load_textual_inversion(tensors[key], token=token, tokenizer=tokenizer,
+                                                     text_encoder=text_encoder)
         except Exception as e:
+            self._unload(token, pairs)  # no half-loaded embedding (SDXL: one encoder only) stays behind
             raise AssetError(f"embedding {emb.name!r}: cannot load {path.name}: {type(e).__name__}: {e}") from e
         self.embeddings[token] = emb.sha256
         log.info("embedding %s loaded (%s)", emb.name, emb.sha256[:12])
+
+    def _unload(self, token: str, pairs: list[tuple[Any, Any]]) -> None:
+        vectors = re.compile(re.escape(token) + r"(_\d+)?")
+        for tokenizer, text_encoder in pairs:
+            tokens = [t for t in tokenizer.get_added_vocab() if vectors.fullmatch(t)]
+            if tokens:
+                self.pipe.unload_textual_inversion(tokens, tokenizer=tokenizer, text_encoder=text_encoder)

@@ -44,10 +44,13 @@ class AssetFiles:
         self.lora_hashes: dict[str, str] = {}  # sha256 -> A1111's short LoRA hash (addnet), for infotexts
 
     def path(self, kind: AssetKind, name: str, sha256: str) -> Path:
+        """The verified file (or folder, for path: sources) of a registered asset."""
         try:
             entry = self.registry.asset(kind, name)
         except InvalidInput as e:
             raise AssetError(f"{e} on this worker") from e
+        if entry.path is not None:
+            return self._folder(entry, sha256)
         if entry.file is not None:  # checked every time (the hash cache makes it cheap): it may be replaced
             return self._local(entry, sha256)
         if sha256 not in self._verified:  # our own cache file, named by its sha256
@@ -55,9 +58,11 @@ class AssetFiles:
         return self._verified[sha256]
 
     def for_jobs(self, jobs: Iterable[RenderJob]) -> dict[str, Path]:
-        """Every LoRA and embedding file the jobs use, by sha256."""
+        """Every LoRA, embedding and VAE file the jobs use, by sha256."""
         files: dict[str, Path] = {}
         for job in jobs:
+            if job.vae is not None:
+                files[job.vae.sha256] = self.path("vae", job.vae.name, job.vae.sha256)
             for lora in job.loras:
                 files[lora.sha256] = self.path("lora", lora.name, lora.sha256)
                 if lora.sha256 not in self.lora_hashes:
@@ -66,16 +71,15 @@ class AssetFiles:
                 files[emb.sha256] = self.path("embedding", emb.name, emb.sha256)
         return files
 
-    def mask_model(self, name: str, sha256: str) -> Path:
-        """The registered CLIPSeg folder, if it is still what the job was planned with."""
+    def _folder(self, entry: AssetEntry, sha256: str) -> Path:
+        """A registered folder (CLIPSeg, a diffusers VAE), if it is still what the job was planned with."""
         try:
-            entry = self.registry.asset("mask_model", name)
-            actual = self.registry.asset_identity("mask_model", name)
+            actual = self.registry.asset_identity(entry.kind, entry.name)
         except InvalidInput as e:
             raise AssetError(f"{e} on this worker") from e
         if actual != sha256:
-            raise AssetError(f"mask model {name!r}: {entry.path} has identity {actual[:12]}…, the job was planned"
-                             f" with {sha256[:12]}…")
+            raise AssetError(f"{entry.kind} {entry.name!r}: {entry.path} has identity {actual[:12]}…, the job was"
+                             f" planned with {sha256[:12]}…")
         assert entry.path is not None
         return entry.path
 

@@ -19,6 +19,7 @@ from sdfarm.jobs import IMAGE_UPSCALERS, LATENT_UPSCALERS, RenderJob, Upscale
 
 from .pipeline import LoadedModel
 from .samplers import make_scheduler
+from .vae import decode
 
 _RESAMPLE = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
 assert set(_RESAMPLE) == set(IMAGE_UPSCALERS)
@@ -34,8 +35,9 @@ def scheduled_steps(steps: int, strength: float) -> int:
 
 
 def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Tensor, kwargs: dict[str, Any],
-                generators: list[torch.Generator]) -> list[Image.Image]:
-    """first_pass: the first pass's latents. kwargs: prompt embeddings and guidance, shared."""
+                generators: list[torch.Generator]) -> torch.Tensor:
+    """first_pass: the first pass's latents. kwargs: prompt embeddings and guidance, shared.
+    Returns the second pass's latents."""
     job = jobs[0]
     hires = job.hires
     assert hires is not None
@@ -43,17 +45,17 @@ def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Te
     pipe = loaded.variant("img2img")
     if hires.upscaler in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[hires.upscaler]
-        image: Any = F.interpolate(first_pass, size=(height // 8, width // 8), mode=mode, antialias=antialias)
+        scale = pipe.vae_scale_factor
+        image: Any = F.interpolate(first_pass, size=(height // scale, width // scale), mode=mode, antialias=antialias)
     else:
-        decoded = loaded.pipe.vae.decode(first_pass / loaded.pipe.vae.config.scaling_factor).sample
-        pil = loaded.pipe.image_processor.postprocess(decoded, output_type="pil")
-        image = [img.resize((width, height), _RESAMPLE[hires.upscaler]) for img in pil]
+        image = [img.resize((width, height), _RESAMPLE[hires.upscaler]) for img in decode(pipe, first_pass)]
     pipe.scheduler = make_scheduler(job.sampler, job.schedule_type, loaded.base_scheduler_config)
     steps = hires.steps or job.steps
     out = pipe(image=image, strength=hires.denoising_strength,
                num_inference_steps=scheduled_steps(steps, hires.denoising_strength),
-               generator=generators, output_type="pil", **kwargs)
-    return list(out.images)
+               generator=generators, output_type="latent", **kwargs)
+    latents: torch.Tensor = out.images
+    return latents
 
 
 def upscale(image: Image.Image, spec: Upscale) -> Image.Image:

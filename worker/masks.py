@@ -74,7 +74,7 @@ def job_inputs(assets: AssetFiles, masks: MaskModels, jobs: list[RenderJob]) -> 
         if job.mask_image is not None:
             mask = assets.image(job.mask_image)
         elif job.mask_prompt is not None and job.mask_model is not None:
-            folder = assets.mask_model(job.mask_model.name, job.mask_model.sha256)
+            folder = assets.path("mask_model", job.mask_model.name, job.mask_model.sha256)
             mask = masks.text_mask(folder, original, job.mask_prompt, job.mask_threshold)
         init = original.resize((job.width, job.height), Image.Resampling.LANCZOS)
         out[job.id] = (init, finish_mask(mask, job) if mask is not None else None)

@@ -6,14 +6,17 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from sdfarm.errors import WorkerFatal
+from sdfarm.jobs import AssetRef
 from sdfarm.models import ModelEntry, Registry
 
 from .adapters import Adapters
+from .vae import Vaes
 
 log = logging.getLogger("sdfarm.worker")
 
@@ -51,10 +54,19 @@ class LoadedModel:
     base_scheduler_config: Any
     load_s: float
     adapters: Adapters = field(init=False)  # LoRAs and embeddings in the pipeline
+    vaes: Vaes = field(init=False)  # the model's VAE and registered ones
     _variants: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.adapters = Adapters(self.pipe)
+        self.vaes = Vaes(self.pipe.vae)
+
+    def use_vae(self, ref: AssetRef | None, files: dict[str, Path]) -> None:
+        """Render the next chunk with this VAE (None: the model's own), in every mode's pipeline."""
+        vae = self.vaes.select(ref, files)
+        for pipe in (self.pipe, *self._variants.values()):
+            if pipe.vae is not vae:
+                pipe.vae = vae
 
     def variant(self, mode: str) -> Any:
         """The pipeline for txt2img, img2img or inpaint: the last two are built on first use over the
@@ -62,14 +74,14 @@ class LoadedModel:
         if mode == "txt2img":
             return self.pipe
         if mode not in self._variants:
-            import diffusers
-
-            classes: dict[str, Any] = {"img2img": diffusers.StableDiffusionImg2ImgPipeline,
-                                       "inpaint": diffusers.StableDiffusionInpaintPipeline}
-            pipe = classes[mode](**self.pipe.components)
+            pipe = pipeline_class(self.entry.family, mode)(**{**self.pipe.components, **_extra(self.entry.family)})
             pipe.set_progress_bar_config(disable=True)
             self._variants[mode] = pipe
         return self._variants[mode]
+
+    @property
+    def sdxl(self) -> bool:
+        return self.entry.family == "sdxl"
 
     @property
     def short_hash(self) -> str:
@@ -82,12 +94,34 @@ class LoadedModel:
         return self.device.type
 
 
-def _from_entry(entry: ModelEntry, dtype: torch.dtype) -> Any:
-    from diffusers import StableDiffusionPipeline
+_CLASSES: dict[str, dict[str, str]] = {
+    "sd15": {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+             "inpaint": "StableDiffusionInpaintPipeline"},
+    "sdxl": {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
+             "inpaint": "StableDiffusionXLInpaintPipeline"},
+}
 
-    common: dict[str, Any] = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+
+def pipeline_class(family: str, mode: str) -> Any:
+    """The diffusers pipeline class for a model family (the registry's) and a job's mode."""
+    import diffusers
+
+    return getattr(diffusers, _CLASSES[family][mode])
+
+
+def _extra(family: str) -> dict[str, Any]:
+    """Constructor arguments beyond the modules: no safety checker (SD 1.x), no watermark (SDXL;
+    A1111 adds none either)."""
+    if family == "sdxl":
+        return {"add_watermarker": False}
+    return {"safety_checker": None, "requires_safety_checker": False}
+
+
+def _from_entry(entry: ModelEntry, dtype: torch.dtype) -> Any:
+    cls = pipeline_class(entry.family, "txt2img")
+    common: dict[str, Any] = {"dtype": dtype, **_extra(entry.family)}
     if entry.path is not None:
-        return StableDiffusionPipeline.from_pretrained(
+        return cls.from_pretrained(
             str(entry.path), local_files_only=True, use_safetensors=True, **common
         )
     if entry.file is not None:
@@ -96,10 +130,10 @@ def _from_entry(entry: ModelEntry, dtype: torch.dtype) -> Any:
                 f"model {entry.name!r}: a single-file checkpoint needs 'config:' (a diffusers-format folder"
                 " with the model's configs and tokenizer) to load offline"
             )
-        return StableDiffusionPipeline.from_single_file(
+        return cls.from_single_file(
             str(entry.file), config=str(entry.config), local_files_only=True, **common
         )
-    return StableDiffusionPipeline.from_pretrained(entry.hub, revision=entry.revision, use_safetensors=True, **common)
+    return cls.from_pretrained(entry.hub, revision=entry.revision, use_safetensors=True, **common)
 
 
 def load_model(registry: Registry, name: str, device: str) -> LoadedModel:

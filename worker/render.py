@@ -17,6 +17,7 @@ from .masks import Inputs
 from .pipeline import LoadedModel
 from .prompts import chunk_counts, encode_prompts
 from .samplers import make_scheduler
+from .vae import decode
 
 log = logging.getLogger("sdfarm.worker")
 
@@ -52,13 +53,12 @@ def render(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None = N
         if first.mode == "inpaint":
             call.update(mask_image=[inputs[j.id][1] for j in jobs], width=first.width, height=first.height)
     with torch.inference_mode():
-        shared["prompt_embeds"], shared["negative_prompt_embeds"] = encode_prompts(
-            pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs], first.clip_skip)
-        out = pipe(output_type="latent" if first.hires else "pil", **call, **shared)
-        if first.hires is None:
-            images: list[Image.Image] = list(out.images)
-        else:
-            images = second_pass(loaded, jobs, out.images, shared, generators(jobs))
+        shared.update(encode_prompts(pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs],
+                                     first.clip_skip).kwargs())
+        latents = pipe(output_type="latent", **call, **shared).images
+        if first.hires is not None:
+            latents = second_pass(loaded, jobs, latents, shared, generators(jobs))
+        images = decode(pipe, latents)
     if first.mode == "inpaint":  # as A1111: the kept area is the init image itself, not a VAE round trip
         assert inputs is not None
         images = [loaded.pipe.image_processor.apply_overlay(inputs[j.id][1], inputs[j.id][0], image)

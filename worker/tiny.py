@@ -1,8 +1,11 @@
-"""Write a tiny random-weight SD1.5-architecture pipeline, and LoRA and embedding files that fit
-it: for the demo, tests and benchmarks.
+"""Write tiny random-weight SD1.5- and SDXL-architecture pipelines, and LoRA and embedding files
+that fit them: for the demo, tests and benchmarks.
 
 Same components and code paths as Stable Diffusion 1.5 (CLIP text encoder, UNet with cross
-attention, KL VAE), scaled down so a 64x64 image renders in well under a second on a CPU.
+attention, KL VAE) and SDXL (two text encoders, the second with a projection for the pooled
+embedding; a UNet with "text_time" size conditioning; a VAE that asks to be upcast in fp16),
+scaled down so a 64x64 image renders in well under a second on a CPU. The SDXL encoders have
+different widths (32 and 48), as CLIP-L and OpenCLIP-G do (768 and 1280), so a mix-up shows.
 No download: the tokenizer's vocabulary is written here (byte-level, no merges).
 
 LoRAs are made with peft on the UNet's attention and the text encoder's projections, then saved
@@ -56,11 +59,73 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
-def build_tiny_sd15(seed: int = 0) -> object:
+def _tokenizer(pad_token: str = "<|endoftext|>") -> Any:
     import tempfile
 
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(Path(tmp))
+        return CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77, pad_token=pad_token)
+
+
+def _text_encoder(hidden: int, with_projection: bool = False) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=514, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=hidden, bos_token_id=512,
+        eos_token_id=513, pad_token_id=513,
+    )
+    encoder: Any = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    with torch.no_grad():  # trained CLIP norms have biases: hidden states whose mean is not zero
+        getattr(encoder, "text_model", encoder).final_layer_norm.bias.normal_(0.05, 0.1)
+    return encoder
+
+
+def _vae(scaling_factor: float = 0.18215) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+        block_out_channels=(16, 32, 32, 32), norm_num_groups=16, scaling_factor=scaling_factor,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+
+
+def build_tiny(family: str = "sd15", seed: int = 0) -> Any:
+    """The tiny pipeline of a family ("sd15" or "sdxl"). Same seed, same weights."""
+    if family == "sdxl":
+        return build_tiny_sdxl(seed)
+    return build_tiny_sd15(seed)
+
+
+def build_tiny_sdxl(seed: int = 0) -> Any:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64), attention_head_dim=(2, 4), use_linear_projection=True,
+        transformer_layers_per_block=(1, 2), norm_num_groups=16,
+        cross_attention_dim=32 + 48,  # both encoders' hidden states, side by side
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 48,  # six size numbers, then the pooled embedding
+    )
+    vae = _vae(scaling_factor=0.13025)  # force_upcast stays True, as SDXL's own VAE
+    text_encoder, text_encoder_2 = _text_encoder(32), _text_encoder(48, with_projection=True)
+    scheduler = EulerDiscreteScheduler.from_config(SD_SCHEDULER)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(pad_token="!"),  # OpenCLIP pads with id 0 ("!"), CLIP-L with its end token
+        unet=unet, scheduler=scheduler, add_watermarker=False,
+    )
+
+
+def build_tiny_sd15(seed: int = 0) -> Any:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -69,21 +134,9 @@ def build_tiny_sd15(seed: int = 0) -> object:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
-        block_out_channels=(16, 32, 32, 32), norm_num_groups=16,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, bos_token_id=512,
-        eos_token_id=513, pad_token_id=513,
-    ))
-    with torch.no_grad():  # trained CLIP norms have biases: hidden states whose mean is not zero
-        getattr(text_encoder, "text_model", text_encoder).final_layer_norm.bias.normal_(0.05, 0.1)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer_files(Path(tmp))
-        tokenizer = CLIPTokenizer(f"{tmp}/vocab.json", f"{tmp}/merges.txt", model_max_length=77)
+    vae = _vae()
+    text_encoder = _text_encoder(32)
+    tokenizer = _tokenizer()
     scheduler = PNDMScheduler.from_config({**SD_SCHEDULER, "skip_prk_steps": True})
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -91,9 +144,9 @@ def build_tiny_sd15(seed: int = 0) -> object:
     )
 
 
-def write_tiny_model(folder: Path, seed: int = 0) -> Path:
+def write_tiny_model(folder: Path, seed: int = 0, family: str = "sd15") -> Path:
     """Save the tiny pipeline as a diffusers folder (safetensors). Same seed, same weights."""
-    pipe = build_tiny_sd15(seed)
+    pipe = build_tiny(family, seed)
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[attr-defined]
     return folder
@@ -103,58 +156,75 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def _lora_layers(pipe: Any, seed: int, strength: float) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """peft-layout state dicts of a random LoRA on the UNet and the text encoder."""
+def _lora_layers(pipe: Any, seed: int, strength: float) -> dict[str, dict[str, torch.Tensor]]:
+    """peft-layout state dicts of a random LoRA on the UNet and each text encoder, by component."""
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     torch.manual_seed(seed)
-    unet, text_encoder = pipe.unet, pipe.text_encoder
-    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS), unet, adapter_name="t")
-    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=TEXT_TARGETS), text_encoder,
-                            adapter_name="t")
-    with torch.no_grad():  # peft starts B at zero (a no-op LoRA): give it weights that change images
-        for module in (unet, text_encoder):
+    modules = {"unet": (pipe.unet, UNET_TARGETS), "text_encoder": (pipe.text_encoder, TEXT_TARGETS)}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        modules["text_encoder_2"] = (pipe.text_encoder_2, TEXT_TARGETS)
+    layers = {}
+    for component, (module, targets) in modules.items():
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets), module, adapter_name="t")
+        with torch.no_grad():  # peft starts B at zero (a no-op LoRA): give it weights that change images
             for name, param in module.named_parameters():
                 if "lora_" in name:
                     param.normal_(0.0, strength)
-    return (get_peft_model_state_dict(unet, adapter_name="t"),
-            get_peft_model_state_dict(text_encoder, adapter_name="t"))
+        layers[component] = get_peft_model_state_dict(module, adapter_name="t")
+    return layers
+
+
+# kohya/A1111 key prefixes of each component (SDXL files name the text encoders te1 and te2)
+_KOHYA_PREFIXES = {
+    "sd15": {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"},
+    "sdxl": {"unet": "lora_unet_", "text_encoder": "lora_te1_text_model_", "text_encoder_2": "lora_te2_text_model_"},
+}
 
 
 def _kohya(peft_sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """peft keys -> the kohya layout of A1111/Civitai SD1 files:
+    """peft keys -> the kohya layout of A1111/Civitai files:
     `lora_unet_down_blocks_0_..._to_q.lora_down.weight`, `lora_te_text_model_..._q_proj.alpha`."""
     out: dict[str, torch.Tensor] = {}
     for key, value in peft_sd.items():
         module, _, part = key.partition(".lora_")
-        name = prefix + module.replace(".", "_")
+        # CLIPTextModelWithProjection nests the model under text_model (CLIPTextModel no longer does)
+        name = prefix + module.removeprefix("text_model.").replace(".", "_")
         out[f"{name}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
         if part.startswith("A"):
             out[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))  # alpha = rank: scale 1
     return out
 
 
-def write_tiny_lora(path: Path, seed: int, kohya: bool = False, strength: float = 0.3) -> Path:
-    """A random LoRA for the tiny pipeline (fresh copy: the caller's pipeline is not touched)."""
-    from diffusers import StableDiffusionPipeline
+def write_tiny_lora(path: Path, seed: int, kohya: bool = False, strength: float = 0.3, family: str = "sd15") -> Path:
+    """A random LoRA for the tiny pipeline of a family (fresh copy: no caller's pipeline is touched)."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
 
-    unet_sd, text_sd = _lora_layers(build_tiny_sd15(), seed, strength)
+    pipe = build_tiny(family)
+    layers = _lora_layers(pipe, seed, strength)
     path.parent.mkdir(parents=True, exist_ok=True)
     if kohya:
-        save_file(_kohya(unet_sd, "lora_unet_") | _kohya(text_sd, "lora_te_text_model_"), str(path))
+        prefixes = _KOHYA_PREFIXES[family]
+        save_file({k: v for component, sd in layers.items() for k, v in _kohya(sd, prefixes[component]).items()},
+                  str(path))
     else:
-        StableDiffusionPipeline.save_lora_weights(
-            str(path.parent), unet_lora_layers=convert_state_dict_to_diffusers(unet_sd),
-            text_encoder_lora_layers=convert_state_dict_to_diffusers(text_sd), weight_name=path.name)
+        type(pipe).save_lora_weights(
+            str(path.parent), weight_name=path.name,
+            **{f"{component}_lora_layers": convert_state_dict_to_diffusers(sd) for component, sd in layers.items()})
     return path
 
 
-def write_tiny_embedding(path: Path, seed: int, vectors: int = 2, dim: int = 32, a1111: bool = True) -> Path:
-    """A random textual-inversion embedding of `vectors` tokens, in A1111's or diffusers' layout."""
+def write_tiny_embedding(path: Path, seed: int, vectors: int = 2, dim: int = 32, a1111: bool = True,
+                         family: str = "sd15") -> Path:
+    """A random textual-inversion embedding of `vectors` tokens, in A1111's or diffusers' layout.
+    SDXL: one tensor per text encoder, `clip_l` (width 32) and `clip_g` (48), as A1111 saves them."""
     generator = torch.Generator().manual_seed(seed)
-    emb = torch.randn(vectors, dim, generator=generator)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if family == "sdxl":
+        save_file({"clip_l": torch.randn(vectors, 32, generator=generator),
+                   "clip_g": torch.randn(vectors, 48, generator=generator)}, str(path))
+        return path
+    emb = torch.randn(vectors, dim, generator=generator)
     save_file({"emb_params": emb} if a1111 else {"<learned>": emb}, str(path))
     return path
 
@@ -190,6 +260,25 @@ def write_tiny_clipseg(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     CLIPSegProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def write_tiny_vae(folder: Path, seed: int, family: str = "sd15") -> Path:
+    """A random VAE that fits the tiny pipeline of a family, as a diffusers AutoencoderKL folder."""
+    torch.manual_seed(seed)
+    vae = _vae(scaling_factor=0.13025 if family == "sdxl" else 0.18215)
+    vae.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def write_tiny_sdxl_assets(folder: Path) -> dict[str, Path]:
+    """The SDXL demo's files: xl-detail (a diffusers-layout LoRA), xl-grain (kohya layout), xl-sparkle
+    (an A1111 SDXL embedding: clip_l and clip_g), xl-vae (a VAE folder)."""
+    return {
+        "xl-detail": write_tiny_lora(folder / "loras" / "xl-detail.safetensors", seed=11, family="sdxl"),
+        "xl-grain": write_tiny_lora(folder / "loras" / "xl-grain.safetensors", seed=12, kohya=True, family="sdxl"),
+        "xl-sparkle": write_tiny_embedding(folder / "embeddings" / "xl-sparkle.safetensors", seed=13, family="sdxl"),
+        "xl-vae": write_tiny_vae(folder / "vaes" / "xl-vae", seed=14, family="sdxl"),
+    }
 
 
 def write_tiny_assets(folder: Path) -> dict[str, Path]:

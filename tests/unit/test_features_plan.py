@@ -238,3 +238,65 @@ mask_models: {{clipseg: {{path: clipseg}}}}
     assert max(len(j.prompt) for j in jobs) > 300  # well past 77 tokens
     assert {j.schedule_type for j in jobs} == {"Automatic", "Karras", "Exponential"}
     assert any(j.clip_skip == 2 for j in jobs)
+
+
+# ------------------------------------------------------------------ SDXL and VAEs
+
+
+@pytest.fixture
+def xl_registry(tmp_path: Path) -> Registry:
+    for name in ("xl-lora", "sd-lora", "xl-emb", "sd-emb", "xl-vae", "sd-vae"):
+        (tmp_path / f"{name}.safetensors").write_bytes(name.encode())
+    text = f"""
+models:
+  tiny-sd15: {{hub: test/tiny, sha256: '{SHA}'}}
+  tiny-sdxl: {{hub: test/tiny-xl, sha256: '{S3_SHA}', family: sdxl}}
+loras:
+  xl-lora: {{file: xl-lora.safetensors, family: sdxl}}
+  sd-lora: {{file: sd-lora.safetensors}}
+embeddings:
+  xl-emb: {{file: xl-emb.safetensors, family: sdxl}}
+  sd-emb: {{file: sd-emb.safetensors}}
+vaes:
+  xl-vae: {{file: xl-vae.safetensors, family: sdxl}}
+  sd-vae: {{file: sd-vae.safetensors}}
+"""
+    return Registry(parse_registry(text, "r", tmp_path), HashCache(tmp_path), parse_assets(text, "r", tmp_path))
+
+
+def test_loras_and_vaes_must_fit_the_models_family(xl_registry: Registry) -> None:
+    found = problems("""
+items:
+  - {model: tiny-sdxl, prompt: a fox, seed: 1, loras: [sd-lora], vae: sd-vae}
+  - {model: tiny-sd15, prompt: a fox <lora:xl-lora:0.5>, seed: 1, vae: nope}
+  - {model: tiny-sdxl, prompt: a fox, seed: 1, clip_skip: 2}
+""", xl_registry)
+    assert found == [
+        "b.yaml:3: item 1: loras.0.name: lora 'sd-lora' is for sd15 models; this job's model is sdxl"
+        " (allowed: xl-lora)",
+        "b.yaml:3: item 1: vae: vae 'sd-vae' is for sd15 models; this job's model is sdxl (allowed: xl-vae)",
+        "b.yaml:4: item 2: loras.0.name: lora 'xl-lora' is for sdxl models; this job's model is sd15"
+        " (allowed: sd-lora)",
+        "b.yaml:4: item 2: vae: unknown vae 'nope' (allowed: sd-vae, xl-vae)",
+        "b.yaml:5: item 3: clip_skip: does not apply to SDXL (model 'tiny-sdxl' always uses the penultimate layer,"
+        " as A1111 does); leave it out",
+    ]
+
+
+def test_embeddings_of_the_models_family_only_and_the_vae_in_id_and_infotext(xl_registry: Registry) -> None:
+    xl, xl_vae, sd = plan("""
+defaults: {seed: 1, negative_prompt: "xl-emb, sd-emb"}
+items:
+  - {model: tiny-sdxl, prompt: a fox}
+  - {model: tiny-sdxl, prompt: a fox, vae: xl-vae}
+  - {model: tiny-sd15, prompt: a fox}
+""", xl_registry)
+    assert [e.name for e in xl.embeddings] == ["xl-emb"]  # an SD 1.x embedding's name is plain text to SDXL
+    assert [e.name for e in sd.embeddings] == ["sd-emb"]
+    assert xl_vae.vae is not None
+    assert xl_vae.vae.sha256 == sha_of(b"xl-vae")
+    assert xl_vae.id != xl.id
+    assert xl_vae.compat_key() != xl.compat_key()
+    back = parse_infotext(job_infotext(xl_vae, S3_SHA[:10]))
+    assert (back["VAE hash"], back["VAE"]) == (sha_of(b"xl-vae")[:10], "xl-vae")
+    assert "VAE" not in parse_infotext(job_infotext(xl, S3_SHA[:10]))

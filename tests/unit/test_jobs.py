@@ -28,6 +28,7 @@ PIXEL_CHANGES = {
     "clip_skip": 2,
     "loras": [{"name": "add_detail", "weight": 0.5, "sha256": "ab" * 32}],
     "embeddings": [{"name": "EasyNegative", "sha256": "ef" * 32}],
+    "vae": {"name": "sdxl-vae-fp16-fix", "sha256": "0e" * 32},
     "hires": {"scale": 2},
     "upscale": {"factor": 2},
 }

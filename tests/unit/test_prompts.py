@@ -110,7 +110,7 @@ def n_tokens(pipe: Any, text: str) -> int:
 def test_unweighted_short_prompts_are_bit_for_bit_the_old_embeddings(pipe: Any, clip_skip: int) -> None:
     prompts, negatives = ["a red fox in snow", "café, 東京"], ["blurry, ugly", ""]
     with torch.inference_mode():
-        cond, uncond = encode_prompts(pipe, prompts, negatives, clip_skip)
+        cond, uncond = encode_prompts(pipe, prompts, negatives, clip_skip)[:2]
         assert torch.equal(cond, old_encode(pipe, prompts, clip_skip))
         assert torch.equal(uncond, old_encode(pipe, negatives, clip_skip))
 
@@ -118,7 +118,7 @@ def test_unweighted_short_prompts_are_bit_for_bit_the_old_embeddings(pipe: Any, 
 def test_bit_for_bit_and_dtype_in_bfloat16_on_a_pipe_without_textual_inversion(pipe: Any) -> None:
     bf16 = SimpleNamespace(tokenizer=pipe.tokenizer, text_encoder=copy.deepcopy(pipe.text_encoder).to(torch.bfloat16))
     with torch.inference_mode():
-        cond, uncond = encode_prompts(bf16, ["a red fox"], ["a (blurry:1.4) photo"], 2)
+        cond, uncond = encode_prompts(bf16, ["a red fox"], ["a (blurry:1.4) photo"], 2)[:2]
         assert cond.dtype == uncond.dtype == torch.bfloat16
         assert torch.equal(cond, old_encode(bf16, ["a red fox"], 2))
 
@@ -179,7 +179,7 @@ def test_break_starts_a_new_chunk(pipe: Any) -> None:
 def test_prompts_and_negatives_of_different_lengths_stack_to_one_shape(pipe: Any) -> None:
     long = "x" * 160  # 3 chunks
     with torch.inference_mode():
-        cond, uncond = encode_prompts(pipe, ["short", long], ["", "blurry BREAK ugly"], 1)
+        cond, uncond = encode_prompts(pipe, ["short", long], ["", "blurry BREAK ugly"], 1)[:2]
         empty = encode_prompts(pipe, [""], [""], 1)[0][0]
     assert cond.shape == uncond.shape == (2, 3 * 77, 32)
     # the padding is the encoded empty prompt, as A1111 pads cond and uncond
@@ -192,7 +192,7 @@ def test_a_weighted_prompt_does_not_depend_on_its_batchmates(pipe: Any) -> None:
     # A1111 rescales to the mean of its whole batch; sdfarm per prompt, so a job's image does not
     # depend on the chunk it was rendered in
     with torch.inference_mode():
-        cond, _ = encode_prompts(pipe, ["a (fox:1.3) in snow", "[[[dark]]] forest " * 9], ["", ""], 1)
+        cond, _ = encode_prompts(pipe, ["a (fox:1.3) in snow", "[[[dark]]] forest " * 9], ["", ""], 1)[:2]
     torch.testing.assert_close(cond[0, :77], encode1(pipe, "a (fox:1.3) in snow"))
 
 
@@ -230,6 +230,6 @@ def test_embeddings_are_finite_even_when_a_chunk_mean_is_zero(pipe: Any, clip_sk
     """The tiny encoder's final layer norm gives hidden states of mean ~0: A1111's mean restoring
     would divide 0 by 0 there. Every prompt must still give finite embeddings (no black images)."""
     prompts = ["a castle in the clouds", "an origami owl, studio light", "a (red:1.3) fox BREAK [snow]"]
-    pos, neg = encode_prompts(pipe, prompts, ["blurry"] * 3, clip_skip)
+    pos, neg = encode_prompts(pipe, prompts, ["blurry"] * 3, clip_skip)[:2]
     assert torch.isfinite(pos).all()
     assert torch.isfinite(neg).all()

@@ -1,0 +1,68 @@
+"""The decode every render ends with: fp16 overflow is redone in fp32 (A1111's "revert VAE to
+32-bit"), a VAE marked force_upcast decodes in fp32, and NaN is never stored as a black image."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+from sdfarm.errors import RenderError
+from worker.tiny import _vae
+from worker.vae import decode
+
+LATENTS = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def pipe_with(vae: Any) -> Any:
+    return SimpleNamespace(vae=vae, image_processor=VaeImageProcessor(vae_scale_factor=8))
+
+
+def overflowing_vae(force_upcast: bool) -> Any:
+    """Fine in fp32; its first decoder conv reaches ~1e6, past fp16's 65504, so fp16 gives NaN."""
+    torch.manual_seed(1)
+    vae = _vae()
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)
+    vae.register_to_config(force_upcast=force_upcast)
+    return vae.eval()
+
+
+def test_an_fp16_decode_that_overflows_is_redone_in_fp32(caplog: pytest.LogCaptureFixture) -> None:
+    vae = overflowing_vae(force_upcast=False)
+    with torch.inference_mode():
+        reference = decode(pipe_with(vae), LATENTS)  # fp32 throughout
+        vae.half()
+        assert not torch.isfinite(vae.decode(LATENTS.half() / vae.config.scaling_factor).sample).all()
+        with caplog.at_level(logging.WARNING, logger="sdfarm.worker"):
+            images = decode(pipe_with(vae), LATENTS.half())
+    assert "decoding again in float32" in caplog.text
+    assert vae.dtype == torch.float16  # the VAE goes back to fp16 for the next chunk
+    for image, ref in zip(images, reference, strict=True):
+        assert np.abs(np.asarray(image).astype(int) - np.asarray(ref).astype(int)).max() <= 1
+
+
+def test_a_vae_marked_force_upcast_decodes_in_fp32_from_the_start(caplog: pytest.LogCaptureFixture) -> None:
+    vae = overflowing_vae(force_upcast=True).half()
+    with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="sdfarm.worker"):
+        images = decode(pipe_with(vae), LATENTS.half())
+    assert "decoding again" not in caplog.text
+    assert len(images) == 2
+    assert vae.dtype == torch.float16
+
+
+def test_nan_latents_or_pixels_fail_with_the_reason_instead_of_a_black_image() -> None:
+    vae = _vae().eval()
+    bad = LATENTS.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    with torch.inference_mode(), pytest.raises(RenderError, match="NaN or infinite latents"):
+        decode(pipe_with(vae), bad)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.fill_(float("nan"))
+    with torch.inference_mode(), pytest.raises(RenderError, match="NaN or infinite pixels even in float32"):
+        decode(pipe_with(vae), LATENTS)

@@ -1,0 +1,108 @@
+"""The VAE: registered VAEs swapped in between chunks, and the decode every render ends with.
+
+A job's `vae` names a registered VAE (a diffusers folder, or a single .safetensors file in the
+original LDM layout or diffusers' own, read with the model's VAE config); no `vae` is the model's
+own. Up to `keep` registered VAEs stay loaded, least recently used out first.
+
+fp16 VAEs overflow: SDXL's own VAE turns to NaN (black images) at fp16, so diffusers marks it
+`force_upcast` and decodes in fp32. This does the same, and like A1111's "revert VAE to 32-bit"
+redoes a decode in fp32 when fp16 gave NaN anyway. A non-finite result is never stored: NaN in the
+latents (the UNet) or after an fp32 decode fails the chunk with a RenderError saying which.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sdfarm.errors import AssetError, RenderError
+from sdfarm.jobs import AssetRef
+
+log = logging.getLogger("sdfarm.worker")
+
+
+class Vaes:
+    def __init__(self, own: Any, keep: int = 2) -> None:
+        self.own = own  # the model's VAE
+        self.keep = keep
+        self.loaded: OrderedDict[str, Any] = OrderedDict()  # sha256 -> AutoencoderKL, oldest use first
+
+    def select(self, ref: AssetRef | None, files: dict[str, Path]) -> Any:
+        """The VAE module a chunk renders with."""
+        if ref is None:
+            return self.own
+        if ref.sha256 in self.loaded:
+            self.loaded.move_to_end(ref.sha256)
+            return self.loaded[ref.sha256]
+        try:
+            vae = load_vae(files[ref.sha256], self.own)
+        except Exception as e:
+            raise AssetError(f"vae {ref.name!r}: cannot load {files[ref.sha256].name}: {type(e).__name__}: {e}") from e
+        self.loaded[ref.sha256] = vae
+        while len(self.loaded) > self.keep:
+            self.loaded.popitem(last=False)
+        log.info("vae %s loaded (%s)", ref.name, ref.sha256[:12])
+        return vae
+
+
+def load_vae(path: Path, own: Any) -> Any:
+    """A registered VAE on the model's device and dtype. Its layers must fit the model's VAE."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
+
+    if path.is_dir():
+        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+    else:
+        state = load_file(str(path))
+        if not any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state):
+            state = convert_ldm_vae_checkpoint(state, dict(own.config))  # the original layout
+        vae = AutoencoderKL.from_config(own.config)
+        vae.load_state_dict(state, strict=True)
+    if vae.config.latent_channels != own.config.latent_channels:
+        raise ValueError(f"it has {vae.config.latent_channels} latent channels, the model {own.config.latent_channels}")
+    return vae.to(device=own.device, dtype=own.dtype).eval()
+
+
+def decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
+    """The pipeline's latents -> PIL images, with the VAE and image processor the pipeline holds."""
+    if not torch.isfinite(latents).all():
+        raise RenderError("the denoising produced NaN or infinite latents (an fp16 overflow in the UNet,"
+                          " or extreme prompt weights); nothing was stored")
+    vae = pipe.vae
+    fp32 = vae.dtype == torch.float32
+    pixels = _decode(vae, latents, upcast=not fp32 and bool(getattr(vae.config, "force_upcast", False)))
+    if not torch.isfinite(pixels).all() and not fp32:
+        log.warning("VAE decode in %s gave NaN: decoding again in float32", vae.dtype)
+        pixels = _decode(vae, latents, upcast=True)
+    if not torch.isfinite(pixels).all():
+        raise RenderError("the VAE produced NaN or infinite pixels even in float32; nothing was stored")
+    images: list[Image.Image] = pipe.image_processor.postprocess(pixels, output_type="pil")
+    return images
+
+
+def _decode(vae: Any, latents: torch.Tensor, upcast: bool) -> torch.Tensor:
+    dtype = vae.dtype
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        work = torch.float32 if upcast else dtype
+        config = vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        latents = latents.to(device=vae.device, dtype=work)
+        if mean is not None and std is not None:
+            channels = latents.shape[1]
+            latents = latents * torch.tensor(std, dtype=work, device=vae.device).view(1, channels, 1, 1) \
+                / config.scaling_factor + torch.tensor(mean, dtype=work, device=vae.device).view(1, channels, 1, 1)
+        else:
+            latents = latents / config.scaling_factor
+        pixels: torch.Tensor = vae.decode(latents, return_dict=False)[0]
+        return pixels.float()
+    finally:
+        if upcast:
+            vae.to(dtype=dtype)

@@ -1,10 +1,10 @@
 """`make demo`: the farm on the embedded stack, start to finish, on this machine's CPU.
 
-Writes a tiny random-weight model, starts a real Redis and a real S3 server, starts two worker
-processes, submits examples/demo.yaml and examples/features.yaml (LoRAs, an embedding, weighted and
-long prompts, hires fix, upscaling, img2img, inpainting with image and text masks) through the real
-CLI, watches them finish, fetches the images and draws a contact sheet of each, then shuts
-everything down. State lives under .sdfarm/demo/.
+Writes tiny random-weight SD 1.5 and SDXL models, starts a real Redis and a real S3 server, starts
+two SD 1.5 worker processes and one SDXL worker, submits examples/demo.yaml and examples/features.yaml
+(LoRAs, embeddings, a VAE, weighted and long prompts, hires fix, upscaling, img2img, inpainting with
+image and text masks, SDXL) through the real CLI, watches them finish, fetches the images and draws
+a contact sheet of each, then shuts everything down. State lives under .sdfarm/demo/.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from infra.stack import EmbeddedStack
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".sdfarm" / "demo"
 MODEL = "tiny-sd15"
+XL_MODEL = "tiny-sdxl"
 BATCHES = [ROOT / "examples" / "demo.yaml", ROOT / "examples" / "features.yaml"]
-WORKERS = 2
+WORKERS = [MODEL, MODEL, XL_MODEL]  # one process per entry, each serving that model
 
 
 def sdfarm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -35,24 +36,33 @@ def sdfarm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def main() -> int:
     STATE.mkdir(parents=True, exist_ok=True)
-    model_dir = STATE / "models" / MODEL
-    if not (model_dir / "model_index.json").exists():
-        from worker.tiny import write_tiny_model
+    for name, family in ((MODEL, "sd15"), (XL_MODEL, "sdxl")):
+        model_dir = STATE / "models" / name
+        if not (model_dir / "model_index.json").exists():
+            from worker.tiny import write_tiny_model
 
-        print(f"writing a tiny random-weight SD1.5-architecture model to {model_dir}", flush=True)
-        write_tiny_model(model_dir)
+            print(f"writing a tiny random-weight {family}-architecture model to {model_dir}", flush=True)
+            write_tiny_model(model_dir, family=family)
     assets = {"tiny-detail": "loras/tiny-detail.safetensors", "tiny-grain": "loras/tiny-grain.safetensors",
               "tiny-sparkle": "embeddings/tiny-sparkle.safetensors", "tiny-clipseg": "mask_models/tiny-clipseg"}
-    if not all((STATE / path).exists() for path in assets.values()):
-        from worker.tiny import write_tiny_assets
+    xl_assets = {"xl-detail": "sdxl/loras/xl-detail.safetensors", "xl-grain": "sdxl/loras/xl-grain.safetensors",
+                 "xl-sparkle": "sdxl/embeddings/xl-sparkle.safetensors", "xl-vae": "sdxl/vaes/xl-vae"}
+    if not all((STATE / path).exists() for path in [*assets.values(), *xl_assets.values()]):
+        from worker.tiny import write_tiny_assets, write_tiny_sdxl_assets
 
-        print("writing tiny LoRAs and an embedding that fit it", flush=True)
+        print("writing tiny LoRAs, embeddings and a VAE that fit them", flush=True)
         write_tiny_assets(STATE)
+        write_tiny_sdxl_assets(STATE / "sdxl")
     registry = STATE / "models.yaml"
-    registry.write_text(f"models:\n  {MODEL}:\n    path: models/{MODEL}\n"
+    registry.write_text(f"models:\n  {MODEL}: {{path: models/{MODEL}}}\n"
+                        f"  {XL_MODEL}: {{path: models/{XL_MODEL}, family: sdxl}}\n"
                         f"loras:\n  tiny-detail: {{file: {assets['tiny-detail']}}}\n"
                         f"  tiny-grain: {{file: {assets['tiny-grain']}}}\n"
+                        f"  xl-detail: {{file: {xl_assets['xl-detail']}, family: sdxl}}\n"
+                        f"  xl-grain: {{file: {xl_assets['xl-grain']}, family: sdxl}}\n"
                         f"embeddings:\n  tiny-sparkle: {{file: {assets['tiny-sparkle']}}}\n"
+                        f"  xl-sparkle: {{file: {xl_assets['xl-sparkle']}, family: sdxl}}\n"
+                        f"vaes:\n  xl-vae: {{path: {xl_assets['xl-vae']}, family: sdxl}}\n"
                         f"mask_models:\n  clipseg: {{path: {assets['tiny-clipseg']}}}\n")
 
     stack = EmbeddedStack(STATE / "stack")
@@ -68,16 +78,16 @@ def main() -> int:
 
         logs = STATE / "logs"
         logs.mkdir(exist_ok=True)
-        for n in range(WORKERS):
+        for n, model in enumerate(WORKERS):
             with (logs / f"worker-{n}.log").open("wb") as out:
                 workers.append(subprocess.Popen(
-                    [sys.executable, "-m", "producer", "worker", "--model", MODEL, "--device", "cpu",
+                    [sys.executable, "-m", "producer", "worker", "--model", model, "--device", "cpu",
                      "--hostname", f"demo-{n}@{os.uname().nodename}"],
                     env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         client = redis.Redis.from_url(info.redis_url)
         deadline = time.monotonic() + 180
-        print(f"starting {WORKERS} workers (each loads the model once) ...", flush=True)
-        while sum(1 for _ in client.scan_iter("sdfarm:worker:demo-*")) < WORKERS:
+        print(f"starting {len(WORKERS)} workers ({', '.join(WORKERS)}; each loads its model once) ...", flush=True)
+        while sum(1 for _ in client.scan_iter("sdfarm:worker:demo-*")) < len(WORKERS):
             if any(w.poll() is not None for w in workers) or time.monotonic() > deadline:
                 print(f"a worker did not start: see {logs}", file=sys.stderr)
                 return 1

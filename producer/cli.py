@@ -289,14 +289,14 @@ def scheduler(loglevel: str) -> None:
 
 @cli.command()
 def models() -> None:
-    """The model registry: models, LoRAs and embeddings with their sources and identities."""
+    """The model registry: models, LoRAs, embeddings, VAEs and mask models with sources and identities."""
     registry = Registry.from_settings(_settings())
     for entry in registry:
         source = entry.path or entry.file or f"hub:{entry.hub}@{entry.revision}"
         console.print(f"model      {entry.name:<24} {entry.family:<6} {registry.identity(entry.name)[:10]}  {source}",
                       highlight=False)
     for (kind, name), asset in sorted(registry.assets.items()):
-        where = asset.file or f"s3://{_settings().s3_bucket}/{asset.s3_key}"
+        where = asset.file or asset.path or f"s3://{_settings().s3_bucket}/{asset.s3_key}"
         console.print(f"{kind:<10} {name:<24} {asset.family:<6} {registry.asset_identity(kind, name)[:12]}  {where}",
                       highlight=False)
 
@@ -315,10 +315,11 @@ def worker(model: str, device: str, hostname: str | None, loglevel: str) -> None
 @cli.command("make-tiny-model")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
-def make_tiny_model(dest: Path, seed: int) -> None:
-    """Write a tiny random-weight SD1.5-architecture pipeline (diffusers folder) to DEST."""
+@click.option("--family", type=click.Choice(["sd15", "sdxl"]), default="sd15", show_default=True)
+def make_tiny_model(dest: Path, seed: int, family: str) -> None:
+    """Write a tiny random-weight SD1.5- or SDXL-architecture pipeline (diffusers folder) to DEST."""
     write = importlib.import_module("worker.tiny").write_tiny_model
-    console.print(f"tiny model written to {write(dest, seed)}", highlight=False)
+    console.print(f"tiny {family} model written to {write(dest, seed, family)}", highlight=False)
 
 
 @cli.group()

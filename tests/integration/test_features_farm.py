@@ -21,7 +21,7 @@ from sdfarm.layout import failed_key, image_key, sidecar_key
 from sdfarm.models import Registry, addnet_hash
 from sdfarm.progress import ProgressBoard
 from sdfarm.store import Store
-from tests.conftest import FEATURES, WorkerProcess, cli, sha256_of, wait_for
+from tests.conftest import FEATURES, SDXL, WorkerProcess, cli, sha256_of, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +144,43 @@ def test_an_input_replaced_after_submit_fails_its_job(tmp_path: Path, feature_wo
     reason = store.get_json(failed_key(plan.batch_id, plan.jobs[0].id))["reason"]
     assert "inputs/swap.png has sha256" in reason
     assert "it was replaced after submit" in reason
+
+
+def test_sdxl_renders_on_the_farm_with_lora_embedding_vae_hires_and_inpainting(
+        tmp_path: Path, start_worker: Callable[..., WorkerProcess], env: dict[str, str], store: Store,
+        registry: Registry, inputs_dir: Path, tiny_sdxl: dict[str, Path]) -> None:
+    worker = start_worker("sdxl", model=SDXL)
+    picture(3).save(inputs_dir / "xl-init.png")
+    path = tmp_path / "xl.yaml"
+    path.write_text(f"""name: xl
+seed: 9
+defaults: {{model: {SDXL}, width: 64, height: 64, steps: 4, sampler: Euler a}}
+items:
+  - {{prompt: "a (fox:1.2), xl-sparkle <lora:xl-detail:0.7>", vae: xl-vae,
+     hires: {{scale: 2, steps: 2, denoising_strength: 0.5}}}}
+  - {{prompt: a fox, loras: [xl-grain], init_image: "local:xl-init.png", mask_prompt: background}}
+""")
+    result = cli(["submit", str(path), "--watch"], env)
+    assert result.returncode == 0, result.stdout + result.stderr + worker.tail()
+    plan = plan_file(path, registry, 100, inputs=Inputs(store, inputs_dir))
+    first, inpaint = (Image.open(io.BytesIO(store.get(image_key(j.id)))) for j in plan.jobs)
+    info = parse_infotext(first.text["parameters"])
+    assert first.size == (128, 128)
+    assert (info["Model"], info["VAE"], info["Hires upscale"]) == (SDXL, "xl-vae", "2")
+    assert info["Lora hashes"] == f"xl-detail: {addnet_hash(tiny_sdxl['xl-detail'])[:12]}"
+    assert info["TI hashes"] == f"xl-sparkle: {sha256_of(tiny_sdxl['xl-sparkle'])[:12]}"
+    assert inpaint.size == (64, 64)
+    assert store.get_json(sidecar_key(plan.jobs[1].id))["job"]["mask_prompt"] == "background"
+    worker.stop()
+
+
+def test_sdfarm_models_lists_every_registry_entry_with_family_and_identity(env: dict[str, str],
+                                                                             registry: Registry) -> None:
+    result = cli(["models"], env)
+    assert result.returncode == 0, result.stderr
+    lines = {tuple(line.split()[:3]) for line in result.stdout.splitlines()}
+    assert ("model", SDXL, "sdxl") in lines
+    assert ("vae", "xl-vae", "sdxl") in lines
+    assert ("mask_model", "clipseg", "sd15") in lines
+    assert ("lora", "s3-detail", "sd15") in lines
+    assert f"{registry.asset_identity('vae', 'xl-vae')[:12]}" in result.stdout

@@ -212,12 +212,15 @@ def test_upscale_is_recorded_as_postprocessing(registry: Registry) -> None:
 
 
 def test_the_features_example_uses_every_feature(tmp_path: Path) -> None:
-    for name in ("detail", "grain", "sparkle"):
+    for name in ("detail", "grain", "sparkle", "xl-detail", "xl-grain", "xl-sparkle"):
         (tmp_path / f"{name}.safetensors").write_bytes(name.encode())
+    xl = "family: sdxl"
     text = f"""
-models: {{tiny-sd15: {{hub: test/tiny, sha256: '{SHA}'}}}}
-loras: {{tiny-detail: {{file: detail.safetensors}}, tiny-grain: {{file: grain.safetensors}}}}
-embeddings: {{tiny-sparkle: {{file: sparkle.safetensors}}}}
+models: {{tiny-sd15: {{hub: test/tiny, sha256: '{SHA}'}}, tiny-sdxl: {{hub: test/xl, sha256: '{S3_SHA}', {xl}}}}}
+loras: {{tiny-detail: {{file: detail.safetensors}}, tiny-grain: {{file: grain.safetensors}},
+        xl-detail: {{file: xl-detail.safetensors, {xl}}}, xl-grain: {{file: xl-grain.safetensors, {xl}}}}}
+embeddings: {{tiny-sparkle: {{file: sparkle.safetensors}}, xl-sparkle: {{file: xl-sparkle.safetensors, {xl}}}}}
+vaes: {{xl-vae: {{path: clipseg, {xl}}}}}
 mask_models: {{clipseg: {{path: clipseg}}}}
 """
     (tmp_path / "clipseg").mkdir()
@@ -226,11 +229,18 @@ mask_models: {{clipseg: {{path: clipseg}}}}
     examples = Path(__file__).resolve().parents[2] / "examples"
     path = examples / "features.yaml"
     jobs = plan_batch(path.read_text(), str(path), "yaml", reg, 1000, inputs=Inputs(None, examples / "inputs")).jobs
-    assert len(jobs) == 12
-    assert all(j.embeddings for j in jobs)
-    assert [j.mode for j in jobs[-3:]] == ["img2img", "inpaint", "inpaint"]
-    assert jobs[-1].mask_prompt == "sky"
-    assert {lora.name for j in jobs for lora in j.loras} == {"tiny-detail", "tiny-grain"}
+    assert len(jobs) == 14
+    sd, xl = jobs[:12], jobs[12:]
+    assert all(j.embeddings for j in sd)
+    assert [j.mode for j in sd[-3:]] == ["img2img", "inpaint", "inpaint"]
+    assert sd[-1].mask_prompt == "sky"
+    assert {lora.name for j in sd for lora in j.loras} == {"tiny-detail", "tiny-grain"}
+    assert {j.model for j in xl} == {"tiny-sdxl"}
+    assert [e.name for e in xl[0].embeddings] == ["xl-sparkle"]
+    assert xl[0].vae is not None
+    assert xl[0].hires is not None
+    assert {lora.name for j in xl for lora in j.loras} == {"xl-detail", "xl-grain"}
+    assert xl[1].mode == "inpaint"
     assert any(len(j.loras) == 2 for j in jobs)
     assert {j.hires.upscaler for j in jobs if j.hires} == {"Latent", "Lanczos"}
     assert any(j.upscale for j in jobs)

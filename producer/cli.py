@@ -292,7 +292,8 @@ def models() -> None:
     """The model registry: models, LoRAs, embeddings, VAEs and mask models with sources and identities."""
     registry = Registry.from_settings(_settings())
     for entry in registry:
-        source = entry.path or entry.file or f"hub:{entry.hub}@{entry.revision}"
+        source = entry.path or entry.file or (f"s3://{_settings().s3_bucket}/{entry.s3_key}" if entry.s3
+                                              else f"hub:{entry.hub}@{entry.revision}")
         console.print(f"model      {entry.name:<24} {entry.family:<6} {registry.identity(entry.name)[:10]}  {source}",
                       highlight=False)
     for (kind, name), asset in sorted(registry.assets.items()):

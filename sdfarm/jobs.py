@@ -426,6 +426,11 @@ class Chunk(BaseModel):
     def model(self) -> str:
         return self.entries[0].job.model
 
+    def message(self) -> dict[str, Any]:
+        """The task message: fields at their defaults are left out (a job's defaults are part of
+        its schema version), so a queued job costs Redis only what it sets."""
+        return self.model_dump(mode="json", exclude_defaults=True)
+
     @cached_property
     def id(self) -> str:
         return _id_of({"batch": self.batch_id, "jobs": [e.job.id for e in self.entries]})[:16]

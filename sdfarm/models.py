@@ -12,6 +12,10 @@ A registry is YAML (a file, or inline text in SDFARM_MODELS):
         file: /models/v1-5-pruned-emaonly.safetensors   # a single-file checkpoint
         config: /models/sd15-config     # diffusers-format folder with the configs (offline)
         sha256: 6ce0161689...           # optional: skips hashing a large file
+      v1-5-from-bucket:
+        s3: checkpoints/v1-5-pruned-emaonly.safetensors   # the key models/checkpoints/... in the bucket
+        sha256: 6ce0161689...           # required: workers download once, verify, then load
+        config: /models/sd15-config
       hub-model:
         hub: org/name
         revision: 0123abcd...           # pin a commit: it is the model's identity
@@ -65,7 +69,7 @@ _FOLDER_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 
 
 class ModelEntry(BaseModel):
-    """One registered model. Exactly one of path, file and hub is set."""
+    """One registered model. Exactly one of path, file, s3 and hub is set."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -73,6 +77,7 @@ class ModelEntry(BaseModel):
     family: Family = "sd15"
     path: Path | None = None
     file: Path | None = None
+    s3: str | None = Field(default=None, pattern=ASSET_KEY_PATTERN)  # a single file under the bucket's models/
     config: Path | None = None
     hub: str | None = None
     revision: str = "main"
@@ -81,12 +86,24 @@ class ModelEntry(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelEntry:
-        sources = [s for s in ("path", "file", "hub") if getattr(self, s) is not None]
+        sources = [s for s in ("path", "file", "s3", "hub") if getattr(self, s) is not None]
         if len(sources) != 1:
-            raise ValueError(f"set exactly one of path, file, hub (got {', '.join(sources) or 'none'})")
+            raise ValueError(f"set exactly one of path, file, s3, hub (got {', '.join(sources) or 'none'})")
         if self.file is not None:
             _check_weights_file(self.file, self.allow_pickle)
+        if self.s3 is not None:
+            if ".." in self.s3.split("/"):
+                raise ValueError(f"s3 key {self.s3!r} must not contain '..'")
+            if self.sha256 is None or self.config is None:
+                raise ValueError("an s3 checkpoint needs its sha256 (workers verify the download) and config:"
+                                 " (a diffusers-format folder with the configs, to load it offline)")
+            _check_weights_file(self.s3, self.allow_pickle)
         return self
+
+    @property
+    def s3_key(self) -> str:
+        assert self.s3 is not None
+        return ASSETS_PREFIX + self.s3
 
     def identity(self, cache: HashCache) -> str:
         """The sha256 that names these weights. Reads the files when no sha256 is registered."""

@@ -94,7 +94,7 @@ def enqueue_chunks(app: Celery, chunks: list[Chunk], priority: int = DEFAULT_PRI
         for chunk in chunks:
             app.send_task(
                 RENDER_TASK,
-                args=[chunk.model_dump(mode="json")],
+                args=[chunk.message()],
                 queue=queue_name(chunk.model),
                 priority=level,
                 producer=producer,

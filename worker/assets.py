@@ -19,7 +19,7 @@ from PIL import Image
 from sdfarm.errors import AssetError, InvalidInput
 from sdfarm.inputs import open_image
 from sdfarm.jobs import ImageRef, RenderJob
-from sdfarm.models import AssetEntry, AssetKind, Registry, addnet_hash
+from sdfarm.models import AssetEntry, AssetKind, ModelEntry, Registry, addnet_hash
 from sdfarm.store import MissingObject, Store
 
 log = logging.getLogger("sdfarm.worker")
@@ -53,8 +53,21 @@ class AssetFiles:
             return self._folder(entry, sha256)
         if entry.file is not None:  # checked every time (the hash cache makes it cheap): it may be replaced
             return self._local(entry, sha256)
-        if sha256 not in self._verified:  # our own cache file, named by its sha256
-            self._verified[sha256] = self._fetched(entry, sha256)
+        if entry.sha256 != sha256:
+            raise AssetError(f"{entry.kind} {entry.name!r}: this worker's registry says sha256 "
+                             f"{(entry.sha256 or '?')[:12]}…, the job was planned with {sha256[:12]}…")
+        return self.fetch(f"{entry.kind} {entry.name!r}", entry.s3_key, sha256)
+
+    def checkpoint(self, entry: ModelEntry) -> Path:
+        """A model's single-file checkpoint from the bucket (an s3: entry), fetched and verified."""
+        assert entry.sha256 is not None
+        return self.fetch(f"model {entry.name!r}", entry.s3_key, entry.sha256)
+
+    def fetch(self, what: str, key: str, sha256: str) -> Path:
+        """The bucket's `key`, as a file in the cache named by its sha256: downloaded once, checked
+        against the sha256, and only then visible under its final name."""
+        if sha256 not in self._verified:
+            self._verified[sha256] = self._fetched(what, key, sha256)
         return self._verified[sha256]
 
     def for_jobs(self, jobs: Iterable[RenderJob]) -> dict[str, Path]:
@@ -110,28 +123,39 @@ class AssetFiles:
                              f" planned with {sha256[:12]}…; resubmit to render with the file as it is now")
         return entry.file
 
-    def _fetched(self, entry: AssetEntry, sha256: str) -> Path:
-        if entry.sha256 != sha256:
-            raise AssetError(f"{entry.kind} {entry.name!r}: this worker's registry says sha256 "
-                             f"{(entry.sha256 or '?')[:12]}…, the job was planned with {sha256[:12]}…")
+    def _fetched(self, what: str, key: str, sha256: str) -> Path:
         if self.store is None:
-            raise AssetError(f"{entry.kind} {entry.name!r} lives in S3, and this worker has no bucket")
-        target = self.folder / f"{sha256}{Path(entry.s3_key).suffix}"
+            raise AssetError(f"{what} lives in S3, and this worker has no bucket")
+        target = self.folder / f"{sha256}{Path(key).suffix}"
         if target.is_file() and self.registry.cache.file_sha256(target) == sha256:
             return target
         self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(f"{target.name}.*.part"):  # left by a worker killed mid-download
+            if not _pid_alive(stale):
+                stale.unlink(missing_ok=True)
         partial = target.with_name(f"{target.name}.{os.getpid()}.part")
         try:
-            self.store.download(entry.s3_key, partial)
+            self.store.download(key, partial)
             actual = _sha256(partial)
             if actual != sha256:
-                raise AssetError(f"{entry.kind} {entry.name!r}: s3://{self.store.bucket}/{entry.s3_key} has sha256"
-                                 f" {actual[:12]}…, the registry says {sha256[:12]}…; not loaded")
+                raise AssetError(f"{what}: s3://{self.store.bucket}/{key} has sha256 {actual[:12]}…, the registry"
+                                 f" says {sha256[:12]}…; not loaded")
             partial.replace(target)  # whole, verified files only ever appear under the final name
         except MissingObject as e:
-            raise AssetError(f"{entry.kind} {entry.name!r}: {e}") from e
+            raise AssetError(f"{what}: {e}") from e
         finally:
             partial.unlink(missing_ok=True)
-        log.info("%s %s fetched from s3://%s/%s (%s)", entry.kind, entry.name, self.store.bucket, entry.s3_key,
-                 sha256[:12])
+        log.info("%s fetched from s3://%s/%s (%s)", what.replace("'", ""), self.store.bucket, key, sha256[:12])
         return target
+
+
+def _pid_alive(part: Path) -> bool:
+    """Whether the process that names a .part file (NAME.PID.part) still runs on this node."""
+    try:
+        pid = int(part.suffixes[-2].lstrip("."))
+        os.kill(pid, 0)
+    except (IndexError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True

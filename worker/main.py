@@ -64,8 +64,9 @@ def _heartbeat_loop(state: WorkerState, stop: threading.Event) -> None:
 def _init_child(settings: Settings, model: str, device: str, hostname: str, fail_file: Path) -> None:
     try:
         registry = Registry.from_settings(settings)
-        loaded = load_model(registry, model, device)
         store = Store.from_settings(settings)
+        assets = AssetFiles(registry, store, settings.cache_dir)
+        loaded = load_model(registry, model, device, assets)
         state = WorkerState(
             settings=settings,
             hostname=hostname,
@@ -74,7 +75,7 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
             board=ProgressBoard.from_url(settings.redis_url.get_secret_value(), settings.progress_ttl),
             versions=versions(),
             pool=ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload"),
-            assets=AssetFiles(registry, store, settings.cache_dir),
+            assets=assets,
             masks=MaskModels(loaded.device),
         )
     except Exception as e:

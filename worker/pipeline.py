@@ -16,6 +16,7 @@ from sdfarm.jobs import AssetRef
 from sdfarm.models import ModelEntry, Registry
 
 from .adapters import Adapters
+from .assets import AssetFiles
 from .vae import Vaes
 
 log = logging.getLogger("sdfarm.worker")
@@ -117,37 +118,45 @@ def _extra(family: str) -> dict[str, Any]:
     return {"safety_checker": None, "requires_safety_checker": False}
 
 
-def _from_entry(entry: ModelEntry, dtype: torch.dtype) -> Any:
+def _from_entry(entry: ModelEntry, dtype: torch.dtype, fetched: Path | None) -> Any:
+    """fetched: an s3: entry's checkpoint, downloaded and verified."""
     cls = pipeline_class(entry.family, "txt2img")
     common: dict[str, Any] = {"dtype": dtype, **_extra(entry.family)}
+    file = fetched or entry.file
     if entry.path is not None:
         return cls.from_pretrained(
             str(entry.path), local_files_only=True, use_safetensors=True, **common
         )
-    if entry.file is not None:
+    if file is not None:
         if entry.config is None:
             raise WorkerFatal(
                 f"model {entry.name!r}: a single-file checkpoint needs 'config:' (a diffusers-format folder"
                 " with the model's configs and tokenizer) to load offline"
             )
         return cls.from_single_file(
-            str(entry.file), config=str(entry.config), local_files_only=True, **common
+            str(file), config=str(entry.config), local_files_only=True, **common
         )
     return cls.from_pretrained(entry.hub, revision=entry.revision, use_safetensors=True, **common)
 
 
-def load_model(registry: Registry, name: str, device: str) -> LoadedModel:
-    """Load, place and warm up the pipeline. Any failure is fatal for the worker."""
+def load_model(registry: Registry, name: str, device: str, files: AssetFiles | None = None) -> LoadedModel:
+    """Load, place and warm up the pipeline. Any failure is fatal for the worker. `files` fetches
+    a checkpoint that lives in the bucket (an s3: entry) into the cache and verifies it."""
     t0 = time.perf_counter()
     try:
         entry = registry.get(name)
         identity = registry.identity(name)
+        fetched = None
+        if entry.s3 is not None:
+            if files is None:
+                raise WorkerFatal("its checkpoint lives in S3, and this worker has no bucket")
+            fetched = files.checkpoint(entry)
     except Exception as e:
         raise WorkerFatal(f"cannot serve model {name!r}: {e}") from e
     dev = resolve_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     try:
-        pipe = _from_entry(entry, dtype)
+        pipe = _from_entry(entry, dtype, fetched)
     except WorkerFatal:
         raise
     except Exception as e:

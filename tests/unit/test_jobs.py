@@ -7,7 +7,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from sdfarm.jobs import Chunk, RenderJob, make_chunks
+from sdfarm.jobs import Chunk, ChunkEntry, RenderJob, make_chunks
 
 HASH = "ab" * 32
 BASE = {"model": "tiny-sd15", "model_hash": HASH, "prompt": "a red fox", "seed": 7, "width": 64, "height": 64,
@@ -117,3 +117,17 @@ def test_chunk_refuses_incompatible_jobs() -> None:
     entries = [{"index": 0, "job": job().model_dump()}, {"index": 1, "job": job(steps=20).model_dump()}]
     with pytest.raises(ValidationError, match="cannot share one pipeline call"):
         Chunk.model_validate({"batch_id": "0" * 20, "entries": entries})
+
+
+@pytest.mark.parametrize("changes", [{}, *({k: v} for k, v in PIXEL_CHANGES.items()),
+                                     {"init_image": INIT, "strength": 0.5, "mask_prompt": "background",
+                                      "mask_model": {"name": "clipseg", "sha256": "05" * 32}, "mask_blur": 0}])
+def test_a_chunk_message_leaves_defaults_out_and_gives_back_the_same_jobs(changes: dict[str, object]) -> None:
+    chunk = Chunk(batch_id="ab" * 8, entries=(ChunkEntry(index=0, job=job(**changes)),))
+    message = chunk.message()
+    sent = json.loads(json.dumps(message))
+    back = Chunk.model_validate(sent)
+    assert back == chunk
+    assert back.entries[0].job.id == chunk.entries[0].job.id
+    assert "schema_version" not in sent
+    assert set(sent["entries"][0]["job"]) <= {*BASE, *changes}  # only what the job sets travels

@@ -47,8 +47,16 @@ def test_pickle_checkpoints_are_refused_unless_opted_in(tmp_path: Path) -> None:
 
 
 def test_registry_entry_needs_exactly_one_source(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInput, match="set exactly one of path, file, hub"):
+    with pytest.raises(InvalidInput, match="set exactly one of path, file, s3, hub"):
         parse_registry("models:\n  m:\n    path: a\n    hub: b/c\n", "r", tmp_path)
+    with pytest.raises(InvalidInput, match=r"model 'm': entry: Value error, an s3 checkpoint needs its sha256"
+                                           r" \(workers verify the download\) and config:"):
+        parse_registry("models:\n  m: {s3: ckpt/m.safetensors, sha256: '" + "a" * 64 + "'}\n", "r", tmp_path)
+    with pytest.raises(InvalidInput, match=r"m\.ckpt is a pickle file"):
+        parse_registry("models:\n  m: {s3: m.ckpt, sha256: '" + "a" * 64 + "', config: c}\n", "r", tmp_path)
+    with pytest.raises(InvalidInput, match=r"must not contain '\.\.'"):
+        parse_registry("models:\n  m: {s3: a/../m.safetensors, sha256: '" + "a" * 64 + "', config: c}\n", "r",
+                       tmp_path)
     with pytest.raises(InvalidInput, match="model 'Bad Name'"):
         parse_registry("models:\n  Bad Name:\n    hub: b/c\n", "r", tmp_path)
 

@@ -427,9 +427,10 @@ class Chunk(BaseModel):
         return self.entries[0].job.model
 
     def message(self) -> dict[str, Any]:
-        """The task message: fields at their defaults are left out (a job's defaults are part of
-        its schema version), so a queued job costs Redis only what it sets."""
-        return self.model_dump(mode="json", exclude_defaults=True)
+        """The task message: fields at their defaults are left out, so a queued job costs Redis only
+        what it sets. The defaults belong to the schema version, which the message always names:
+        changing a default means a new SCHEMA_VERSION, and older workers hand such chunks back."""
+        return {**self.model_dump(mode="json", exclude_defaults=True), "schema_version": self.schema_version}
 
     @cached_property
     def id(self) -> str:

@@ -165,6 +165,8 @@ class AssetEntry(BaseModel):
             if self.sha256 is None:
                 raise ValueError("an s3 source needs its sha256, so that workers can verify the download")
         _check_weights_file(self.file or self.s3 or "", self.allow_pickle)
+        if self.kind == "vae" and Path(self.file or self.s3 or "").suffix.lower() in PICKLE_SUFFIXES:
+            raise ValueError("a VAE loads from a .safetensors file or a diffusers folder only")
         return self
 
     @property

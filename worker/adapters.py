@@ -18,6 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file
 
 from sdfarm.errors import AssetError
@@ -100,7 +101,8 @@ class Adapters:
             if not sdxl:
                 self.pipe.load_textual_inversion(str(path), token=token)
             else:
-                tensors = load_file(str(path))
+                tensors = (load_file(str(path)) if path.suffix == ".safetensors"  # else an opted-in pickle
+                           else torch.load(str(path), map_location="cpu", weights_only=True))
                 if set(tensors) != {"clip_l", "clip_g"}:
                     raise ValueError("an SDXL embedding holds clip_l and clip_g, this one"
                                      f" {', '.join(sorted(tensors))}")

@@ -8,9 +8,10 @@ matches.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
-import os
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -127,35 +128,26 @@ class AssetFiles:
         if self.store is None:
             raise AssetError(f"{what} lives in S3, and this worker has no bucket")
         target = self.folder / f"{sha256}{Path(key).suffix}"
-        if target.is_file() and self.registry.cache.file_sha256(target) == sha256:
-            return target
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(f"{target.name}.*.part"):  # left by a worker killed mid-download
-            if not _pid_alive(stale):
+        # one download per file at a time, across the processes (and containers) sharing this cache:
+        # the lock is held for the whole download, so any .part found while holding it is stale
+        with (self.folder / f"{sha256}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if target.is_file() and self.registry.cache.file_sha256(target) == sha256:
+                return target  # a peer fetched it while we waited, or an earlier run did
+            for stale in self.folder.glob(f"{target.name}.*.part"):  # left by a worker killed mid-download
                 stale.unlink(missing_ok=True)
-        partial = target.with_name(f"{target.name}.{os.getpid()}.part")
-        try:
-            self.store.download(key, partial)
-            actual = _sha256(partial)
-            if actual != sha256:
-                raise AssetError(f"{what}: s3://{self.store.bucket}/{key} has sha256 {actual[:12]}…, the registry"
-                                 f" says {sha256[:12]}…; not loaded")
-            partial.replace(target)  # whole, verified files only ever appear under the final name
-        except MissingObject as e:
-            raise AssetError(f"{what}: {e}") from e
-        finally:
-            partial.unlink(missing_ok=True)
+            partial = target.with_name(f"{target.name}.{uuid.uuid4().hex}.part")
+            try:
+                self.store.download(key, partial)
+                actual = _sha256(partial)
+                if actual != sha256:
+                    raise AssetError(f"{what}: s3://{self.store.bucket}/{key} has sha256 {actual[:12]}…, the"
+                                     f" registry says {sha256[:12]}…; not loaded")
+                partial.replace(target)  # whole, verified files only ever appear under the final name
+            except MissingObject as e:
+                raise AssetError(f"{what}: {e}") from e
+            finally:
+                partial.unlink(missing_ok=True)
         log.info("%s fetched from s3://%s/%s (%s)", what.replace("'", ""), self.store.bucket, key, sha256[:12])
         return target
-
-
-def _pid_alive(part: Path) -> bool:
-    """Whether the process that names a .part file (NAME.PID.part) still runs on this node."""
-    try:
-        pid = int(part.suffixes[-2].lstrip("."))
-        os.kill(pid, 0)
-    except (IndexError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True

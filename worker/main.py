@@ -23,7 +23,7 @@ from typing import Any
 
 from celery import signals
 
-from sdfarm.errors import SdfarmError, WorkerFatal
+from sdfarm.errors import SdfarmError, TransientError, WorkerFatal
 from sdfarm.models import Registry
 from sdfarm.progress import ProgressBoard, worker_key
 from sdfarm.queue import make_celery, queue_name
@@ -89,6 +89,28 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
                      name="heartbeat").start()
 
 
+def fetch_checkpoint(registry: Registry, store: Store, settings: Settings, model: str, attempts: int = 5) -> None:
+    """A checkpoint that lives in the bucket is fetched and verified here, in the parent, before any
+    pool process starts: a large download is not cut off by the child's start-up timeout, and an S3
+    blip is retried. The children then find it in the cache."""
+    entry = registry.get(model)
+    if entry.s3 is None:
+        return
+    files = AssetFiles(registry, store, settings.cache_dir)
+    for attempt in range(1, attempts + 1):
+        try:
+            log.info("fetching the checkpoint of %s from the bucket (%s)", model, entry.s3_key)
+            files.checkpoint(entry)
+            return
+        except TransientError as e:
+            if attempt == attempts:
+                raise WorkerFatal(f"cannot fetch the checkpoint of {model!r}: {e}") from e
+            log.warning("fetching the checkpoint of %s failed (%s); retrying", model, e)
+            time.sleep(2 ** attempt)
+        except SdfarmError as e:
+            raise WorkerFatal(f"cannot serve model {model!r}: {e}") from e
+
+
 def preflight(settings: Settings, model: str, device: str) -> None:
     """What the parent can check before taking any work. Raises WorkerFatal."""
     check_device(device)
@@ -98,9 +120,11 @@ def preflight(settings: Settings, model: str, device: str) -> None:
     except SdfarmError as e:
         raise WorkerFatal(f"cannot serve model {model!r}: {e}") from e
     try:
-        Store.from_settings(settings).exists("healthcheck")
+        store = Store.from_settings(settings)
+        store.exists("healthcheck")
     except Exception as e:
         raise WorkerFatal(f"S3 is not reachable ({settings.s3_endpoint_url or 'AWS'}): {e}") from e
+    fetch_checkpoint(registry, store, settings, model)
     try:
         ProgressBoard.from_url(settings.redis_url.get_secret_value(), settings.progress_ttl).r.ping()
     except Exception as e:

@@ -65,6 +65,8 @@ class LoadedModel:
     def use_vae(self, ref: AssetRef | None, files: dict[str, Path]) -> None:
         """Render the next chunk with this VAE (None: the model's own), in every mode's pipeline."""
         vae = self.vaes.select(ref, files)
+        if vae.dtype != self.dtype:  # diffusers' SDXL img2img upcasts it to encode, and a failure skips the way back
+            vae.to(dtype=self.dtype)
         for pipe in (self.pipe, *self._variants.values()):
             if pipe.vae is not vae:
                 pipe.vae = vae

@@ -14,7 +14,8 @@ SDXL has two encoders (CLIP-L and OpenCLIP-G). As in A1111 (and SDXL's own condi
 tokenizes and chunks the prompt itself, pads after the end token with its own pad id (OpenCLIP: 0),
 takes its penultimate hidden state without the final norm, and applies the emphasis to its own
 output; the two are joined feature-wise. The pooled embedding (SDXL's second conditioning) is
-OpenCLIP-G's projected end-token state of the prompt's first chunk, unweighted.
+OpenCLIP-G's projected end-token state of the prompt's first chunk, unweighted. An empty
+negative prompt is zeros (both embeddings), as in A1111 and diffusers for SDXL.
 """
 
 from __future__ import annotations
@@ -141,7 +142,13 @@ def encode_prompts(pipe: Any, prompts: list[str], negatives: list[str], clip_ski
     if not sdxl:
         return Conditioning(cond, uncond)
     assert pooled is not None
-    return Conditioning(cond, uncond, pooled[:len(prompts)], pooled[len(prompts):])
+    pooled_cond, pooled_uncond = pooled[:len(prompts)], pooled[len(prompts):]
+    # SDXL: an empty negative prompt is all zeros, not the encoded "" (A1111's force_zero_negative_prompt,
+    # diffusers' force_zeros_for_empty_prompt); per job here, so a job does not depend on its chunk-mates
+    empty_negative = torch.tensor([n == "" for n in negatives], device=uncond.device)
+    uncond = torch.where(empty_negative[:, None, None], torch.zeros_like(uncond), uncond)
+    pooled_uncond = torch.where(empty_negative[:, None], torch.zeros_like(pooled_uncond), pooled_uncond)
+    return Conditioning(cond, uncond, pooled_cond, pooled_uncond)
 
 
 def _encode(text_encoder: Any, rows: list[list[Chunk]], clip_skip: int, sdxl: bool,

@@ -20,8 +20,8 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
-from sdfarm.errors import AssetError, NodeFault, TransientError
-from sdfarm.jobs import Chunk, ChunkEntry
+from sdfarm.errors import AssetError, NodeFault, RenderError, TransientError
+from sdfarm.jobs import SCHEMA_VERSION, Chunk, ChunkEntry
 from sdfarm.layout import failed_key, image_key, sidecar_key
 from sdfarm.progress import ACTIVE, ProgressBoard, worker_key
 from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, RENDER_TASK, queue_name
@@ -157,6 +157,9 @@ def _set_busy(state: WorkerState, chunk: Chunk | None) -> None:
 
 def process_chunk(state: WorkerState, payload: Any) -> dict[str, int]:
     # 1. load the chunk: the message is checked again, whoever sent it
+    version = payload.get("schema_version") if isinstance(payload, dict) else None
+    if isinstance(version, int) and version > SCHEMA_VERSION:  # a newer producer: its defaults may differ
+        raise NodeFault(f"chunk schema version {version} is newer than this worker's {SCHEMA_VERSION}: upgrade it")
     chunk = _load_chunk(payload)
     if chunk is None:
         return {"rejected": 1}
@@ -197,7 +200,8 @@ def process_chunk(state: WorkerState, payload: Any) -> dict[str, int]:
         except Exception as e:  # a job that breaks the pipeline fails with its reason; the worker serves on
             log.exception("render failed for chunk %s", chunk.id)
             fail_entries(state, batch, todo, f"{type(e).__name__}: {e}")
-            state.health.failure(f"{type(e).__name__}: {e}")
+            if not isinstance(e, RenderError):  # NaN comes from the job (weights, model), not this node
+                state.health.failure(f"{type(e).__name__}: {e}")
             return {"failed": len(todo)}
         finally:
             _set_busy(state, None)

@@ -70,13 +70,16 @@ def load_vae(path: Path, own: Any) -> Any:
 
 
 def decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
-    """The pipeline's latents -> PIL images, with the VAE and image processor the pipeline holds."""
+    """The pipeline's latents -> PIL images, with the VAE and image processor the pipeline holds.
+    `force_upcast` is honoured for SDXL only, as diffusers' pipelines do (AutoencoderKL defaults it
+    to True, and SD 1.x VAE configs never set it: SD 1.x decodes in fp16, as in A1111)."""
     if not torch.isfinite(latents).all():
         raise RenderError("the denoising produced NaN or infinite latents (an fp16 overflow in the UNet,"
                           " or extreme prompt weights); nothing was stored")
     vae = pipe.vae
     fp32 = vae.dtype == torch.float32
-    pixels = _decode(vae, latents, upcast=not fp32 and bool(getattr(vae.config, "force_upcast", False)))
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    pixels = _decode(vae, latents, upcast=not fp32 and sdxl and bool(getattr(vae.config, "force_upcast", False)))
     if not torch.isfinite(pixels).all() and not fp32:
         log.warning("VAE decode in %s gave NaN: decoding again in float32", vae.dtype)
         pixels = _decode(vae, latents, upcast=True)

@@ -12,9 +12,11 @@ import pytest
 from sdfarm.errors import WorkerFatal
 from sdfarm.jobs import RenderJob
 from sdfarm.models import HashCache, Registry, parse_registry
+from sdfarm.settings import Settings
 from sdfarm.store import Store
 from tests.ldm import write_single_file
 from worker.assets import AssetFiles
+from worker.main import fetch_checkpoint
 from worker.pipeline import load_model
 from worker.render import render
 from worker.tiny import build_tiny_sd15
@@ -33,7 +35,7 @@ def test_an_s3_checkpoint_is_fetched_once_verified_and_rendered(store: Store, ti
     registry = Registry(parse_registry(text, "t", tmp_path), HashCache(cache))
     files = AssetFiles(registry, store, cache)
     (cache / "assets").mkdir(parents=True)
-    (cache / "assets" / f"{sha}.safetensors.999999.part").write_bytes(b"left by a worker killed mid-download")
+    (cache / "assets" / f"{sha}.safetensors.0123abcd.part").write_bytes(b"left by a worker killed mid-download")
 
     loaded = load_model(registry, "from-s3", "cpu", files)
     cached = cache / "assets" / f"{sha}.safetensors"
@@ -42,14 +44,21 @@ def test_an_s3_checkpoint_is_fetched_once_verified_and_rendered(store: Store, ti
     job = RenderJob(model="from-s3", model_hash=sha, prompt="a lighthouse", seed=3, width=64, height=64, steps=4)
     image = np.asarray(render(loaded, [job])[0])
     assert image.std() > 0
-    assert sorted(p.name for p in (cache / "assets").iterdir()) == [f"{sha}.safetensors"]  # no part files
+    assert not list((cache / "assets").glob("*.part"))  # the stale download is gone
     mtime = cached.stat().st_mtime_ns
     again = load_model(registry, "from-s3", "cpu", AssetFiles(registry, store, cache))  # a restarted worker
     assert cached.stat().st_mtime_ns == mtime  # verified from the cache, not downloaded again
     assert again.identity == sha
 
+    # the worker's parent process fetches it before any pool process starts (no start-up timeout)
+    parent = Settings(cache_dir=tmp_path / "parent-cache")
+    fetch_checkpoint(registry, store, parent, "from-s3")
+    assert (parent.cache_dir / "assets" / f"{sha}.safetensors").is_file()
+    with pytest.raises(WorkerFatal, match=r"cannot serve model 'swapped': .*has sha256 .*; not loaded"):
+        fetch_checkpoint(registry, store, parent.model_copy(update={"cache_dir": tmp_path / "p2"}), "swapped")
+
     fresh = tmp_path / "fresh-cache"  # (a cache that holds the verified file would serve it: same sha256)
     with pytest.raises(WorkerFatal, match=r"cannot serve model 'swapped': model 'swapped': s3://.*/models/"
                                           r"checkpoints/swapped\.safetensors has sha256 .*; not loaded"):
         load_model(registry, "swapped", "cpu", AssetFiles(registry, store, fresh))
-    assert list((fresh / "assets").iterdir()) == []  # nothing half-written stays
+    assert not list((fresh / "assets").glob("*.safetensors*"))  # nothing half-written stays

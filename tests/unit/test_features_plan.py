@@ -140,6 +140,8 @@ def test_registry_rejects_unsafe_or_ambiguous_assets(tmp_path: Path) -> None:
         parse_assets("embeddings:\n  Bad: {file: a.safetensors}\n  bad: {file: b.safetensors}\n", "r", tmp_path)
     with pytest.raises(InvalidInput, match="unknown section 'lora'"):
         parse_assets("lora:\n  x: {file: x.safetensors}\n", "r", tmp_path)
+    with pytest.raises(InvalidInput, match=r"vae 'v': .*a VAE loads from a \.safetensors file or a diffusers folder"):
+        parse_assets("vaes:\n  v: {file: v.pt, allow_pickle: true}\n", "r", tmp_path)
 
 
 def test_a_local_file_that_no_longer_matches_its_registered_hash_is_refused(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from sdfarm.jobs import Chunk, ChunkEntry, RenderJob, make_chunks
+from sdfarm.jobs import SCHEMA_VERSION, Chunk, ChunkEntry, RenderJob, make_chunks
 
 HASH = "ab" * 32
 BASE = {"model": "tiny-sd15", "model_hash": HASH, "prompt": "a red fox", "seed": 7, "width": 64, "height": 64,
@@ -129,5 +129,5 @@ def test_a_chunk_message_leaves_defaults_out_and_gives_back_the_same_jobs(change
     back = Chunk.model_validate(sent)
     assert back == chunk
     assert back.entries[0].job.id == chunk.entries[0].job.id
-    assert "schema_version" not in sent
+    assert sent["schema_version"] == SCHEMA_VERSION  # the defaults left out are this version's
     assert set(sent["entries"][0]["job"]) <= {*BASE, *changes}  # only what the job sets travels

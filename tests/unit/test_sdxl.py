@@ -121,6 +121,13 @@ def test_plain_prompts_encode_exactly_as_diffusers_sdxl_does(loaded: LoadedModel
     assert ours.pooled_prompt_embeds.shape == (2, 48)
     for mine, reference in zip(ours, theirs, strict=True):
         torch.testing.assert_close(mine, reference)
+    with torch.inference_mode():  # an empty negative is zeros, as diffusers' force_zeros_for_empty_prompt
+        ours = encode_prompts(pipe, [FOX, FOX], ["", "blurry"], clip_skip=1)
+        theirs = pipe.encode_prompt(FOX, device=pipe.device, do_classifier_free_guidance=True)
+    torch.testing.assert_close(ours.negative_prompt_embeds[:1], theirs[1])
+    torch.testing.assert_close(ours.negative_pooled_prompt_embeds[:1], theirs[3])
+    assert ours.negative_prompt_embeds[0].abs().max() == 0
+    assert ours.negative_prompt_embeds[1].abs().max() > 0  # a chunk-mate's negative is its own
 
 
 def test_a_weighted_token_changes_both_encoders_at_its_own_positions_only(loaded: LoadedModel) -> None:

@@ -19,8 +19,9 @@ from worker.vae import decode
 LATENTS = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
-def pipe_with(vae: Any) -> Any:
-    return SimpleNamespace(vae=vae, image_processor=VaeImageProcessor(vae_scale_factor=8))
+def pipe_with(vae: Any, sdxl: bool = False) -> Any:
+    return SimpleNamespace(vae=vae, image_processor=VaeImageProcessor(vae_scale_factor=8),
+                           text_encoder_2=object() if sdxl else None)
 
 
 def overflowing_vae(force_upcast: bool) -> Any:
@@ -47,11 +48,13 @@ def test_an_fp16_decode_that_overflows_is_redone_in_fp32(caplog: pytest.LogCaptu
         assert np.abs(np.asarray(image).astype(int) - np.asarray(ref).astype(int)).max() <= 1
 
 
-def test_a_vae_marked_force_upcast_decodes_in_fp32_from_the_start(caplog: pytest.LogCaptureFixture) -> None:
+def test_an_sdxl_vae_marked_force_upcast_decodes_in_fp32_from_the_start(caplog: pytest.LogCaptureFixture) -> None:
     vae = overflowing_vae(force_upcast=True).half()
     with torch.inference_mode(), caplog.at_level(logging.WARNING, logger="sdfarm.worker"):
-        images = decode(pipe_with(vae), LATENTS.half())
-    assert "decoding again" not in caplog.text
+        images = decode(pipe_with(vae, sdxl=True), LATENTS.half())
+        assert "decoding again" not in caplog.text
+        decode(pipe_with(vae, sdxl=False), LATENTS.half())  # SD 1.x: fp16 first (the flag is only a default)
+        assert "decoding again in float32" in caplog.text
     assert len(images) == 2
     assert vae.dtype == torch.float16
 

@@ -71,6 +71,7 @@ def main() -> int:
         print("starting the embedded stack (Redis + SeaweedFS S3) ...", flush=True)
         info = stack.start()
         env = {**os.environ, **info.env(), "SDFARM_MODELS_FILE": str(registry), "SDFARM_CHUNK_SIZE": "4",
+               "SDFARM_CPU_THREADS": str(max(1, (os.cpu_count() or 1) // len(WORKERS))),
                "SDFARM_INPUTS_DIR": str(ROOT / "examples" / "inputs"),
                "HF_HUB_OFFLINE": "1"}
         print(f"  redis   127.0.0.1:{info.redis_port} (password, AOF)\n  s3      {info.s3_endpoint}"

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     block_after_failures: int = Field(default=5, ge=1)  # failures in a row, while peers succeed, block a worker
     heartbeat_interval: float = Field(default=10.0, gt=0)
     upload_threads: int = Field(default=4, ge=1, le=64)
+    # torch's CPU threads per worker (None: torch's default, every core). Several CPU workers on one
+    # node each taking every core thrash (measured: 20x slower); give each cores // workers.
+    cpu_threads: int | None = Field(default=None, ge=1, le=256)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:

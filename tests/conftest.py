@@ -153,6 +153,7 @@ def env(stack_info: StackInfo, registry_file: Path, cache_dir: Path, inputs_dir:
         "SDFARM_CACHE_DIR": str(cache_dir),
         "SDFARM_INPUTS_DIR": str(inputs_dir),
         "SDFARM_CHUNK_SIZE": "4",
+        "SDFARM_CPU_THREADS": "1",  # up to three workers share two cores
         "SDFARM_VISIBILITY_TIMEOUT": "20",
         "SDFARM_UNACKED_RESTORE_INTERVAL": "1",
         "SDFARM_HEARTBEAT_INTERVAL": "1",

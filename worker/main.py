@@ -63,6 +63,10 @@ def _heartbeat_loop(state: WorkerState, stop: threading.Event) -> None:
 
 def _init_child(settings: Settings, model: str, device: str, hostname: str, fail_file: Path) -> None:
     try:
+        if settings.cpu_threads is not None:
+            import torch
+
+            torch.set_num_threads(settings.cpu_threads)
         registry = Registry.from_settings(settings)
         store = Store.from_settings(settings)
         assets = AssetFiles(registry, store, settings.cache_dir)

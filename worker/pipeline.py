@@ -83,10 +83,6 @@ class LoadedModel:
         return self._variants[mode]
 
     @property
-    def sdxl(self) -> bool:
-        return self.entry.family == "sdxl"
-
-    @property
     def short_hash(self) -> str:
         return self.identity[:10]
 

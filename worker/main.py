@@ -44,7 +44,6 @@ EXIT_FATAL = 3
 def _heartbeat_loop(state: WorkerState, stop: threading.Event) -> None:
     key = worker_key(state.hostname)
     started = time.time()
-    state.board.r.hdel(key, "current_chunk", "current_batch")  # a predecessor killed mid-chunk left these
     while not stop.is_set():
         try:
             pipe = state.board.r.pipeline()
@@ -89,6 +88,8 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
         os.kill(os.getppid(), signal.SIGTERM)
         os._exit(EXIT_FATAL)
     set_state(state)
+    with contextlib.suppress(Exception):  # before any task can mark this child busy
+        state.board.r.hdel(worker_key(hostname), "current_chunk", "current_batch")  # a killed predecessor's
     threading.Thread(target=_heartbeat_loop, args=(state, threading.Event()), daemon=True,
                      name="heartbeat").start()
 

@@ -2,8 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# A CPU build of torch: keep this satisfiable without pulling a multi-GB CUDA build.
-TORCH_SPEC ?= torch==2.13.0
+# torch and torchvision as one matching pair that pip takes from this machine's disk (no download).
+# On x86_64 the pair is a CUDA build that runs on the CPU too (torch 2.13.0's CPU build has no
+# torchvision to match); on aarch64 a CPU build.
+ifeq ($(shell uname -m),aarch64)
+TORCH_SPEC ?= torch==2.9.1 torchvision==0.24.1
+else
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+endif
 
 .PHONY: install demo test lint clean
 

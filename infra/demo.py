@@ -44,13 +44,14 @@ def main() -> int:
             print(f"writing a tiny random-weight {family}-architecture model to {model_dir}", flush=True)
             write_tiny_model(model_dir, family=family)
     assets = {"tiny-detail": "loras/tiny-detail.safetensors", "tiny-grain": "loras/tiny-grain.safetensors",
-              "tiny-sparkle": "embeddings/tiny-sparkle.safetensors", "tiny-clipseg": "mask_models/tiny-clipseg"}
+              "tiny-sparkle": "embeddings/tiny-sparkle.safetensors", "tiny-clipseg": "mask_models/tiny-clipseg",
+              "tiny-esrgan": "upscalers/tiny-esrgan.safetensors"}
     xl_assets = {"xl-detail": "sdxl/loras/xl-detail.safetensors", "xl-grain": "sdxl/loras/xl-grain.safetensors",
                  "xl-sparkle": "sdxl/embeddings/xl-sparkle.safetensors", "xl-vae": "sdxl/vaes/xl-vae"}
     if not all((STATE / path).exists() for path in [*assets.values(), *xl_assets.values()]):
         from worker.tiny import write_tiny_assets, write_tiny_sdxl_assets
 
-        print("writing tiny LoRAs, embeddings and a VAE that fit them", flush=True)
+        print("writing tiny LoRAs, embeddings, a VAE and an upscaler that fit them", flush=True)
         write_tiny_assets(STATE)
         write_tiny_sdxl_assets(STATE / "sdxl")
     registry = STATE / "models.yaml"
@@ -63,6 +64,7 @@ def main() -> int:
                         f"embeddings:\n  tiny-sparkle: {{file: {assets['tiny-sparkle']}}}\n"
                         f"  xl-sparkle: {{file: {xl_assets['xl-sparkle']}, family: sdxl}}\n"
                         f"vaes:\n  xl-vae: {{path: {xl_assets['xl-vae']}, family: sdxl}}\n"
+                        f"upscalers:\n  tiny-esrgan: {{file: {assets['tiny-esrgan']}}}\n"
                         f"mask_models:\n  clipseg: {{path: {assets['tiny-clipseg']}}}\n")
 
     stack = EmbeddedStack(STATE / "stack")

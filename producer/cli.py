@@ -24,7 +24,7 @@ from sdfarm.datasets import load_spec
 from sdfarm.errors import BatchInvalid, SdfarmError
 from sdfarm.inputs import Inputs
 from sdfarm.layout import batch_key
-from sdfarm.models import Registry
+from sdfarm.models import FAMILY_FREE, Registry
 from sdfarm.progress import ACTIVE, CANCELLED, ProgressBoard
 from sdfarm.queue import DEFAULT_PRIORITY, in_flight, make_celery, queue_depth
 from sdfarm.settings import Settings
@@ -289,7 +289,8 @@ def scheduler(loglevel: str) -> None:
 
 @cli.command()
 def models() -> None:
-    """The model registry: models, LoRAs, embeddings, VAEs and mask models with sources and identities."""
+    """The model registry: models, LoRAs, embeddings, VAEs, upscalers and mask models with sources and
+    identities (upscalers and mask models fit any family: "-")."""
     registry = Registry.from_settings(_settings())
     for entry in registry:
         source = entry.path or entry.file or (f"s3://{_settings().s3_bucket}/{entry.s3_key}" if entry.s3
@@ -298,7 +299,8 @@ def models() -> None:
                       highlight=False)
     for (kind, name), asset in sorted(registry.assets.items()):
         where = asset.file or asset.path or f"s3://{_settings().s3_bucket}/{asset.s3_key}"
-        console.print(f"{kind:<10} {name:<24} {asset.family:<6} {registry.asset_identity(kind, name)[:12]}  {where}",
+        family = "-" if kind in FAMILY_FREE else asset.family
+        console.print(f"{kind:<10} {name:<24} {family:<6} {registry.asset_identity(kind, name)[:12]}  {where}",
                       highlight=False)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from typing import Any, Final
@@ -18,7 +19,8 @@ from .extra_networks import lora_tags
 from .prompt_syntax import parse_prompt_attention
 from .samplers import AUTOMATIC, SAMPLERS, allowed_sampler_names, split_sampler_name
 
-SCHEMA_VERSION: Final = 1
+# 1: the first. 2: upscaler models (hires/upscale `upscaler_sha256`). No default has changed since 1.
+SCHEMA_VERSION: Final = 2
 MAX_PROMPT_CHARS: Final = 4000
 MIN_SIZE: Final = 64
 MAX_SIZE: Final = 2048
@@ -126,6 +128,16 @@ class ImageRef(BaseModel):
     height: int = Field(ge=1)
 
 
+def _check_upscaler(name: str, sha256: str | None, builtin: tuple[str, ...]) -> None:
+    """A built-in upscaler by its A1111 name, or a registered upscaler model by name + sha256 (the
+    planner fills the sha256 in from the registry)."""
+    if name in builtin:
+        if sha256 is not None:
+            raise ValueError(f"upscaler_sha256 goes with a registered upscaler model, not {name!r}")
+    elif sha256 is None or not re.fullmatch(ASSET_NAME_PATTERN, name):
+        raise ValueError(f"unknown upscaler {name!r} (allowed: {', '.join(builtin)}, or a registered upscaler model)")
+
+
 class HiresFix(BaseModel):
     """A1111's hires fix: render, upscale by `scale`, then an img2img pass at `denoising_strength`."""
 
@@ -135,13 +147,12 @@ class HiresFix(BaseModel):
     steps: int = Field(default=0, ge=0, le=MAX_STEPS)  # 0: as many as the first pass, as in A1111
     denoising_strength: float = Field(default=0.7, gt=0.0, le=1.0)
     upscaler: str = "Latent"
+    upscaler_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)  # a registered upscaler model's
 
-    @field_validator("upscaler")
-    @classmethod
-    def _upscaler(cls, v: str) -> str:
-        if v not in LATENT_UPSCALERS and v not in IMAGE_UPSCALERS:
-            raise ValueError(f"unknown upscaler {v!r} (allowed: {', '.join([*LATENT_UPSCALERS, *IMAGE_UPSCALERS])})")
-        return v
+    @model_validator(mode="after")
+    def _upscaler(self) -> HiresFix:
+        _check_upscaler(self.upscaler, self.upscaler_sha256, (*LATENT_UPSCALERS, *IMAGE_UPSCALERS))
+        return self
 
     def target(self, width: int, height: int) -> tuple[int, int]:
         """The second pass's size: the scaled size, rounded down to a multiple of 8."""
@@ -155,13 +166,12 @@ class Upscale(BaseModel):
 
     factor: float = Field(gt=1.0, le=4.0)
     upscaler: str = "Lanczos"
+    upscaler_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)  # a registered upscaler model's
 
-    @field_validator("upscaler")
-    @classmethod
-    def _upscaler(cls, v: str) -> str:
-        if v not in IMAGE_UPSCALERS:
-            raise ValueError(f"unknown upscaler {v!r} (allowed: {', '.join(IMAGE_UPSCALERS)})")
-        return v
+    @model_validator(mode="after")
+    def _upscaler(self) -> Upscale:
+        _check_upscaler(self.upscaler, self.upscaler_sha256, IMAGE_UPSCALERS)
+        return self
 
     def target(self, width: int, height: int) -> tuple[int, int]:
         return round(width * self.factor), round(height * self.factor)
@@ -428,9 +438,12 @@ class Chunk(BaseModel):
 
     def message(self) -> dict[str, Any]:
         """The task message: fields at their defaults are left out, so a queued job costs Redis only
-        what it sets. The defaults belong to the schema version, which the message always names:
-        changing a default means a new SCHEMA_VERSION, and older workers hand such chunks back."""
-        return {**self.model_dump(mode="json", exclude_defaults=True), "schema_version": self.schema_version}
+        what it sets. The message names the oldest schema version that reads it (a field added
+        since appears only when a job sets it); a worker older than that hands the chunk back.
+        Changing a default would mean a new SCHEMA_VERSION that every message names."""
+        version = 2 if any(spec is not None and spec.upscaler_sha256 is not None
+                           for e in self.entries for spec in (e.job.hires, e.job.upscale)) else 1
+        return {**self.model_dump(mode="json", exclude_defaults=True), "schema_version": version}
 
     @cached_property
     def id(self) -> str:

@@ -32,6 +32,12 @@ A registry is YAML (a file, or inline text in SDFARM_MODELS):
       sdxl-vae-fp16-fix:
         path: vaes/sdxl-vae-fp16-fix        # a diffusers AutoencoderKL folder, or file:/s3: single file
         family: sdxl                        # LoRAs, embeddings and VAEs name the family they fit (sd15)
+    upscalers:
+      4x-UltraSharp:
+        file: upscalers/4x-UltraSharp.safetensors   # ESRGAN-family files, anything spandrel reads
+      RealESRGAN_x4plus:
+        file: upscalers/RealESRGAN_x4plus.pth       # a pickle: loaded with spandrel's restricted
+        allow_pickle: true                          # unpickler, and only when the operator opts in
     mask_models:
       clipseg:
         path: models/clipseg-rd64-refined   # a transformers CLIPSeg folder: text -> inpainting mask
@@ -54,16 +60,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InvalidInput, UnknownModel
-from .jobs import ASSET_NAME_PATTERN, MODEL_NAME_PATTERN, SHA256_PATTERN
+from .jobs import ASSET_NAME_PATTERN, IMAGE_UPSCALERS, LATENT_UPSCALERS, MODEL_NAME_PATTERN, SHA256_PATTERN
 from .settings import Settings
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 ASSET_KEY_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$"
 ASSETS_PREFIX: Final = "models/"  # where s3: sources live in the bucket
-AssetKind = Literal["lora", "embedding", "vae", "mask_model"]
+AssetKind = Literal["lora", "embedding", "vae", "upscaler", "mask_model"]
 Family = Literal["sd15", "sdxl"]  # SD 1.x; SDXL base
 ASSET_SECTIONS: Final[dict[str, AssetKind]] = {"loras": "lora", "embeddings": "embedding", "vaes": "vae",
-                                               "mask_models": "mask_model"}
+                                               "upscalers": "upscaler", "mask_models": "mask_model"}
+FAMILY_FREE: Final[tuple[AssetKind, ...]] = ("upscaler", "mask_model")  # fit any model family
 # weight and config files that make up a diffusers folder's identity
 _FOLDER_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
 
@@ -136,9 +143,9 @@ def _check_weights_file(file: Path | str, allow_pickle: bool) -> None:
 
 
 class AssetEntry(BaseModel):
-    """A LoRA, a textual-inversion embedding or a VAE: one weights file, local (file) or in the
-    bucket (s3). A VAE may also be a diffusers AutoencoderKL folder (path); a mask model (CLIPSeg)
-    is a local transformers folder (path)."""
+    """A LoRA, a textual-inversion embedding, a VAE or an upscaler model: one weights file, local
+    (file) or in the bucket (s3). A VAE may also be a diffusers AutoencoderKL folder (path); a mask
+    model (CLIPSeg) is a local transformers folder (path)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -165,8 +172,13 @@ class AssetEntry(BaseModel):
             if self.sha256 is None:
                 raise ValueError("an s3 source needs its sha256, so that workers can verify the download")
         _check_weights_file(self.file or self.s3 or "", self.allow_pickle)
-        if self.kind == "vae" and Path(self.file or self.s3 or "").suffix.lower() in PICKLE_SUFFIXES:
+        suffix = Path(self.file or self.s3 or "").suffix.lower()
+        if self.kind == "vae" and suffix in PICKLE_SUFFIXES:
             raise ValueError("a VAE loads from a .safetensors file or a diffusers folder only")
+        if self.kind == "upscaler" and suffix not in (".safetensors", ".pth", ".ckpt"):
+            raise ValueError("an upscaler loads from a .safetensors file, or a .pth/.ckpt with allow_pickle: true")
+        if self.kind == "upscaler" and self.name in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
+            raise ValueError(f"{self.name!r} is a built-in upscaler's name; register the model under another")
         return self
 
     @property
@@ -311,7 +323,7 @@ class Registry:
         """The asset's sha256. With a family (the job's model's), a LoRA or VAE made for another
         family is refused: its layers do not fit."""
         entry = self.asset(kind, name)
-        if family is not None and kind != "mask_model" and entry.family != family:
+        if family is not None and kind not in FAMILY_FREE and entry.family != family:
             raise InvalidInput(f"{kind} {name!r} is for {entry.family} models; this job's model is {family}"
                                f" (allowed: {', '.join(self.asset_names(kind, family)) or 'none registered'})")
         if (kind, name) not in self._asset_identities:
@@ -338,7 +350,7 @@ def _details(e: ValidationError) -> str:
 
 
 def parse_assets(text: str, source: str, base: Path) -> dict[tuple[AssetKind, str], AssetEntry]:
-    """The loras: and embeddings: sections of a registry."""
+    """The asset sections of a registry: loras, embeddings, vaes, upscalers, mask_models."""
     data = _load_yaml(text, source)
     assets: dict[tuple[AssetKind, str], AssetEntry] = {}
     for section, kind in ASSET_SECTIONS.items():

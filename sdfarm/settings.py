@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     # torch's CPU threads per worker (None: torch's default, every core). Several CPU workers on one
     # node each taking every core thrash (measured: 20x slower); give each cores // workers.
     cpu_threads: int | None = Field(default=None, ge=1, le=256)
+    # upscaler models run over images in tiles of this many pixels a side (0: the whole image at once)
+    upscale_tile: int = Field(default=512, ge=0, le=8192)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:

@@ -103,6 +103,8 @@ def registry_file(tiny_model_dir: Path, tiny_assets: dict[str, Path], tiny_sdxl:
         f"embeddings:\n  tiny-sparkle: {{file: {tiny_assets['tiny-sparkle']}}}\n"
         f"  xl-sparkle: {{file: {tiny_sdxl['xl-sparkle']}, family: sdxl}}\n"
         f"vaes:\n  xl-vae: {{path: {tiny_sdxl['xl-vae']}, family: sdxl}}\n"
+        f"upscalers:\n  tiny-esrgan: {{file: {tiny_assets['tiny-esrgan']}}}\n"
+        f"  s3-esrgan: {{s3: upscalers/esrgan.safetensors, sha256: '{sha256_of(tiny_assets['tiny-esrgan'])}'}}\n"
         f"mask_models:\n  clipseg: {{path: {tiny_assets['tiny-clipseg']}}}\n")
     return path
 

@@ -1,5 +1,5 @@
-"""Files a job needs on this worker: LoRAs and embeddings (fetched once into the local cache),
-the mask model, and input images (read from the bucket per job), each verified before use.
+"""Files a job needs on this worker: LoRAs, embeddings, VAEs and upscaler models (fetched once into
+the local cache), the mask model, and input images (read from the bucket per job), each verified before use.
 
 A job names each file by registry name or bucket key, and by sha256 (filled in when the batch was
 planned). The worker trusts neither the bucket nor the disk: a file is used only after its sha256
@@ -72,7 +72,7 @@ class AssetFiles:
         return self._verified[sha256]
 
     def for_jobs(self, jobs: Iterable[RenderJob]) -> dict[str, Path]:
-        """Every LoRA, embedding and VAE file the jobs use, by sha256."""
+        """Every LoRA, embedding, VAE and upscaler file the jobs use, by sha256."""
         files: dict[str, Path] = {}
         for job in jobs:
             if job.vae is not None:
@@ -83,6 +83,9 @@ class AssetFiles:
                     self.lora_hashes[lora.sha256] = addnet_hash(files[lora.sha256])[:12]
             for emb in job.embeddings:
                 files[emb.sha256] = self.path("embedding", emb.name, emb.sha256)
+            for spec in (job.hires, job.upscale):
+                if spec is not None and spec.upscaler_sha256 is not None:
+                    files[spec.upscaler_sha256] = self.path("upscaler", spec.upscaler, spec.upscaler_sha256)
         return files
 
     def _folder(self, entry: AssetEntry, sha256: str) -> Path:

@@ -1,8 +1,8 @@
-"""A1111's hires fix and the final upscale.
+"""A1111's hires fix.
 
-Hires fix: the first pass stops at latents; they are resized (a "Latent" upscaler) or decoded,
-resized as pixels and encoded again (Lanczos, Nearest); then an img2img pass at the denoising
-strength adds detail at the new size. As in A1111, the second pass runs exactly `hires.steps`
+The first pass stops at latents; they are resized (a "Latent" upscaler) or decoded, resized as
+pixels (Lanczos, Nearest, or an upscaler model) and encoded again; then an img2img pass at the
+denoising strength adds detail at the new size. As in A1111, the second pass runs exactly `hires.steps`
 denoising steps (the first pass's count when 0) and draws its noise from the job's own seed.
 """
 
@@ -13,16 +13,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from sdfarm.jobs import IMAGE_UPSCALERS, LATENT_UPSCALERS, RenderJob, Upscale
+from sdfarm.jobs import LATENT_UPSCALERS, RenderJob
 
 from .pipeline import LoadedModel
 from .samplers import make_scheduler
 from .vae import decode
-
-_RESAMPLE = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
-assert set(_RESAMPLE) == set(IMAGE_UPSCALERS)
 
 
 def scheduled_steps(steps: int, strength: float) -> int:
@@ -48,7 +44,8 @@ def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Te
         scale = pipe.vae_scale_factor
         image: Any = F.interpolate(first_pass, size=(height // scale, width // scale), mode=mode, antialias=antialias)
     else:
-        image = [img.resize((width, height), _RESAMPLE[hires.upscaler]) for img in decode(pipe, first_pass)]
+        image = [loaded.upscalers.resize(img, (width, height), hires.upscaler, hires.upscaler_sha256)
+                 for img in decode(pipe, first_pass)]
     pipe.scheduler = make_scheduler(job.sampler, job.schedule_type, loaded.base_scheduler_config)
     steps = hires.steps or job.steps
     out = pipe(image=image, strength=hires.denoising_strength,
@@ -56,8 +53,3 @@ def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Te
                generator=generators, output_type="latent", **kwargs)
     latents: torch.Tensor = out.images
     return latents
-
-
-def upscale(image: Image.Image, spec: Upscale) -> Image.Image:
-    return image.resize(spec.target(*image.size), _RESAMPLE[spec.upscaler])
-

@@ -70,6 +70,7 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
         store = Store.from_settings(settings)
         assets = AssetFiles(registry, store, settings.cache_dir)
         loaded = load_model(registry, model, device, assets)
+        loaded.upscalers.tile = settings.upscale_tile
         state = WorkerState(
             settings=settings,
             hostname=hostname,

@@ -17,6 +17,7 @@ from sdfarm.models import ModelEntry, Registry
 
 from .adapters import Adapters
 from .assets import AssetFiles
+from .upscalers import Upscalers
 from .vae import Vaes
 
 log = logging.getLogger("sdfarm.worker")
@@ -56,11 +57,13 @@ class LoadedModel:
     load_s: float
     adapters: Adapters = field(init=False)  # LoRAs and embeddings in the pipeline
     vaes: Vaes = field(init=False)  # the model's VAE and registered ones
+    upscalers: Upscalers = field(init=False)  # registered upscaler models (hires and final upscale)
     _variants: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.adapters = Adapters(self.pipe)
         self.vaes = Vaes(self.pipe.vae)
+        self.upscalers = Upscalers(self.device)
 
     def use_vae(self, ref: AssetRef | None, files: dict[str, Path]) -> None:
         """Render the next chunk with this VAE (None: the model's own), in every mode's pipeline."""

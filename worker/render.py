@@ -12,7 +12,7 @@ from PIL import Image
 from sdfarm.extra_networks import strip_tags
 from sdfarm.jobs import RenderJob
 
-from .hires import second_pass, upscale
+from .hires import second_pass
 from .masks import Inputs
 from .pipeline import LoadedModel
 from .prompts import chunk_counts, encode_prompts
@@ -31,7 +31,8 @@ def generators(jobs: list[RenderJob]) -> list[torch.Generator]:
 def render(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None = None) -> list[Image.Image]:
     """All jobs must share RenderJob.compat_key() (a Chunk guarantees it), and the pipeline must
     already hold their LoRAs and embeddings (Adapters.activate). img2img and inpaint jobs take their
-    init image and mask from `inputs` (masks.job_inputs)."""
+    init image and mask from `inputs` (masks.job_inputs), and the upscaler models they name must be
+    loaded (Upscalers.prepare)."""
     first = jobs[0]
     pipe = loaded.variant(first.mode)
     counts = chunk_counts(pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs])
@@ -63,8 +64,9 @@ def render(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None = N
         assert inputs is not None
         images = [loaded.pipe.image_processor.apply_overlay(inputs[j.id][1], inputs[j.id][0], image)
                   for j, image in zip(jobs, images, strict=True)]
-    if first.upscale is not None:
-        images = [upscale(image, first.upscale) for image in images]
+    if (spec := first.upscale) is not None:
+        images = [loaded.upscalers.resize(image, spec.target(*image.size), spec.upscaler, spec.upscaler_sha256)
+                  for image in images]
     return images
 
 

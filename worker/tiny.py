@@ -270,6 +270,34 @@ def write_tiny_vae(folder: Path, seed: int, family: str = "sd15") -> Path:
     return folder
 
 
+def write_tiny_upscaler(path: Path, seed: int, scale: int = 2) -> Path:
+    """A tiny ESRGAN (RRDBNet, old-arch keys as A1111's ESRGAN files have them), as .safetensors.
+
+    The path through the network starts as an identity (the first three feature channels carry the
+    image, the upsampling repeats pixels) and every weight gets random noise on top: the output is
+    the image, enlarged and visibly altered, so a demo shows what happened and a test can tell the
+    model from Lanczos. The residual blocks are random, so the receptive field is the full network's.
+    """
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(seed)
+    net = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale)
+    trunk = {id(m) for m in net.model[1].modules()}
+    with torch.no_grad():
+        for module in net.modules():
+            if not isinstance(module, torch.nn.Conv2d):
+                continue
+            module.weight.normal_(0.0, 0.02)
+            assert module.bias is not None
+            module.bias.zero_()
+            if id(module) not in trunk:  # the identity path: channel c of the input to channel c
+                for c in range(3):
+                    module.weight[c, c, 1, 1] += 1.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return path
+
+
 def write_tiny_sdxl_assets(folder: Path) -> dict[str, Path]:
     """The SDXL demo's files: xl-detail (a diffusers-layout LoRA), xl-grain (kohya layout), xl-sparkle
     (an A1111 SDXL embedding: clip_l and clip_g), xl-vae (a VAE folder)."""
@@ -282,11 +310,13 @@ def write_tiny_sdxl_assets(folder: Path) -> dict[str, Path]:
 
 
 def write_tiny_assets(folder: Path) -> dict[str, Path]:
-    """The demo's LoRAs, embedding and mask model: tiny-detail (diffusers layout), tiny-grain (kohya
-    layout), tiny-sparkle (an A1111 embedding), tiny-clipseg (a CLIPSeg folder)."""
+    """The demo's LoRAs, embedding, mask model and upscaler: tiny-detail (diffusers layout), tiny-grain
+    (kohya layout), tiny-sparkle (an A1111 embedding), tiny-clipseg (a CLIPSeg folder), tiny-esrgan (a
+    2x ESRGAN file; it fits any model family)."""
     return {
         "tiny-detail": write_tiny_lora(folder / "loras" / "tiny-detail.safetensors", seed=1),
         "tiny-grain": write_tiny_lora(folder / "loras" / "tiny-grain.safetensors", seed=2, kohya=True),
         "tiny-sparkle": write_tiny_embedding(folder / "embeddings" / "tiny-sparkle.safetensors", seed=3),
         "tiny-clipseg": write_tiny_clipseg(folder / "mask_models" / "tiny-clipseg"),
+        "tiny-esrgan": write_tiny_upscaler(folder / "upscalers" / "tiny-esrgan.safetensors", seed=4),
     }

@@ -31,6 +31,8 @@ def feature_worker(start_worker: Callable[..., WorkerProcess], store: Store, tin
     store.client.put_object(Bucket=store.bucket, Key="models/loras/detail.safetensors", Body=good)
     # a LoRA file, but not the one whose sha256 the registry names for this key
     store.client.put_object(Bucket=store.bucket, Key="models/loras/tampered.safetensors", Body=good)
+    store.client.put_object(Bucket=store.bucket, Key="models/upscalers/esrgan.safetensors",
+                            Body=tiny_assets["tiny-esrgan"].read_bytes())
     return start_worker("features", model=FEATURES)
 
 
@@ -49,13 +51,14 @@ def test_loras_embeddings_and_hires_render_on_the_farm(tmp_path: Path, feature_w
   - {prompt: a fox, loras: ["s3-detail:0.7", "tiny-grain:0.5"]}
   - {prompt: "a (fox:1.2) BREAK in snow", hires: {scale: 2, steps: 2, denoising_strength: 0.5}}
   - {prompt: a fox, upscale: {factor: 2}}
+  - {prompt: a fox, upscale: {factor: 2, upscaler: s3-esrgan}, hires: {scale: 1.5, upscaler: tiny-esrgan}}
 """)
     plan = plan_file(path, registry, 100)
     result = cli(["submit", str(path), "--watch"], env)
     assert result.returncode == 0, result.stdout + result.stderr + feature_worker.tail()
 
     images = {job.id: Image.open(io.BytesIO(store.get(image_key(job.id)))) for job in plan.jobs}
-    first, second, hires, upscaled = (images[j.id] for j in plan.jobs)
+    first, second, hires, upscaled, by_model = (images[j.id] for j in plan.jobs)
     info = parse_infotext(first.text["parameters"])
     assert info["Lora hashes"] == f"s3-detail: {addnet_hash(tiny_assets['tiny-detail'])[:12]}"  # as A1111
     assert info["TI hashes"] == f"tiny-sparkle: {sha256_of(tiny_assets['tiny-sparkle'])[:12]}"
@@ -63,6 +66,10 @@ def test_loras_embeddings_and_hires_render_on_the_farm(tmp_path: Path, feature_w
     assert hires.size == (128, 128)
     assert parse_infotext(hires.text["parameters"])["Hires upscale"] == "2"
     assert upscaled.size == (128, 128)
+    assert by_model.size == (192, 192)  # 64 -> hires 96 (ESRGAN 2x, fitted) -> 192 (ESRGAN 2x from the bucket)
+    info = parse_infotext(by_model.text["parameters"])
+    assert (info["Hires upscaler"], info["Postprocess upscaler"]) == ("tiny-esrgan", "s3-esrgan")
+    assert feature_worker.tail(10**9).count("upscaler s3-esrgan fetched from s3://") == 1
     meta = store.get_json(sidecar_key(plan.jobs[1].id))
     assert [x["name"] for x in meta["loras"]] == ["s3-detail", "tiny-grain"]
     assert (meta["image"]["width"], meta["image"]["height"]) == (64, 64)
@@ -181,6 +188,7 @@ def test_sdfarm_models_lists_every_registry_entry_with_family_and_identity(env: 
     lines = {tuple(line.split()[:3]) for line in result.stdout.splitlines()}
     assert ("model", SDXL, "sdxl") in lines
     assert ("vae", "xl-vae", "sdxl") in lines
-    assert ("mask_model", "clipseg", "sd15") in lines
+    assert ("mask_model", "clipseg", "-") in lines
     assert ("lora", "s3-detail", "sd15") in lines
+    assert ("upscaler", "s3-esrgan", "-") in lines
     assert f"{registry.asset_identity('vae', 'xl-vae')[:12]}" in result.stdout

@@ -25,6 +25,7 @@ def registry(tmp_path: Path) -> Registry:
     (tmp_path / "detail.safetensors").write_bytes(b"detail weights")
     (tmp_path / "grain.safetensors").write_bytes(b"grain weights")
     (tmp_path / "easyneg.safetensors").write_bytes(b"embedding")
+    (tmp_path / "sharp.safetensors").write_bytes(b"upscaler weights")
     text = f"""
 models:
   tiny-sd15: {{hub: test/tiny, sha256: '{SHA}'}}
@@ -34,6 +35,8 @@ loras:
   remote: {{s3: loras/remote.safetensors, sha256: '{S3_SHA}'}}
 embeddings:
   EasyNegative: {{file: easyneg.safetensors}}
+upscalers:
+  4x-Sharp: {{file: sharp.safetensors}}
 """
     return Registry(parse_registry(text, "r", tmp_path), HashCache(tmp_path), parse_assets(text, "r", tmp_path))
 
@@ -170,9 +173,58 @@ items:
   - {upscale: {factor: 2, upscaler: Latent}}
 """, registry)
     assert "hires.upscaler: unknown upscaler 'ESRGAN_4x' (allowed: Latent, Latent (antialiased)" in found[0]
+    assert found[0].endswith("Lanczos, Nearest, 4x-Sharp)")
     assert "hires.scale 4 makes 8192x2048 (allowed: sides up to 4096)" in found[1]
     assert "hires.denoising_strength: Input should be greater than 0" in found[2]
-    assert "upscale.upscaler: unknown upscaler 'Latent' (allowed: Lanczos, Nearest)" in found[3]
+    assert "upscale.upscaler: unknown upscaler 'Latent' (allowed: Lanczos, Nearest, 4x-Sharp)" in found[3]
+
+
+def test_an_upscaler_model_is_named_by_the_registry_and_its_file_belongs_to_the_id(
+        registry: Registry, tmp_path: Path) -> None:
+    model, lanczos = plan("""
+defaults: {model: tiny-sd15, prompt: a, seed: 1}
+items:
+  - {hires: {upscaler: 4x-Sharp}, upscale: {factor: 2, upscaler: 4x-Sharp}}
+  - {hires: {upscaler: Lanczos}, upscale: {factor: 2, upscaler: Lanczos}}
+""", registry)
+    assert model.hires is not None
+    assert model.upscale is not None
+    assert lanczos.hires is not None
+    assert model.hires.upscaler_sha256 == model.upscale.upscaler_sha256 == sha_of(b"upscaler weights")
+    assert lanczos.hires.upscaler_sha256 is None
+    (tmp_path / "sharp.safetensors").write_bytes(b"other upscaler weights")  # the same name, other weights
+    retrained, _ = plan("""
+defaults: {model: tiny-sd15, prompt: a, seed: 1}
+items:
+  - {hires: {upscaler: 4x-Sharp}, upscale: {factor: 2, upscaler: 4x-Sharp}}
+  - {hires: {upscaler: Lanczos}, upscale: {factor: 2, upscaler: Lanczos}}
+""", Registry(registry.entries, HashCache(tmp_path / "fresh"), registry.assets))
+    assert retrained.id != model.id
+
+
+def test_upscaler_shas_are_checked_when_a_message_is_read() -> None:
+    base = {"model": "m", "model_hash": SHA, "prompt": "p", "seed": 1}
+    with pytest.raises(ValueError, match=r"unknown upscaler '4x-Sharp' \(allowed: Lanczos, Nearest, or a registered"):
+        RenderJob.model_validate({**base, "upscale": {"factor": 2, "upscaler": "4x-Sharp"}})
+    with pytest.raises(ValueError, match="upscaler_sha256 goes with a registered upscaler model, not 'Latent'"):
+        RenderJob.model_validate({**base, "hires": {"upscaler": "Latent", "upscaler_sha256": SHA}})
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("{file: x.pt, allow_pickle: true}", "an upscaler loads from a .safetensors file, or a .pth/.ckpt with"),
+    ("{file: x.pth}", "x.pth is a pickle file, which can run code when loaded"),
+    ("{file: x.safetensors, family: sdxl, sha256: nope}", "sha256: String should match pattern"),
+])
+def test_the_registry_refuses_bad_upscaler_entries(tmp_path: Path, spec: str, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        parse_assets(f"upscalers:\n  4x-Sharp: {spec}\n", "r", tmp_path)
+
+
+def test_an_upscaler_may_not_take_a_built_in_name(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="'Lanczos' is a built-in upscaler's name; register the model under"):
+        parse_assets("upscalers:\n  Lanczos: {file: x.safetensors}\n", "r", tmp_path)
+    pickled = parse_assets("upscalers:\n  RealESRGAN_x4plus: {file: x.pth, allow_pickle: true}\n", "r", tmp_path)
+    assert pickled[("upscaler", "RealESRGAN_x4plus")].allow_pickle
 
 
 # ------------------------------------------------------------------ infotext
@@ -214,7 +266,7 @@ def test_upscale_is_recorded_as_postprocessing(registry: Registry) -> None:
 
 
 def test_the_features_example_uses_every_feature(tmp_path: Path) -> None:
-    for name in ("detail", "grain", "sparkle", "xl-detail", "xl-grain", "xl-sparkle"):
+    for name in ("detail", "grain", "sparkle", "xl-detail", "xl-grain", "xl-sparkle", "esrgan"):
         (tmp_path / f"{name}.safetensors").write_bytes(name.encode())
     xl = "family: sdxl"
     text = f"""
@@ -223,6 +275,7 @@ loras: {{tiny-detail: {{file: detail.safetensors}}, tiny-grain: {{file: grain.sa
         xl-detail: {{file: xl-detail.safetensors, {xl}}}, xl-grain: {{file: xl-grain.safetensors, {xl}}}}}
 embeddings: {{tiny-sparkle: {{file: sparkle.safetensors}}, xl-sparkle: {{file: xl-sparkle.safetensors, {xl}}}}}
 vaes: {{xl-vae: {{path: clipseg, {xl}}}}}
+upscalers: {{tiny-esrgan: {{file: esrgan.safetensors}}}}
 mask_models: {{clipseg: {{path: clipseg}}}}
 """
     (tmp_path / "clipseg").mkdir()
@@ -231,8 +284,8 @@ mask_models: {{clipseg: {{path: clipseg}}}}
     examples = Path(__file__).resolve().parents[2] / "examples"
     path = examples / "features.yaml"
     jobs = plan_batch(path.read_text(), str(path), "yaml", reg, 1000, inputs=Inputs(None, examples / "inputs")).jobs
-    assert len(jobs) == 14
-    sd, xl = jobs[:12], jobs[12:]
+    assert len(jobs) == 15
+    sd, xl = jobs[:13], jobs[13:]
     assert all(j.embeddings for j in sd)
     assert [j.mode for j in sd[-3:]] == ["img2img", "inpaint", "inpaint"]
     assert sd[-1].mask_prompt == "sky"
@@ -244,8 +297,8 @@ mask_models: {{clipseg: {{path: clipseg}}}}
     assert {lora.name for j in xl for lora in j.loras} == {"xl-detail", "xl-grain"}
     assert xl[1].mode == "inpaint"
     assert any(len(j.loras) == 2 for j in jobs)
-    assert {j.hires.upscaler for j in jobs if j.hires} == {"Latent", "Lanczos"}
-    assert any(j.upscale for j in jobs)
+    assert {j.hires.upscaler for j in jobs if j.hires} == {"Latent", "Lanczos", "tiny-esrgan"}
+    assert {j.upscale.upscaler for j in jobs if j.upscale} == {"Lanczos", "tiny-esrgan"}
     assert any("BREAK" in j.prompt and "(red:1.3)" in j.prompt for j in jobs)
     assert max(len(j.prompt) for j in jobs) > 300  # well past 77 tokens
     assert {j.schedule_type for j in jobs} == {"Automatic", "Karras", "Exponential"}

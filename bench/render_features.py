@@ -1,11 +1,13 @@
 # mypy: disallow-untyped-calls=False
 """Images/s and peak memory per chunk size, SD1.5 and SDXL, with a LoRA active, with and without
-hires fix: through the worker's own render path (worker.render.render, LoRAs via Adapters).
+hires fix: through the worker's own render path (worker.render.render, LoRAs via Adapters). Then
+an ESRGAN upscaler model (loaded through spandrel, as the worker does): seconds per image and peak
+memory per tile size.
 
 Random weights: compute does not depend on weight values. On CUDA the pipelines have the real
-SD1.5 / SDXL-base architectures (fp16; 512 and 1024 px, hires 1.5x); on a CPU, or with --tiny,
-the tiny test pipelines (64 px). Prints one JSON line per measurement (also appended to
-$OUT/results.jsonl when OUT is set).
+SD1.5 / SDXL-base architectures (fp16; 512 and 1024 px, hires 1.5x) and the 4x ESRGAN architecture
+(64 filters, 23 blocks; 512 -> 2048 px); on a CPU, or with --tiny, the tiny test models (64 px).
+Prints one JSON line per measurement (also appended to $OUT/results.jsonl when OUT is set).
 
     python -m bench.render_features                          # tiny, CPU: a smoke run
     python -m bench.render_features --chunks 1,4,8           # on a GPU node: the real figures
@@ -28,7 +30,8 @@ from sdfarm.jobs import LoraRef, RenderJob
 from sdfarm.models import ModelEntry
 from worker.pipeline import LoadedModel
 from worker.render import render
-from worker.tiny import SD_SCHEDULER, _kohya, _lora_layers, _tokenizer, build_tiny
+from worker.tiny import SD_SCHEDULER, _kohya, _lora_layers, _tokenizer, build_tiny, write_tiny_upscaler
+from worker.upscalers import load_upscaler, run_model
 
 T0 = time.time()
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -121,6 +124,30 @@ def measure(loaded: LoadedModel, jobs: list[RenderJob], reps: int) -> tuple[floa
     return len(jobs) / seconds, peak
 
 
+def measure_upscaler(device: torch.device, tiny: bool, folder: Path, reps: int) -> None:
+    """Seconds per image and peak CUDA memory of a 4x ESRGAN pass, whole and in tiles."""
+    from PIL import Image
+
+    path = write_tiny_upscaler(folder / "esrgan.safetensors", seed=0, scale=4,
+                               **({} if tiny else {"filters": 64, "blocks": 23}))
+    model = load_upscaler(path, device)
+    size = 64 if tiny else 512
+    image = Image.effect_noise((size, size), 64).convert("RGB")
+    for tile in (0, 32) if tiny else (0, 512, 256):
+        run_model(model, image, tile)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        for _ in range(reps):
+            run_model(model, image, tile)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        log(stage="upscale", model="ESRGAN 4x", dtype=str(model.dtype), size=size, final_size=size * 4, tile=tile,
+            seconds_per_image=round((time.perf_counter() - t) / reps, 3),
+            peak_vram_mib=round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="tiny test pipelines (default on a CPU)")
@@ -162,6 +189,7 @@ def main() -> None:
         del loaded, pipe
         if cuda:
             torch.cuda.empty_cache()
+    measure_upscaler(device, tiny, folder, args.reps)
     log(stage="done")
 
 

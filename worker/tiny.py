@@ -270,8 +270,9 @@ def write_tiny_vae(folder: Path, seed: int, family: str = "sd15") -> Path:
     return folder
 
 
-def write_tiny_upscaler(path: Path, seed: int, scale: int = 2) -> Path:
+def write_tiny_upscaler(path: Path, seed: int, scale: int = 2, filters: int = 8, blocks: int = 1) -> Path:
     """A tiny ESRGAN (RRDBNet, old-arch keys as A1111's ESRGAN files have them), as .safetensors.
+    (filters=64, blocks=23, scale=4 is the real 4x ESRGAN architecture, for benchmarks.)
 
     The path through the network starts as an identity (the first three feature channels carry the
     image, the upsampling repeats pixels) and every weight gets random noise on top: the output is
@@ -281,7 +282,7 @@ def write_tiny_upscaler(path: Path, seed: int, scale: int = 2) -> Path:
     from spandrel.architectures.ESRGAN import ESRGAN
 
     torch.manual_seed(seed)
-    net = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=scale)
+    net = ESRGAN(in_nc=3, out_nc=3, num_filters=filters, num_blocks=blocks, scale=scale)
     trunk = {id(m) for m in net.model[1].modules()}
     with torch.no_grad():
         for module in net.modules():

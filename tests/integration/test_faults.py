@@ -100,7 +100,9 @@ def test_poison_job_fails_after_three_deaths_and_the_worker_serves_on(
 def test_cancel_stops_new_renders_and_resume_finishes(
         tmp_path: Path, fault_workers: list[WorkerProcess], env: dict[str, str], store: Store,
         board: ProgressBoard, registry: Registry) -> None:
-    path = write_batch(tmp_path, "cancel-me", [f"cancel test {i}" for i in range(24)], steps=20)
+    # long enough that the batch is still running when the cancel lands (a chunk takes seconds, the
+    # `sdfarm cancel` process about as long to start): 8 chunks of 4 over two workers
+    path = write_batch(tmp_path, "cancel-me", [f"cancel test {i}" for i in range(32)], steps=50)
     plan = plan_file(path, registry, 100)
     assert cli(["submit", str(path)], env).returncode == 0
     wait_for(lambda: progress_of(board, plan.batch_id)[0] >= 4, 120, "some jobs to finish")
@@ -118,7 +120,7 @@ def test_cancel_stops_new_renders_and_resume_finishes(
     resumed = cli(["resume", plan.batch_id], env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{len(plan.jobs) - len(done)} jobs enqueued" in resumed.stdout
-    wait_for(lambda: progress_of(board, plan.batch_id) == (24, 0), 180, "the resumed batch to finish")
+    wait_for(lambda: progress_of(board, plan.batch_id) == (32, 0), 180, "the resumed batch to finish")
 
 
 def test_watch_reconciles_lost_messages_and_reconcile_is_idempotent(

@@ -21,6 +21,9 @@ from .samplers import AUTOMATIC, SAMPLERS, allowed_sampler_names, split_sampler_
 
 # 1: the first. 2: upscaler models (hires/upscale `upscaler_sha256`). No default has changed since 1.
 SCHEMA_VERSION: Final = 2
+# Fields added after version 1, (section of a job, field): the version that added them. A message
+# names the oldest version that reads it: the highest of these that it sets, else 1.
+FIELD_VERSIONS: Final[dict[tuple[str, str], int]] = {("hires", "upscaler_sha256"): 2, ("upscale", "upscaler_sha256"): 2}
 MAX_PROMPT_CHARS: Final = 4000
 MIN_SIZE: Final = 64
 MAX_SIZE: Final = 2048
@@ -174,7 +177,8 @@ class Upscale(BaseModel):
         return self
 
     def target(self, width: int, height: int) -> tuple[int, int]:
-        return round(width * self.factor), round(height * self.factor)
+        """The stored size: the scaled size, rounded down to a multiple of 8, as A1111's upscalers do."""
+        return int(width * self.factor) // 8 * 8, int(height * self.factor) // 8 * 8
 
 
 class RenderJob(BaseModel):
@@ -441,9 +445,10 @@ class Chunk(BaseModel):
         what it sets. The message names the oldest schema version that reads it (a field added
         since appears only when a job sets it); a worker older than that hands the chunk back.
         Changing a default would mean a new SCHEMA_VERSION that every message names."""
-        version = 2 if any(spec is not None and spec.upscaler_sha256 is not None
-                           for e in self.entries for spec in (e.job.hires, e.job.upscale)) else 1
-        return {**self.model_dump(mode="json", exclude_defaults=True), "schema_version": version}
+        message = self.model_dump(mode="json", exclude_defaults=True)
+        version = max((v for e in message["entries"] for (section, fld), v in FIELD_VERSIONS.items()
+                       if fld in e["job"].get(section, {})), default=1)
+        return {**message, "schema_version": version}
 
     @cached_property
     def id(self) -> str:

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
+from safetensors.torch import load_file, save_file
 
-from sdfarm.errors import AssetError
+from sdfarm.errors import AssetError, RenderError
 from sdfarm.infotext import parse_infotext
 from sdfarm.jobs import RenderJob
 from sdfarm.models import HashCache, Registry, parse_assets
@@ -84,18 +85,47 @@ def test_tiles_with_a_margin_give_the_whole_image_result(files: dict[str, Path])
     assert np.abs(pixels(run_model(model, image, tile=16)) - pixels(run_model(model, image, tile=0))).max() <= 1
 
 
-@pytest.mark.parametrize(("model", "size"), [("x2", (160, 128)), ("x2", (240, 192)), ("x4", (200, 160)),
-                                             ("x2", (93, 77))])
-def test_the_model_runs_until_the_target_size_then_lanczos_fits_it(files: dict[str, Path], assets: AssetFiles,
-                                                                   model: str, size: tuple[int, int]) -> None:
+@pytest.mark.parametrize(("model", "size", "passes"), [
+    ("x2", (160, 128), 1), ("x2", (240, 192), 2), ("x4", (200, 160), 1), ("x2", (88, 72), 1), ("x2", (800, 640), 3)])
+def test_the_model_runs_until_the_target_size_at_most_three_times_then_lanczos_fits_it(
+        files: dict[str, Path], assets: AssetFiles, monkeypatch: pytest.MonkeyPatch, model: str,
+        size: tuple[int, int], passes: int) -> None:
+    calls: list[tuple[int, int]] = []
+
+    def counted(m: Any, image: Image.Image, tile: int) -> Image.Image:
+        calls.append(image.size)
+        return run_model(m, image, tile)
+
+    monkeypatch.setattr("worker.upscalers.run_model", counted)
     upscalers = Upscalers(torch.device("cpu"), tile=0)
     job = upscale_job(model, files)
     upscalers.prepare(job, assets.for_jobs([job]))
     out = upscalers.resize(picture(), size, model, sha(files[model]))
     assert out.size == size
+    assert len(calls) == passes  # a 2x model for 3x runs twice; 10x stops after three passes (8x), as A1111
     if model == "x2" and size == (160, 128):  # one pass gives the size exactly: no resampling after it
         direct = run_model(load_upscaler(files["x2"], torch.device("cpu")), picture(), tile=0)
         assert np.array_equal(pixels(out), pixels(direct))
+
+
+def test_nan_in_half_precision_is_redone_in_float32_and_nan_in_float32_fails_the_job(
+        files: dict[str, Path], tmp_path: Path) -> None:
+    state = load_file(str(files["x2"]))
+    state["model.0.weight"] *= 6e4  # fits in fp16, but the first features overflow it: inf - inf = NaN
+    hot = tmp_path / "hot.safetensors"
+    save_file(state, str(hot))
+    upscalers = Upscalers(torch.device("cpu"), tile=0)
+    upscalers.files["hot"], upscalers.loaded["hot"] = hot, load_upscaler(hot, torch.device("cpu"), torch.float16)
+    bright = Image.new("RGB", (80, 64), (250, 240, 245))
+    with pytest.raises(RenderError):  # what the fp16 model gives by itself
+        run_model(upscalers.loaded["hot"], bright, tile=0)
+    assert upscalers.resize(bright, (160, 128), "hot", "hot").size == (160, 128)
+    assert upscalers.loaded["hot"].dtype == torch.float32  # and it stays so
+    state["model.0.weight"] *= float("nan")
+    save_file(state, str(hot))
+    upscalers.loaded["hot"] = load_upscaler(hot, torch.device("cpu"))
+    with pytest.raises(RenderError, match="the upscaler model produced NaN or infinite pixels; nothing was stored"):
+        upscalers.resize(bright, (160, 128), "hot", "hot")
 
 
 def test_a_file_that_is_not_an_upscaler_fails_the_job_with_the_reason(files: dict[str, Path],

@@ -1,5 +1,6 @@
-"""Write a diffusers SD1.x pipeline as an original single-file checkpoint (the LDM key layout that
-community `.safetensors` checkpoints use): the inverse of diffusers' single-file loader, for tests."""
+"""Write a diffusers SD1.x or SDXL pipeline as an original single-file checkpoint (the LDM / SGM key
+layout that community `.safetensors` checkpoints use): the inverse of diffusers' single-file loader,
+for tests."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def _unet_prefixes(config: dict[str, Any]) -> list[tuple[str, str]]:
 
 _UNET_FIXED = {
     "time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+    "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2.",  # SDXL
     "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
 }
 _RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
@@ -86,15 +88,48 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[s
     return out
 
 
-def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
-            for k, v in state.items()}
+def _hf_text_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIP text-model keys with their "text_model." prefix (newer transformers flatten it away)."""
+    return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+            for k, v in state.items() if not k.endswith("position_ids")}
+
+
+def text_encoder_to_ldm(state: dict[str, torch.Tensor], prefix: str = "cond_stage_model.transformer."
+                        ) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in _hf_text_keys(state).items()}
+
+
+def open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection as OpenCLIP keys (SDXL's second text encoder):
+    q, k and v joined into in_proj, the projection transposed."""
+    state = _hf_text_keys(state)
+    fixed = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
+             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "text_model.final_layer_norm.weight": "ln_final.weight",
+             "text_model.final_layer_norm.bias": "ln_final.bias"}
+    out = {prefix + ldm: state[hf] for hf, ldm in fixed.items()}
+    out[prefix + "text_projection"] = state["text_projection.weight"].T.contiguous()
+    layers = sorted({int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")})
+    for i in layers:
+        hf, ldm = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            out[f"{ldm}attn.in_proj_{part}"] = torch.cat([state[f"{hf}self_attn.{x}_proj.{part}"] for x in "qkv"])
+            out[f"{ldm}attn.out_proj.{part}"] = state[f"{hf}self_attn.out_proj.{part}"]
+            out[f"{ldm}ln_1.{part}"] = state[f"{hf}layer_norm1.{part}"]
+            out[f"{ldm}ln_2.{part}"] = state[f"{hf}layer_norm2.{part}"]
+            out[f"{ldm}mlp.c_fc.{part}"] = state[f"{hf}mlp.fc1.{part}"]
+            out[f"{ldm}mlp.c_proj.{part}"] = state[f"{hf}mlp.fc2.{part}"]
+    return out
 
 
 def write_single_file(pipe: Any, path: Path) -> Path:
     state: dict[str, torch.Tensor] = {}
     state.update(unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)))
     state.update(vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)))
-    state.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
+    if getattr(pipe, "text_encoder_2", None) is None:
+        state.update(text_encoder_to_ldm(pipe.text_encoder.state_dict()))
+    else:  # SDXL (SGM layout): CLIP-L as transformers keys, OpenCLIP-G as OpenCLIP keys
+        state.update(text_encoder_to_ldm(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer."))
+        state.update(open_clip_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path

@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 
 from sdfarm.errors import AssetError
 from sdfarm.jobs import RenderJob
-from sdfarm.models import HashCache, Registry, parse_assets
+from sdfarm.models import HashCache, Registry, parse_assets, parse_registry
 from tests.conftest import SDXL
-from tests.ldm import vae_to_ldm
+from tests.ldm import vae_to_ldm, write_single_file
 from worker.assets import AssetFiles
 from worker.pipeline import LoadedModel, load_model
 from worker.prompts import chunk_prompt, encode_prompts
@@ -108,6 +108,18 @@ def test_sdxl_renders_with_its_size_conditioning_the_same_on_two_runs(loaded: Lo
     _, inside = run(loaded, assets, make(loaded, assets, seed=3, prompt="a lighthouse"), job)
     assert diff(first, second) == 0
     assert diff(first, inside) <= 2  # a job's image does not depend on its chunk
+
+
+def test_an_sdxl_single_file_checkpoint_loads_offline_and_renders_the_same(
+        loaded: LoadedModel, assets: AssetFiles, tiny_sdxl: dict[str, Path], tmp_path: Path) -> None:
+    ckpt = write_single_file(loaded.pipe, tmp_path / "tiny-xl-single.safetensors")  # SGM keys, as Civitai files
+    text = f"models:\n  xl-single:\n    file: {ckpt}\n    config: {tiny_sdxl['model']}\n    family: sdxl\n"
+    single = load_model(Registry(parse_registry(text, "test", tmp_path), HashCache(tmp_path)), "xl-single", "cpu")
+    assert single.identity == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    job = make(loaded, assets, hires={"scale": 2, "steps": 2, "denoising_strength": 0.5})
+    from_folder, = run(loaded, assets, job)
+    from_file, = run(single, assets, job.model_copy(update={"model": "xl-single", "model_hash": single.identity}))
+    assert np.abs(from_folder - from_file).max() <= 1
 
 
 def test_plain_prompts_encode_exactly_as_diffusers_sdxl_does(loaded: LoadedModel) -> None:

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from .errors import BatchInvalid, InvalidInput, Problem
 from .extra_networks import lora_tags
 from .inputs import Inputs
-from .jobs import DEFAULT_MASK_MODEL, IMAGE_UPSCALERS, LATENT_UPSCALERS, MAX_SEED, USER_FIELDS, RenderJob, parse_loras
+from .jobs import DEFAULT_MASK_MODEL, HIRES_UPSCALERS, IMAGE_UPSCALERS, MAX_SEED, USER_FIELDS, RenderJob, parse_loras
 from .models import Registry
 
 ITEM_KEYS: Final = (*USER_FIELDS, "count", "seeds", "matrix")
@@ -367,8 +367,8 @@ class _Planner:
     def assets(self, raw: RawItem, values: dict[str, Any], family: str | None) -> tuple[dict[str, Any], bool]:
         """Fill in the registry's hashes: LoRAs from the loras field and the prompt's <lora:...> tags,
         embeddings named in the prompts, the VAE, upscaler models. Unknown names, and LoRAs and VAEs
-        made for another model family, are reported here; shapes by RenderJob. As in A1111, an embedding of another
-        family is not one: its name in an SDXL prompt is plain text."""
+        made for another model family, are reported here; shapes by RenderJob. As in A1111, an
+        embedding of another family is not one: its name in an SDXL prompt is plain text."""
         ok = True
         out = dict(values)
         prompt = values.get("prompt")
@@ -410,7 +410,7 @@ class _Planner:
                 self.problem(raw, "vae", str(e))
                 out.pop("vae")
                 ok = False
-        for fld, builtin in (("hires", (*LATENT_UPSCALERS, *IMAGE_UPSCALERS)), ("upscale", IMAGE_UPSCALERS)):
+        for fld, builtin in (("hires", HIRES_UPSCALERS), ("upscale", IMAGE_UPSCALERS)):
             spec = values.get(fld)
             if not isinstance(spec, dict) or not isinstance(spec.get("upscaler"), str) or spec["upscaler"] in builtin:
                 continue  # RenderJob reports the shapes

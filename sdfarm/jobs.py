@@ -48,6 +48,7 @@ LATENT_UPSCALERS: Final[dict[str, tuple[str, bool]]] = {
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
 IMAGE_UPSCALERS: Final = ("Lanczos", "Nearest")
+HIRES_UPSCALERS: Final = (*LATENT_UPSCALERS, *IMAGE_UPSCALERS)  # every built-in name; models are registered
 
 # Fields a batch file may set for a job. model_hash is filled in from the registry.
 USER_FIELDS: Final = (
@@ -154,7 +155,7 @@ class HiresFix(BaseModel):
 
     @model_validator(mode="after")
     def _upscaler(self) -> HiresFix:
-        _check_upscaler(self.upscaler, self.upscaler_sha256, (*LATENT_UPSCALERS, *IMAGE_UPSCALERS))
+        _check_upscaler(self.upscaler, self.upscaler_sha256, HIRES_UPSCALERS)
         return self
 
     def target(self, width: int, height: int) -> tuple[int, int]:

@@ -60,7 +60,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InvalidInput, UnknownModel
-from .jobs import ASSET_NAME_PATTERN, IMAGE_UPSCALERS, LATENT_UPSCALERS, MODEL_NAME_PATTERN, SHA256_PATTERN
+from .jobs import ASSET_NAME_PATTERN, HIRES_UPSCALERS, MODEL_NAME_PATTERN, SHA256_PATTERN
 from .settings import Settings
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -177,7 +177,7 @@ class AssetEntry(BaseModel):
             raise ValueError("a VAE loads from a .safetensors file or a diffusers folder only")
         if self.kind == "upscaler" and suffix not in (".safetensors", ".pth", ".ckpt"):
             raise ValueError("an upscaler loads from a .safetensors file, or a .pth/.ckpt with allow_pickle: true")
-        if self.kind == "upscaler" and self.name in (*LATENT_UPSCALERS, *IMAGE_UPSCALERS):
+        if self.kind == "upscaler" and self.name in HIRES_UPSCALERS:
             raise ValueError(f"{self.name!r} is a built-in upscaler's name; register the model under another")
         return self
 

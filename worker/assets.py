@@ -1,5 +1,6 @@
 """Files a job needs on this worker: LoRAs, embeddings, VAEs and upscaler models (fetched once into
-the local cache), the mask model, and input images (read from the bucket per job), each verified before use.
+the local cache), the mask model, and input images (read from the bucket per job), each verified
+before use.
 
 A job names each file by registry name or bucket key, and by sha256 (filled in when the batch was
 planned). The worker trusts neither the bucket nor the disk: a file is used only after its sha256

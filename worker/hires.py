@@ -2,8 +2,9 @@
 
 The first pass stops at latents; they are resized (a "Latent" upscaler) or decoded, resized as
 pixels (Lanczos, Nearest, or an upscaler model) and encoded again; then an img2img pass at the
-denoising strength adds detail at the new size. As in A1111, the second pass runs exactly `hires.steps`
-denoising steps (the first pass's count when 0) and draws its noise from the job's own seed.
+denoising strength adds detail at the new size. As in A1111, the second pass runs exactly
+`hires.steps` denoising steps (the first pass's count when 0) and draws its noise from the job's
+own seed.
 """
 
 from __future__ import annotations

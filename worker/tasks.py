@@ -181,7 +181,7 @@ def process_chunk(state: WorkerState, payload: Any) -> dict[str, int]:
         if halted := _halted(state, batch, todo):  # checked again right before the GPU starts
             return {halted: len(todo)}
         jobs = [e.job for e in todo]
-        try:  # LoRAs, embeddings, VAE, upscalers switched in between chunks; input images and masks; all verified
+        try:  # LoRAs, embeddings, VAE, upscalers switched between chunks; input images and masks; all verified
             files = state.assets.for_jobs(jobs)
             state.loaded.adapters.activate(first.loras, tuple({e for j in jobs for e in j.embeddings}), files)
             state.loaded.use_vae(first.vae, files)

@@ -95,7 +95,7 @@ class Upscalers:
         self.keep = keep
         self.tile = tile
         self.loaded: OrderedDict[str, Any] = OrderedDict()  # sha256 -> model, oldest use first
-        self.files: dict[str, Path] = {}  # sha256 -> its verified file, to load it again in fp32
+        self.files: dict[str, Path] = {}  # sha256 -> the verified file of a loaded model (to reload in fp32)
 
     def prepare(self, job: RenderJob, files: dict[str, Path]) -> None:
         """Load the models a chunk's jobs upscale with (all share hires and upscale). Raises
@@ -115,7 +115,8 @@ class Upscalers:
             except Exception as e:
                 raise AssetError(f"upscaler {spec.upscaler!r}: cannot load {path.name}: {e}") from e
             while len(self.loaded) > self.keep:
-                self.loaded.popitem(last=False)
+                evicted, _ = self.loaded.popitem(last=False)
+                self.files.pop(evicted, None)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
             log.info("upscaler %s loaded (%s, %dx)", spec.upscaler, sha256[:12], self.loaded[sha256].scale)

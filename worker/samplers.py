@@ -1,10 +1,13 @@
-"""A1111 sampler names -> diffusers schedulers, built fresh from the pipeline's own config."""
+"""A1111 sampler names -> diffusers schedulers, built fresh from the pipeline's own config.
+
+diffusers is imported where a scheduler is made, never at module level: importing it asks
+torch.accelerator.is_available(), which initialises the CUDA driver, and the worker's prefork
+parent imports this module. A parent that touched CUDA leaves its pool child unable to use it.
+"""
 
 from __future__ import annotations
 
 from typing import Any
-
-import diffusers
 
 from sdfarm.samplers import EXPONENTIAL, KARRAS, SAMPLERS
 
@@ -29,6 +32,8 @@ assert set(_TABLE) == set(SAMPLERS), "worker and contract disagree on sampler na
 
 def make_scheduler(sampler: str, schedule_type: str, base_config: Any) -> Any:
     """A new scheduler (they keep per-run state) for one chunk."""
+    import diffusers
+
     class_name, extra = _TABLE[sampler]
     kwargs = dict(extra)
     if schedule_type == KARRAS:

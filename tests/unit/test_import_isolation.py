@@ -12,3 +12,15 @@ def test_producer_does_not_import_torch_or_worker() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_worker_start_up_modules_do_not_import_diffusers() -> None:
+    """The prefork parent imports these; diffusers' and transformers' imports ask torch whether CUDA
+    is available, which initialises the driver and leaves the pool child unable to use the GPU."""
+    code = (
+        "import sys, worker.main, worker.tasks, worker.pipeline, worker.render;"
+        "bad = [m for m in ('diffusers', 'transformers', 'peft', 'spandrel') if m in sys.modules];"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

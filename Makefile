@@ -11,7 +11,7 @@ else
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test unit lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: install
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# the fast tier for the edit-test loop: tests/unit needs no embedded stack (no Redis, S3 or workers), no lint
+unit: install
+	$(VENV)/bin/pytest -q tests/unit
 
 clean:
 	rm -rf .sdfarm .pytest_cache .mypy_cache .ruff_cache

@@ -59,7 +59,7 @@ def main() -> int:
 
     from worker.pipeline import load_model
     from worker.render import render
-    from worker.tiny import write_tiny_model
+    from worker.testing import write_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="sdfarm-bench-"))
     write_tiny_model(tmp / "tiny")

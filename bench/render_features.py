@@ -30,7 +30,14 @@ from sdfarm.jobs import LoraRef, RenderJob
 from sdfarm.models import ModelEntry
 from worker.pipeline import LoadedModel
 from worker.render import render
-from worker.tiny import SD_SCHEDULER, _kohya, _lora_layers, _tokenizer, build_tiny, write_tiny_upscaler
+from worker.testing import (
+    SD_SCHEDULER,
+    build_tiny,
+    build_tokenizer,
+    peft_to_kohya,
+    random_lora_layers,
+    write_tiny_upscaler,
+)
 from worker.upscalers import load_upscaler, run_model
 
 T0 = time.time()
@@ -67,7 +74,7 @@ def _text_encoder(spec: dict[str, Any], with_projection: bool) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
-                            pad_token_id=513, **spec)  # the bench tokenizer's ids (worker.tiny's vocabulary)
+                            pad_token_id=513, **spec)  # the bench tokenizer's ids (worker.testing's vocabulary)
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
@@ -86,10 +93,10 @@ def build_full(family: str) -> Any:
     if family == "sdxl":
         return StableDiffusionXLPipeline(
             vae=AutoencoderKL(**VAE, scaling_factor=0.13025), text_encoder=_text_encoder(CLIP_L, False),
-            text_encoder_2=_text_encoder(CLIP_G, True), tokenizer=_tokenizer(), tokenizer_2=_tokenizer("!"),
+            text_encoder_2=_text_encoder(CLIP_G, True), tokenizer=build_tokenizer(), tokenizer_2=build_tokenizer("!"),
             unet=UNet2DConditionModel(**SDXL_UNET), scheduler=scheduler, add_watermarker=False)
     return StableDiffusionPipeline(
-        vae=AutoencoderKL(**VAE), text_encoder=_text_encoder(CLIP_L, False), tokenizer=_tokenizer(),
+        vae=AutoencoderKL(**VAE), text_encoder=_text_encoder(CLIP_L, False), tokenizer=build_tokenizer(),
         unet=UNet2DConditionModel(**SD15_UNET), scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
 
@@ -99,11 +106,11 @@ def lora_file(family: str, tiny: bool, folder: Path) -> Path:
     from safetensors.torch import save_file
 
     donor = build_tiny(family, seed=1) if tiny else build_full(family)
-    layers = _lora_layers(donor, seed=1, strength=0.01)
+    layers = random_lora_layers(donor, seed=1, strength=0.01)
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_text_model_" if family == "sdxl"
                 else "lora_te_text_model_", "text_encoder_2": "lora_te2_text_model_"}
     path = folder / f"bench-{family}.safetensors"
-    save_file({k: v for part, sd in layers.items() for k, v in _kohya(sd, prefixes[part]).items()}, str(path))
+    save_file({k: v for part, sd in layers.items() for k, v in peft_to_kohya(sd, prefixes[part]).items()}, str(path))
     return path
 
 
@@ -167,7 +174,7 @@ def main() -> None:
         lora = lora_file(family, tiny, folder)
         pipe = (build_tiny(family) if tiny else build_full(family)).to(device, dtype)
         pipe.set_progress_bar_config(disable=True)
-        entry = ModelEntry(name=f"bench-{family}", family=family, hub="bench/random", sha256="0" * 64)  # type: ignore[arg-type]
+        entry = ModelEntry(name=f"bench-{family}", family=family, hub="bench/random", sha256="0" * 64)
         loaded = LoadedModel(entry, "0" * 64, pipe, device, dtype, dict(pipe.scheduler.config), 0.0)
         ref = LoraRef(name="bench", weight=0.8, sha256="1" * 64)
         loaded.adapters.activate((ref,), (), {ref.sha256: lora})

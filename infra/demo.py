@@ -18,7 +18,7 @@ from pathlib import Path
 
 import redis
 
-from infra.stack import EmbeddedStack
+from infra.stack import EmbeddedStack, StackInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".sdfarm" / "demo"
@@ -26,6 +26,12 @@ MODEL = "tiny-sd15"
 XL_MODEL = "tiny-sdxl"
 BATCHES = [ROOT / "examples" / "demo.yaml", ROOT / "examples" / "features.yaml"]
 WORKERS = [MODEL, MODEL, XL_MODEL]  # one process per entry, each serving that model
+# the demo's assets (written by worker.testing), relative to STATE
+ASSETS = {"tiny-detail": "loras/tiny-detail.safetensors", "tiny-grain": "loras/tiny-grain.safetensors",
+          "tiny-sparkle": "embeddings/tiny-sparkle.safetensors", "tiny-clipseg": "mask_models/tiny-clipseg",
+          "tiny-esrgan": "upscalers/tiny-esrgan.safetensors"}
+XL_ASSETS = {"xl-detail": "sdxl/loras/xl-detail.safetensors", "xl-grain": "sdxl/loras/xl-grain.safetensors",
+             "xl-sparkle": "sdxl/embeddings/xl-sparkle.safetensors", "xl-vae": "sdxl/vaes/xl-vae"}
 
 
 def sdfarm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -34,22 +40,19 @@ def sdfarm(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
                           stdout=subprocess.PIPE if args[0] == "submit" else None)
 
 
-def main() -> int:
+def write_files() -> Path:
+    """The tiny models and their assets under STATE (kept from an earlier run), and the registry
+    that names them; returns the registry's path."""
     STATE.mkdir(parents=True, exist_ok=True)
     for name, family in ((MODEL, "sd15"), (XL_MODEL, "sdxl")):
         model_dir = STATE / "models" / name
         if not (model_dir / "model_index.json").exists():
-            from worker.tiny import write_tiny_model
+            from worker.testing import write_tiny_model
 
             print(f"writing a tiny random-weight {family}-architecture model to {model_dir}", flush=True)
             write_tiny_model(model_dir, family=family)
-    assets = {"tiny-detail": "loras/tiny-detail.safetensors", "tiny-grain": "loras/tiny-grain.safetensors",
-              "tiny-sparkle": "embeddings/tiny-sparkle.safetensors", "tiny-clipseg": "mask_models/tiny-clipseg",
-              "tiny-esrgan": "upscalers/tiny-esrgan.safetensors"}
-    xl_assets = {"xl-detail": "sdxl/loras/xl-detail.safetensors", "xl-grain": "sdxl/loras/xl-grain.safetensors",
-                 "xl-sparkle": "sdxl/embeddings/xl-sparkle.safetensors", "xl-vae": "sdxl/vaes/xl-vae"}
-    if not all((STATE / path).exists() for path in [*assets.values(), *xl_assets.values()]):
-        from worker.tiny import write_tiny_assets, write_tiny_sdxl_assets
+    if not all((STATE / path).exists() for path in [*ASSETS.values(), *XL_ASSETS.values()]):
+        from worker.testing import write_tiny_assets, write_tiny_sdxl_assets
 
         print("writing tiny LoRAs, embeddings, a VAE and an upscaler that fit them", flush=True)
         write_tiny_assets(STATE)
@@ -57,16 +60,84 @@ def main() -> int:
     registry = STATE / "models.yaml"
     registry.write_text(f"models:\n  {MODEL}: {{path: models/{MODEL}}}\n"
                         f"  {XL_MODEL}: {{path: models/{XL_MODEL}, family: sdxl}}\n"
-                        f"loras:\n  tiny-detail: {{file: {assets['tiny-detail']}}}\n"
-                        f"  tiny-grain: {{file: {assets['tiny-grain']}}}\n"
-                        f"  xl-detail: {{file: {xl_assets['xl-detail']}, family: sdxl}}\n"
-                        f"  xl-grain: {{file: {xl_assets['xl-grain']}, family: sdxl}}\n"
-                        f"embeddings:\n  tiny-sparkle: {{file: {assets['tiny-sparkle']}}}\n"
-                        f"  xl-sparkle: {{file: {xl_assets['xl-sparkle']}, family: sdxl}}\n"
-                        f"vaes:\n  xl-vae: {{path: {xl_assets['xl-vae']}, family: sdxl}}\n"
-                        f"upscalers:\n  tiny-esrgan: {{file: {assets['tiny-esrgan']}}}\n"
-                        f"mask_models:\n  clipseg: {{path: {assets['tiny-clipseg']}}}\n")
+                        f"loras:\n  tiny-detail: {{file: {ASSETS['tiny-detail']}}}\n"
+                        f"  tiny-grain: {{file: {ASSETS['tiny-grain']}}}\n"
+                        f"  xl-detail: {{file: {XL_ASSETS['xl-detail']}, family: sdxl}}\n"
+                        f"  xl-grain: {{file: {XL_ASSETS['xl-grain']}, family: sdxl}}\n"
+                        f"embeddings:\n  tiny-sparkle: {{file: {ASSETS['tiny-sparkle']}}}\n"
+                        f"  xl-sparkle: {{file: {XL_ASSETS['xl-sparkle']}, family: sdxl}}\n"
+                        f"vaes:\n  xl-vae: {{path: {XL_ASSETS['xl-vae']}, family: sdxl}}\n"
+                        f"upscalers:\n  tiny-esrgan: {{file: {ASSETS['tiny-esrgan']}}}\n"
+                        f"mask_models:\n  clipseg: {{path: {ASSETS['tiny-clipseg']}}}\n")
+    return registry
 
+
+def start_workers(env: dict[str, str], logs: Path, workers: list[subprocess.Popen[bytes]]) -> None:
+    """One worker process per WORKERS entry, appended to `workers` as each starts."""
+    for n, model in enumerate(WORKERS):
+        with (logs / f"worker-{n}.log").open("wb") as out:
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "producer", "worker", "--model", model, "--device", "cpu",
+                 "--hostname", f"demo-{n}@{os.uname().nodename}"],
+                env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+
+
+def workers_ready(redis_url: str, workers: list[subprocess.Popen[bytes]]) -> bool:
+    """Wait until every worker has registered its heartbeat; False as soon as one exits, or after 180 s."""
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 180
+    print(f"starting {len(WORKERS)} workers ({', '.join(WORKERS)}; each loads its model once) ...", flush=True)
+    while sum(1 for _ in client.scan_iter("sdfarm:worker:demo-*")) < len(WORKERS):
+        if any(w.poll() is not None for w in workers) or time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def run_batches(env: dict[str, str], info: StackInfo, logs: Path) -> int:
+    """Submit every batch, then watch each to the end, fetch its images and draw its contact sheet;
+    the exit status of the first sdfarm command that failed, else 0."""
+    batch_ids = []
+    for batch in BATCHES:
+        submitted = sdfarm("submit", str(batch), env=env)
+        print(submitted.stdout, end="", flush=True)
+        if submitted.returncode != 0:
+            return submitted.returncode
+        batch_ids.append(submitted.stdout.split()[1].rstrip(":"))
+    summary = []
+    for batch, batch_id in zip(BATCHES, batch_ids, strict=True):
+        watched = sdfarm("watch", batch_id, "--timeout", "600", env=env)
+        if watched.returncode != 0:
+            return watched.returncode
+        fetched = STATE / "output" / batch.stem
+        sheet = STATE / f"contact_sheet_{batch.stem}.png"
+        sdfarm("fetch", batch_id, str(fetched), "--contact-sheet", str(sheet), env=env)
+        summary.append(f"  {batch.name}: batch {batch_id}\n    fetched to:     {fetched}\n"
+                       f"    contact sheet:  {sheet}")
+    sdfarm("status", "--limit", "5", env=env)
+    print("\nDone.\n" + "\n".join(summary) + "\n"
+          f"  in S3:            s3://{info.bucket}/renders/<job_id>.png and .json"
+          f" (manifests under s3://{info.bucket}/batches/)\n"
+          f"  worker logs:      {logs}", flush=True)
+    return 0
+
+
+def stop(workers: list[subprocess.Popen[bytes]], stack: EmbeddedStack) -> None:
+    """SIGTERM every worker (SIGKILL after 30 s), then stop the stack."""
+    for w in workers:
+        if w.poll() is None:
+            os.killpg(w.pid, signal.SIGTERM)
+    for w in workers:
+        try:
+            w.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(w.pid, signal.SIGKILL)
+    stack.stop()
+    print("workers and stack stopped", flush=True)
+
+
+def main() -> int:
+    registry = write_files()
     stack = EmbeddedStack(STATE / "stack")
     workers: list[subprocess.Popen[bytes]] = []
     try:
@@ -81,55 +152,13 @@ def main() -> int:
 
         logs = STATE / "logs"
         logs.mkdir(exist_ok=True)
-        for n, model in enumerate(WORKERS):
-            with (logs / f"worker-{n}.log").open("wb") as out:
-                workers.append(subprocess.Popen(
-                    [sys.executable, "-m", "producer", "worker", "--model", model, "--device", "cpu",
-                     "--hostname", f"demo-{n}@{os.uname().nodename}"],
-                    env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
-        client = redis.Redis.from_url(info.redis_url)
-        deadline = time.monotonic() + 180
-        print(f"starting {len(WORKERS)} workers ({', '.join(WORKERS)}; each loads its model once) ...", flush=True)
-        while sum(1 for _ in client.scan_iter("sdfarm:worker:demo-*")) < len(WORKERS):
-            if any(w.poll() is not None for w in workers) or time.monotonic() > deadline:
-                print(f"a worker did not start: see {logs}", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-
-        batch_ids = []
-        for batch in BATCHES:
-            submitted = sdfarm("submit", str(batch), env=env)
-            print(submitted.stdout, end="", flush=True)
-            if submitted.returncode != 0:
-                return submitted.returncode
-            batch_ids.append(submitted.stdout.split()[1].rstrip(":"))
-        summary = []
-        for batch, batch_id in zip(BATCHES, batch_ids, strict=True):
-            watched = sdfarm("watch", batch_id, "--timeout", "600", env=env)
-            if watched.returncode != 0:
-                return watched.returncode
-            fetched = STATE / "output" / batch.stem
-            sheet = STATE / f"contact_sheet_{batch.stem}.png"
-            sdfarm("fetch", batch_id, str(fetched), "--contact-sheet", str(sheet), env=env)
-            summary.append(f"  {batch.name}: batch {batch_id}\n    fetched to:     {fetched}\n"
-                           f"    contact sheet:  {sheet}")
-        sdfarm("status", "--limit", "5", env=env)
-        print("\nDone.\n" + "\n".join(summary) + "\n"
-              f"  in S3:            s3://{info.bucket}/renders/<job_id>.png and .json"
-              f" (manifests under s3://{info.bucket}/batches/)\n"
-              f"  worker logs:      {logs}", flush=True)
-        return 0
+        start_workers(env, logs, workers)
+        if not workers_ready(info.redis_url, workers):
+            print(f"a worker did not start: see {logs}", file=sys.stderr)
+            return 1
+        return run_batches(env, info, logs)
     finally:
-        for w in workers:
-            if w.poll() is None:
-                os.killpg(w.pid, signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(w.pid, signal.SIGKILL)
-        stack.stop()
-        print("workers and stack stopped", flush=True)
+        stop(workers, stack)
 
 
 if __name__ == "__main__":

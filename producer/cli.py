@@ -321,7 +321,7 @@ def worker(model: str, device: str, hostname: str | None, loglevel: str) -> None
 @click.option("--family", type=click.Choice(["sd15", "sdxl"]), default="sd15", show_default=True)
 def make_tiny_model(dest: Path, seed: int, family: str) -> None:
     """Write a tiny random-weight SD1.5- or SDXL-architecture pipeline (diffusers folder) to DEST."""
-    write = importlib.import_module("worker.tiny").write_tiny_model
+    write = importlib.import_module("worker.testing").write_tiny_model
     console.print(f"tiny {family} model written to {write(dest, seed, family)}", highlight=False)
 
 

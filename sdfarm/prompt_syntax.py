@@ -41,52 +41,75 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     rounding too: `((a))` is 1.1 * 1.1, not 1.21. A malformed explicit weight such as `(a:1.2.3)`
     raises ValueError, as it does in A1111.
     """
-    parts: list[str] = []
-    weights: list[float] = []
-    round_brackets: list[int] = []
-    square_brackets: list[int] = []
-
-    def add(part: str, weight: float) -> None:
-        parts.append(part)
-        weights.append(weight)
-
-    def multiply_range(start: int, multiplier: float) -> None:
-        for i in range(start, len(weights)):
-            weights[i] *= multiplier
-
+    runs = _Runs(text)
     for m in _ATTENTION.finditer(text):
-        token, weight = m.group(0), m.group(1)
+        runs.take(m.group(0), m.group(1))
+    runs.close_open_brackets()
+    return runs.merged()
+
+
+class _Runs:
+    """The runs parsed so far, as parallel lists of texts and weights, and the brackets still open
+    (each the index of the first run it weighs)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text  # the whole prompt, for error messages
+        self.parts: list[str] = []
+        self.weights: list[float] = []
+        self.round_brackets: list[int] = []
+        self.square_brackets: list[int] = []
+
+    def take(self, token: str, weight: str | None) -> None:
+        """One token of `_ATTENTION`; `weight` is the number of a `:1.3)` closer."""
         if token.startswith("\\"):
-            add(token[1:], 1.0)
+            self.add(token[1:], 1.0)
         elif token == "(":
-            round_brackets.append(len(parts))
+            self.round_brackets.append(len(self.parts))
         elif token == "[":
-            square_brackets.append(len(parts))
-        elif weight is not None and round_brackets:
-            try:
-                multiplier = float(weight)
-            except ValueError:
-                raise ValueError(f"bad attention weight {weight!r} in prompt {text!r}") from None
-            multiply_range(round_brackets.pop(), multiplier)
-        elif token == ")" and round_brackets:
-            multiply_range(round_brackets.pop(), _ROUND)
-        elif token == "]" and square_brackets:
-            multiply_range(square_brackets.pop(), _SQUARE)
+            self.square_brackets.append(len(self.parts))
+        elif weight is not None and self.round_brackets:
+            self.multiply_range(self.round_brackets.pop(), self.explicit_weight(weight))
+        elif token == ")" and self.round_brackets:
+            self.multiply_range(self.round_brackets.pop(), _ROUND)
+        elif token == "]" and self.square_brackets:
+            self.multiply_range(self.square_brackets.pop(), _SQUARE)
         else:
-            for i, part in enumerate(_BREAK.split(token)):
-                if i > 0:
-                    add(*BREAK)
-                add(part, 1.0)
+            self.add_text(token)
 
-    for start in round_brackets:
-        multiply_range(start, _ROUND)
-    for start in square_brackets:
-        multiply_range(start, _SQUARE)
+    def explicit_weight(self, weight: str) -> float:
+        try:
+            return float(weight)
+        except ValueError:
+            raise ValueError(f"bad attention weight {weight!r} in prompt {self.text!r}") from None
 
-    merged: list[tuple[str, float]] = []
-    for part, weight in zip(parts, weights, strict=True):
-        if merged and merged[-1][1] == weight:
-            merged[-1] = (merged[-1][0] + part, weight)
-        else:
-            merged.append((part, weight))
-    return merged or [("", 1.0)]
+    def add(self, part: str, weight: float) -> None:
+        self.parts.append(part)
+        self.weights.append(weight)
+
+    def add_text(self, token: str) -> None:
+        """Plain text at weight 1, with a BREAK run for each `BREAK` word in it."""
+        for i, part in enumerate(_BREAK.split(token)):
+            if i > 0:
+                self.add(*BREAK)
+            self.add(part, 1.0)
+
+    def multiply_range(self, start: int, multiplier: float) -> None:
+        for i in range(start, len(self.weights)):
+            self.weights[i] *= multiplier
+
+    def close_open_brackets(self) -> None:
+        """A bracket left open weighs everything after it."""
+        for start in self.round_brackets:
+            self.multiply_range(start, _ROUND)
+        for start in self.square_brackets:
+            self.multiply_range(start, _SQUARE)
+
+    def merged(self) -> list[tuple[str, float]]:
+        """The runs, adjacent runs of equal weight merged; an empty prompt is one empty run."""
+        merged: list[tuple[str, float]] = []
+        for part, weight in zip(self.parts, self.weights, strict=True):
+            if merged and merged[-1][1] == weight:
+                merged[-1] = (merged[-1][0] + part, weight)
+            else:
+                merged.append((part, weight))
+        return merged or [("", 1.0)]

@@ -53,7 +53,7 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.tiny import write_tiny_model
+    from worker.testing import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd15")
 
@@ -61,7 +61,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_assets(tiny_model_dir: Path) -> dict[str, Path]:
     """The tiny model's LoRAs (diffusers and kohya layouts) and embedding, as local files."""
-    from worker.tiny import write_tiny_assets
+    from worker.testing import write_tiny_assets
 
     return write_tiny_assets(tiny_model_dir.parent / "assets")
 
@@ -69,7 +69,7 @@ def tiny_assets(tiny_model_dir: Path) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tiny_model_dir: Path) -> dict[str, Path]:
     """The tiny SDXL model ("model") and its LoRAs, embedding and VAE."""
-    from worker.tiny import write_tiny_model, write_tiny_sdxl_assets
+    from worker.testing import write_tiny_model, write_tiny_sdxl_assets
 
     folder = tiny_model_dir.parent / "sdxl"
     return {"model": write_tiny_model(folder / "tiny-sdxl", family="sdxl"), **write_tiny_sdxl_assets(folder)}

@@ -19,7 +19,7 @@ from worker.assets import AssetFiles
 from worker.main import fetch_checkpoint
 from worker.pipeline import load_model
 from worker.render import render
-from worker.tiny import build_tiny_sd15
+from worker.testing import build_tiny_sd15
 
 
 def test_an_s3_checkpoint_is_fetched_once_verified_and_rendered(store: Store, tiny_model_dir: Path,

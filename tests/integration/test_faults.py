@@ -212,7 +212,7 @@ def test_a_worker_that_cannot_load_its_model_exits_non_zero(env: dict[str, str])
 def test_a_worker_that_keeps_failing_while_peers_succeed_blocks_itself(
         tmp_path: Path, fault_workers: list[WorkerProcess], start_worker: Callable[..., WorkerProcess],
         env: dict[str, str], board: ProgressBoard, registry: Registry) -> None:
-    from worker.tiny import write_tiny_model
+    from worker.testing import write_tiny_model
 
     # a node whose copy of the model differs from the registry's (other weights under the same name)
     other = write_tiny_model(tmp_path / "other-weights", seed=1)

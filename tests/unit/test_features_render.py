@@ -20,8 +20,8 @@ from worker.assets import AssetFiles
 from worker.encode import encode_png
 from worker.pipeline import LoadedModel, load_model
 from worker.render import render
-from worker.tiny import write_tiny_embedding as write_embedding
-from worker.tiny import write_tiny_lora as write_lora
+from worker.testing import write_tiny_embedding as write_embedding
+from worker.testing import write_tiny_lora as write_lora
 
 LORAS = 10  # distinct LoRA files for the swap test
 

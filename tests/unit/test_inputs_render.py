@@ -16,7 +16,7 @@ from sdfarm.models import Registry
 from worker.masks import MaskModels, finish_mask
 from worker.pipeline import LoadedModel, load_model
 from worker.render import render
-from worker.tiny import write_tiny_clipseg
+from worker.testing import write_tiny_clipseg
 
 
 @pytest.fixture(scope="module")

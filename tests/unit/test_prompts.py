@@ -77,7 +77,7 @@ def test_malformed_weight_is_an_error_as_in_a1111() -> None:
 
 @pytest.fixture(scope="module")
 def pipe() -> Any:
-    from worker.tiny import build_tiny_sd15
+    from worker.testing import build_tiny_sd15
 
     return build_tiny_sd15()
 
@@ -197,7 +197,7 @@ def test_a_weighted_prompt_does_not_depend_on_its_batchmates(pipe: Any) -> None:
 
 
 def test_multi_vector_textual_inversion_tokens_expand_and_take_the_weight() -> None:
-    from worker.tiny import build_tiny_sd15
+    from worker.testing import build_tiny_sd15
 
     ti_pipe: Any = build_tiny_sd15()
     ti_pipe.load_textual_inversion({"<shiny>": torch.randn(3, 32)})

@@ -25,7 +25,7 @@ from worker.assets import AssetFiles
 from worker.pipeline import LoadedModel, load_model
 from worker.prompts import chunk_prompt, encode_prompts
 from worker.render import render
-from worker.tiny import write_tiny_embedding
+from worker.testing import write_tiny_embedding
 
 FOX = "a red fox in snow"
 

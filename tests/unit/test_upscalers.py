@@ -22,7 +22,7 @@ from worker.assets import AssetFiles
 from worker.encode import encode_png
 from worker.pipeline import LoadedModel, load_model
 from worker.render import render
-from worker.tiny import write_tiny_lora, write_tiny_upscaler
+from worker.testing import write_tiny_lora, write_tiny_upscaler
 from worker.upscalers import Upscalers, load_upscaler, run_model
 
 

@@ -13,7 +13,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 
 from sdfarm.errors import RenderError
-from worker.tiny import _vae
+from worker.testing import build_tiny_vae
 from worker.vae import decode
 
 LATENTS = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -27,7 +27,7 @@ def pipe_with(vae: Any, sdxl: bool = False) -> Any:
 def overflowing_vae(force_upcast: bool) -> Any:
     """Fine in fp32; its first decoder conv reaches ~1e6, past fp16's 65504, so fp16 gives NaN."""
     torch.manual_seed(1)
-    vae = _vae()
+    vae = build_tiny_vae()
     with torch.no_grad():
         vae.decoder.conv_in.weight.mul_(1e5)
     vae.register_to_config(force_upcast=force_upcast)
@@ -60,7 +60,7 @@ def test_an_sdxl_vae_marked_force_upcast_decodes_in_fp32_from_the_start(caplog: 
 
 
 def test_nan_latents_or_pixels_fail_with_the_reason_instead_of_a_black_image() -> None:
-    vae = _vae().eval()
+    vae = build_tiny_vae().eval()
     bad = LATENTS.clone()
     bad[1, 0, 0, 0] = float("nan")
     with torch.inference_mode(), pytest.raises(RenderError, match="NaN or infinite latents"):

@@ -1,5 +1,5 @@
-"""Write tiny random-weight SD1.5- and SDXL-architecture pipelines, and LoRA and embedding files
-that fit them: for the demo, tests and benchmarks.
+"""Test and demo support: tiny random-weight SD1.5- and SDXL-architecture pipelines, and LoRA,
+embedding, VAE, mask-model and upscaler files that fit them, for the demo, tests and benchmarks.
 
 Same components and code paths as Stable Diffusion 1.5 (CLIP text encoder, UNet with cross
 attention, KL VAE) and SDXL (two text encoders, the second with a projection for the pooled
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+# Stable Diffusion 1.5's scheduler config (its scheduler_config.json), which the tiny pipelines ship
 SD_SCHEDULER = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -48,6 +49,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def write_tokenizer_files(folder: Path) -> None:
+    """Write a byte-level CLIP vocabulary (no merges) as `vocab.json` and `merges.txt` into `folder`:
+    every tiny pipeline's tokenizer, with no download."""
     folder.mkdir(parents=True, exist_ok=True)
     chars = list(_bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
@@ -59,7 +62,9 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
-def _tokenizer(pad_token: str = "<|endoftext|>") -> Any:
+def build_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
+    """A CLIPTokenizer over the byte-level vocabulary of `write_tokenizer_files` (77 tokens).
+    `pad_token` "!" (id 0) pads as OpenCLIP does; the default end token pads as CLIP-L does."""
     import tempfile
 
     from transformers import CLIPTokenizer
@@ -83,7 +88,9 @@ def _text_encoder(hidden: int, with_projection: bool = False) -> Any:
     return encoder
 
 
-def _vae(scaling_factor: float = 0.18215) -> Any:
+def build_tiny_vae(scaling_factor: float = 0.18215) -> Any:
+    """A random-weight AutoencoderKL of the tiny pipelines (8x down, 4 latent channels, as SD's VAE).
+    `scaling_factor` 0.18215 is SD1.5's, 0.13025 SDXL's. Seed torch first for the same weights."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -101,6 +108,7 @@ def build_tiny(family: str = "sd15", seed: int = 0) -> Any:
 
 
 def build_tiny_sdxl(seed: int = 0) -> Any:
+    """The tiny SDXL-architecture pipeline (two text encoders, size-conditioned UNet). Same seed, same weights."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -114,17 +122,18 @@ def build_tiny_sdxl(seed: int = 0) -> Any:
         addition_embed_type="text_time", addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + 48,  # six size numbers, then the pooled embedding
     )
-    vae = _vae(scaling_factor=0.13025)  # force_upcast stays True, as SDXL's own VAE
+    vae = build_tiny_vae(scaling_factor=0.13025)  # force_upcast stays True, as SDXL's own VAE
     text_encoder, text_encoder_2 = _text_encoder(32), _text_encoder(48, with_projection=True)
     scheduler = EulerDiscreteScheduler.from_config(SD_SCHEDULER)
     return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=_tokenizer(),
-        tokenizer_2=_tokenizer(pad_token="!"),  # OpenCLIP pads with id 0 ("!"), CLIP-L with its end token
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=build_tokenizer(),
+        tokenizer_2=build_tokenizer(pad_token="!"),  # OpenCLIP pads with id 0 ("!"), CLIP-L with its end token
         unet=unet, scheduler=scheduler, add_watermarker=False,
     )
 
 
 def build_tiny_sd15(seed: int = 0) -> Any:
+    """The tiny SD1.5-architecture pipeline (one CLIP text encoder). Same seed, same weights."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -134,9 +143,9 @@ def build_tiny_sd15(seed: int = 0) -> Any:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=4, norm_num_groups=16,
     )
-    vae = _vae()
+    vae = build_tiny_vae()
     text_encoder = _text_encoder(32)
-    tokenizer = _tokenizer()
+    tokenizer = build_tokenizer()
     scheduler = PNDMScheduler.from_config({**SD_SCHEDULER, "skip_prk_steps": True})
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -148,7 +157,7 @@ def write_tiny_model(folder: Path, seed: int = 0, family: str = "sd15") -> Path:
     """Save the tiny pipeline as a diffusers folder (safetensors). Same seed, same weights."""
     pipe = build_tiny(family, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(str(folder), safe_serialization=True)  # type: ignore[attr-defined]
+    pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
 
 
@@ -156,8 +165,10 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def _lora_layers(pipe: Any, seed: int, strength: float) -> dict[str, dict[str, torch.Tensor]]:
-    """peft-layout state dicts of a random LoRA on the UNet and each text encoder, by component."""
+def random_lora_layers(pipe: Any, seed: int, strength: float) -> dict[str, dict[str, torch.Tensor]]:
+    """peft-layout state dicts of a random rank-4 LoRA on the UNet and each text encoder, by component
+    ("unet", "text_encoder", "text_encoder_2"); weights drawn with standard deviation `strength`.
+    The adapter is injected into `pipe`'s modules: pass a pipeline of its own."""
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     torch.manual_seed(seed)
@@ -182,8 +193,9 @@ _KOHYA_PREFIXES = {
 }
 
 
-def _kohya(peft_sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """peft keys -> the kohya layout of A1111/Civitai files:
+def peft_to_kohya(peft_sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """One component's peft-layout LoRA state dict -> the kohya layout of A1111/Civitai files, keys
+    under `prefix` (such as "lora_unet_" or "lora_te_text_model_"):
     `lora_unet_down_blocks_0_..._to_q.lora_down.weight`, `lora_te_text_model_..._q_proj.alpha`."""
     out: dict[str, torch.Tensor] = {}
     for key, value in peft_sd.items():
@@ -201,11 +213,11 @@ def write_tiny_lora(path: Path, seed: int, kohya: bool = False, strength: float 
     from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
 
     pipe = build_tiny(family)
-    layers = _lora_layers(pipe, seed, strength)
+    layers = random_lora_layers(pipe, seed, strength)
     path.parent.mkdir(parents=True, exist_ok=True)
     if kohya:
         prefixes = _KOHYA_PREFIXES[family]
-        save_file({k: v for component, sd in layers.items() for k, v in _kohya(sd, prefixes[component]).items()},
+        save_file({k: v for component, sd in layers.items() for k, v in peft_to_kohya(sd, prefixes[component]).items()},
                   str(path))
     else:
         type(pipe).save_lora_weights(
@@ -265,7 +277,7 @@ def write_tiny_clipseg(folder: Path, seed: int = 0) -> Path:
 def write_tiny_vae(folder: Path, seed: int, family: str = "sd15") -> Path:
     """A random VAE that fits the tiny pipeline of a family, as a diffusers AutoencoderKL folder."""
     torch.manual_seed(seed)
-    vae = _vae(scaling_factor=0.13025 if family == "sdxl" else 0.18215)
+    vae = build_tiny_vae(scaling_factor=0.13025 if family == "sdxl" else 0.18215)
     vae.save_pretrained(str(folder), safe_serialization=True)
     return folder
 

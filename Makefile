@@ -33,7 +33,7 @@ test: lint
 
 # the fast tier for the edit-test loop: tests/unit needs no embedded stack (no Redis, S3 or workers), no lint
 unit: install
-	$(VENV)/bin/pytest -q tests/unit
+	$(VENV)/bin/pytest -q -m "not slow" tests/unit
 
 clean:
 	rm -rf .sdfarm .pytest_cache .mypy_cache .ruff_cache

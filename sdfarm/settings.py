@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     datasets_dir: Path | None = None  # folder of dataset specs the scheduler runs
     scheduler_tick_s: float = Field(default=30.0, ge=1)  # how often the scheduler looks for due dataset runs
     chunk_size: int = Field(default=8, ge=1, le=64)  # jobs per task message (one batched pipeline call)
-    max_jobs_per_batch: int = Field(default=100_000, ge=1)
+    max_jobs_per_batch: int = Field(default=1_000_000, ge=1)
 
     # Queue
     visibility_timeout: int = Field(default=3600, ge=5)  # seconds before an unacked chunk is redelivered
@@ -51,12 +51,18 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, le=100)  # deliveries of a job whose worker died, before it fails
     block_after_failures: int = Field(default=5, ge=1)  # failures in a row, while peers succeed, block a worker
     heartbeat_interval: float = Field(default=10.0, gt=0)
-    upload_threads: int = Field(default=4, ge=1, le=64)
+    upload_threads: int = Field(default=8, ge=1, le=64)  # PNG encoding and uploads, beside the render
     # torch's CPU threads per worker (None: torch's default, every core). Several CPU workers on one
     # node each taking every core thrash (measured: 20x slower); give each cores // workers.
     cpu_threads: int | None = Field(default=None, ge=1, le=256)
     # upscaler models run over images in tiles of this many pixels a side (0: the whole image at once)
     upscale_tile: int = Field(default=512, ge=0, le=8192)
+    # torch.compile of the UNet and the VAE decoder (None: on for CUDA, off on the CPU). A compiled
+    # worker renders every chunk at one static batch size, chunk_size, padding a short chunk, so no
+    # chunk recompiles and a job's pixels never depend on its chunk. Graphs are cached under
+    # cache_dir/compile, so a restarted worker (or a second one on the node) starts warm.
+    compile: bool | None = None
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:

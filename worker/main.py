@@ -69,7 +69,9 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
         registry = Registry.from_settings(settings)
         store = Store.from_settings(settings)
         assets = AssetFiles(registry, store, settings.cache_dir)
-        loaded = load_model(registry, model, device, assets)
+        loaded = load_model(registry, model, device, assets, compile=settings.compile,
+                            static_batch=settings.chunk_size, compile_mode=settings.compile_mode,
+                            cache_root=settings.cache_dir)
         loaded.upscalers.tile = settings.upscale_tile
         state = WorkerState(
             settings=settings,

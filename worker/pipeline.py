@@ -15,6 +15,7 @@ from sdfarm.errors import WorkerFatal
 from sdfarm.jobs import AssetRef
 from sdfarm.models import ModelEntry, Registry
 
+from . import compile as compiling
 from .adapters import Adapters
 from .assets import AssetFiles
 from .upscalers import Upscalers
@@ -55,6 +56,9 @@ class LoadedModel:
     dtype: torch.dtype
     base_scheduler_config: Any
     load_s: float
+    # compiled: the UNet and VAE decoder run through torch.compile, and every pipeline call renders
+    # exactly static_batch images (worker/render.py pads a short chunk); None: any batch, eager
+    static_batch: int | None = None
     adapters: Adapters = field(init=False)  # LoRAs and embeddings in the pipeline
     vaes: Vaes = field(init=False)  # the model's VAE and registered ones
     upscalers: Upscalers = field(init=False)  # registered upscaler models (hires and final upscale)
@@ -84,6 +88,10 @@ class LoadedModel:
             pipe.set_progress_bar_config(disable=True)
             self._variants[mode] = pipe
         return self._variants[mode]
+
+    @property
+    def compiled(self) -> bool:
+        return self.static_batch is not None
 
     @property
     def short_hash(self) -> str:
@@ -140,9 +148,14 @@ def _from_entry(entry: ModelEntry, dtype: torch.dtype, fetched: Path | None) -> 
     return cls.from_pretrained(entry.hub, revision=entry.revision, use_safetensors=True, **common)
 
 
-def load_model(registry: Registry, name: str, device: str, files: AssetFiles | None = None) -> LoadedModel:
+def load_model(registry: Registry, name: str, device: str, files: AssetFiles | None = None, *,
+               compile: bool | None = None, static_batch: int = 8, compile_mode: str = "default",
+               cache_root: Path | None = None) -> LoadedModel:
     """Load, place and warm up the pipeline. Any failure is fatal for the worker. `files` fetches
-    a checkpoint that lives in the bucket (an s3: entry) into the cache and verifies it."""
+    a checkpoint that lives in the bucket (an s3: entry) into the cache and verifies it.
+
+    compile (None: on CUDA only) runs the UNet and VAE decoder through torch.compile, with every
+    call at `static_batch` images; its graphs are cached under `cache_root` (worker/compile.py)."""
     t0 = time.perf_counter()
     try:
         entry = registry.get(name)
@@ -167,14 +180,32 @@ def load_model(registry: Registry, name: str, device: str, files: AssetFiles | N
         pipe.unet.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
     loaded = LoadedModel(entry, identity, pipe, dev, dtype, dict(pipe.scheduler.config), 0.0)
+    if compiling.wanted(compile, dev):
+        if cache_root is not None:
+            compiling.cache_dir(cache_root)
+        compiling.compile_pipeline(pipe, compile_mode)
+        loaded.static_batch = static_batch
     warm_up(loaded)
     loaded.load_s = time.perf_counter() - t0
-    log.info("model=%s hash=%s device=%s dtype=%s loaded in %.1fs", name, loaded.short_hash, dev, dtype,
-             loaded.load_s)
+    log.info("model=%s hash=%s device=%s dtype=%s compiled=%s loaded in %.1fs", name, loaded.short_hash, dev, dtype,
+             loaded.compiled, loaded.load_s)
     return loaded
 
 
 def warm_up(loaded: LoadedModel) -> None:
-    """One tiny call so the first real chunk does not pay for lazy initialisation."""
+    """One call so the first real chunk does not pay for lazy initialisation. Eager: a tiny one.
+    Compiled: a full static batch at the model's native size, which compiles (or loads from the
+    cache) the graphs most chunks use, before the worker takes work."""
+    pipe = loaded.pipe
     with torch.inference_mode():
-        loaded.pipe(prompt="warm up", num_inference_steps=1, width=64, height=64, output_type="latent")
+        if loaded.static_batch is None:
+            pipe(prompt="warm up", num_inference_steps=1, width=64, height=64, output_type="latent")
+            return
+        from .vae import decode
+
+        size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        t0 = time.perf_counter()
+        latents = pipe(prompt=["warm up"] * loaded.static_batch, num_inference_steps=2, width=size, height=size,
+                       output_type="latent").images
+        decode(pipe, latents)
+        log.info("compiled for %dx%d, batch %d, in %.1fs", size, size, loaded.static_batch, time.perf_counter() - t0)

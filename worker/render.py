@@ -43,6 +43,8 @@ def render(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None = N
             for i, image in zip(group, render(loaded, [jobs[i] for i in group], inputs), strict=True):
                 images_by_index[i] = image
         return [images_by_index[i] for i in range(len(jobs))]
+    if loaded.static_batch is not None and len(jobs) != loaded.static_batch:
+        return _static(loaded, jobs, inputs)
     pipe.scheduler = make_scheduler(first.sampler, first.schedule_type, loaded.base_scheduler_config)
     shared: dict[str, Any] = {"guidance_scale": first.guidance_scale}
     call: dict[str, Any] = {"num_inference_steps": first.steps, "generator": generators(jobs)}
@@ -70,17 +72,40 @@ def render(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None = N
     return images
 
 
+def _static(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None) -> list[Image.Image]:
+    """A compiled pipeline renders exactly static_batch images per call (one graph, no recompile):
+    slices of that size, the last one padded with copies of its last job, whose images are dropped.
+    Every job then renders in a call of the same size, so its pixels depend neither on its
+    chunk-mates nor on the padding."""
+    size = loaded.static_batch
+    assert size is not None
+    images: list[Image.Image] = []
+    for start in range(0, len(jobs), size):
+        part = jobs[start:start + size]
+        padded = part + [part[-1]] * (size - len(part))
+        images += render(loaded, padded, inputs)[:len(part)]
+    return images
+
+
 def render_split(loaded: LoadedModel, jobs: list[RenderJob],
                  render_fn: Callable[[LoadedModel, list[RenderJob]], list[Image.Image]] = render) -> list[Image.Image]:
     """Render; on out-of-memory, split the chunk in halves down to single images. Each image's own
-    generator makes the halves give the same images as the whole. OOM on one image is raised."""
+    generator makes the halves give the same images as the whole. OOM on one image is raised.
+    A compiled pipeline's static batch is halved instead, for this chunk and the ones after it."""
     try:
         return render_fn(loaded, jobs)
     except torch.OutOfMemoryError:
-        if len(jobs) == 1:
-            raise
         if loaded.device.type == "cuda":
             torch.cuda.empty_cache()
+        if loaded.static_batch is not None:
+            if loaded.static_batch == 1:
+                raise
+            loaded.static_batch //= 2
+            log.warning("out of memory rendering %d images at %dx%d: static batch reduced to %d (a recompile)",
+                        len(jobs), jobs[0].width, jobs[0].height, loaded.static_batch)
+            return render_split(loaded, jobs, render_fn)
+        if len(jobs) == 1:
+            raise
         log.warning("out of memory rendering %d images at %dx%d: splitting in halves", len(jobs), jobs[0].width,
                     jobs[0].height)
         half = len(jobs) // 2

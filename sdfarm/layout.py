@@ -6,9 +6,12 @@
     batches/<batch_id>/failed/<job_id>.json  why a job failed (the batch's failure record)
     renders/<job_id>.png                   the image, A1111 infotext + job JSON inside
     renders/<job_id>.json                  the sidecar, written after the PNG: the commit marker
+    compile-cache/<model>/<torch>/<gpu>/<shape>.bin  compiled graphs workers share (signed; opt-in)
 """
 
 from __future__ import annotations
+
+import re
 
 
 def batch_key(batch_id: str) -> str:
@@ -37,3 +40,9 @@ def image_key(job_id: str) -> str:
 
 def sidecar_key(job_id: str) -> str:
     return f"renders/{job_id}.json"
+
+
+def compile_artifacts_key(model_sha256: str, torch_version: str, device_name: str, shape: str) -> str:
+    """torch.compile artifacts of one model, torch build, GPU type and warm-up shape."""
+    parts = [model_sha256[:16], torch_version, device_name, shape]
+    return "compile-cache/" + "/".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in parts) + ".bin"

@@ -63,6 +63,17 @@ class Settings(BaseSettings):
     # cache_dir/compile, so a restarted worker (or a second one on the node) starts warm.
     compile: bool | None = None
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # set (the same on every worker, never on producers): workers share the warm-up's compiled graphs
+    # through the bucket, signed with this key, so a new node starts warm. Unset: local cache only.
+    compile_cache_secret: SecretStr | None = None
+
+    # Reliability (issue 14): lost work found without anyone watching; messages no worker can take
+    # the scheduler reconciles an active batch when for this long nothing moved (no job done or
+    # failed) and none of its messages is queued or in flight (0: never)
+    reconcile_after_s: float = Field(default=600.0, ge=0)
+    # hand-backs of one message (a newer schema, a worker that cannot serve it) before it is set
+    # aside: a newer-schema message is dead-lettered, a chunk no worker can serve fails its jobs
+    max_handbacks: int = Field(default=10, ge=1, le=1000)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:

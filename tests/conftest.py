@@ -121,6 +121,12 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cache_root of the compiled tiny models: one cold compile per session, later loads read it."""
+    return tmp_path_factory.mktemp("compile-cache")
+
+
+@pytest.fixture(scope="session")
 def registry(registry_file: Path, cache_dir: Path) -> Registry:
     return Registry.from_settings(Settings(models_file=registry_file, cache_dir=cache_dir))
 

@@ -31,6 +31,7 @@ from sdfarm.settings import Settings
 from sdfarm.store import Store
 
 from .assets import AssetFiles
+from .compile import SharedCache
 from .encode import versions
 from .masks import MaskModels
 from .pipeline import check_device, load_model
@@ -69,9 +70,11 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
         registry = Registry.from_settings(settings)
         store = Store.from_settings(settings)
         assets = AssetFiles(registry, store, settings.cache_dir)
+        secret = settings.compile_cache_secret
         loaded = load_model(registry, model, device, assets, compile=settings.compile,
                             static_batch=settings.chunk_size, compile_mode=settings.compile_mode,
-                            cache_root=settings.cache_dir)
+                            cache_root=settings.cache_dir,
+                            shared_cache=SharedCache(store, secret.get_secret_value().encode()) if secret else None)
         loaded.upscalers.tile = settings.upscale_tile
         state = WorkerState(
             settings=settings,

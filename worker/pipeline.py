@@ -150,12 +150,13 @@ def _from_entry(entry: ModelEntry, dtype: torch.dtype, fetched: Path | None) -> 
 
 def load_model(registry: Registry, name: str, device: str, files: AssetFiles | None = None, *,
                compile: bool | None = None, static_batch: int = 8, compile_mode: str = "default",
-               cache_root: Path | None = None) -> LoadedModel:
+               cache_root: Path | None = None, shared_cache: compiling.SharedCache | None = None) -> LoadedModel:
     """Load, place and warm up the pipeline. Any failure is fatal for the worker. `files` fetches
     a checkpoint that lives in the bucket (an s3: entry) into the cache and verifies it.
 
     compile (None: on CUDA only) runs the UNet and VAE decoder through torch.compile, with every
-    call at `static_batch` images; its graphs are cached under `cache_root` (worker/compile.py)."""
+    call at `static_batch` images; its graphs are cached under `cache_root`, and the warm-up's
+    also in the bucket through `shared_cache` (worker/compile.py)."""
     t0 = time.perf_counter()
     try:
         entry = registry.get(name)
@@ -185,7 +186,15 @@ def load_model(registry: Registry, name: str, device: str, files: AssetFiles | N
             compiling.cache_dir(cache_root)
         compiling.compile_pipeline(pipe, compile_mode)
         loaded.static_batch = static_batch
+    shared_key = None
+    if shared_cache is not None and loaded.compiled:
+        shared_key = shared_cache.key(identity, loaded.device_name,
+                                      f"{native_size(pipe)}px-b{static_batch}-{compile_mode}")
+        if shared_cache.fetch(shared_key):
+            shared_key = None  # warm from the bucket: nothing new to publish
     warm_up(loaded)
+    if shared_cache is not None and shared_key is not None:
+        shared_cache.publish(shared_key)
     loaded.load_s = time.perf_counter() - t0
     log.info("model=%s hash=%s device=%s dtype=%s compiled=%s loaded in %.1fs", name, loaded.short_hash, dev, dtype,
              loaded.compiled, loaded.load_s)
@@ -203,9 +212,14 @@ def warm_up(loaded: LoadedModel) -> None:
             return
         from .vae import decode
 
-        size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        size = native_size(pipe)
         t0 = time.perf_counter()
         latents = pipe(prompt=["warm up"] * loaded.static_batch, num_inference_steps=2, width=size, height=size,
                        output_type="latent").images
         decode(pipe, latents)
         log.info("compiled for %dx%d, batch %d, in %.1fs", size, size, loaded.static_batch, time.perf_counter() - t0)
+
+
+def native_size(pipe: Any) -> int:
+    """The side the model was trained at: 512 for SD 1.x, 1024 for SDXL."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)

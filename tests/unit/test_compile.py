@@ -29,11 +29,6 @@ EAGER_TOLERANCE = 2
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("compile-cache")
-
-
-@pytest.fixture(scope="module")
 def compiled(registry: Registry, compile_cache: Path) -> LoadedModel:
     return load_model(registry, "tiny-sd15", "cpu", compile=True, static_batch=4, cache_root=compile_cache)
 

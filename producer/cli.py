@@ -11,17 +11,18 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, get_args
 
 import click
 import redis
-import yaml
+from pydantic import SecretStr, ValidationError
+from pydantic_core import ErrorDetails
 from rich.console import Console
 from rich.table import Table
 
-from sdfarm.batchfile import plan_file
+from sdfarm.batchfile import load_yaml, stream_file
 from sdfarm.datasets import load_spec
-from sdfarm.errors import BatchInvalid, SdfarmError
+from sdfarm.errors import BatchInvalid, ConfigError, SdfarmError, brief, printable
 from sdfarm.inputs import Inputs
 from sdfarm.layout import batch_key
 from sdfarm.models import FAMILY_FREE, Registry
@@ -36,18 +37,41 @@ from .export import FORMATS as EXPORT_FORMATS
 from .export import export
 from .fetch import contact_sheet, fetch, links
 from .scheduler import run_scheduler
-from .submit import describe_plan, submit_plan
+from .submit import describe_stream, submit_stream
 from .watch import status_table, watch, worker_rows, workers_table
 
 EXIT_INVALID = 2
 EXIT_FAILED = 1
+MAX_ERROR_CHARS = 4000  # one error message as printed (a batch's problems are capped by count)
+# settings whose values are never printed, even when they are wrong
+_SECRET_SETTINGS = frozenset(name for name, f in Settings.model_fields.items()
+                             if f.annotation is SecretStr or SecretStr in get_args(f.annotation))
+_REDIS_URL_FORMS = ("redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS) or unix:///PATH;"
+                    " percent-encode / : @ # in the password")
 
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True)
 
 
 def _settings() -> Settings:
-    return Settings()
+    """The SDFARM_* settings; a wrong one is a ConfigError naming each wrong variable and what it
+    allows, on one line, with its value unless it is a secret."""
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        raise ConfigError("; ".join(_setting_problem(err) for err in e.errors())) from None
+    try:  # Redis clients parse the URL when they first connect: say it now, without the URL
+        redis.Redis.from_url(settings.redis_url.get_secret_value()).close()
+    except ValueError as e:
+        reason = "it must start with redis://, rediss:// or unix://" if "scheme" in str(e) else "it does not parse"
+        raise ConfigError(f"SDFARM_REDIS_URL is not a Redis URL: {reason} (allowed: {_REDIS_URL_FORMS})") from None
+    return settings
+
+
+def _setting_problem(err: ErrorDetails) -> str:
+    name = str(err["loc"][0]) if err["loc"] else ""
+    given = "" if name in _SECRET_SETTINGS else f" (got {brief(err['input'], 60)})"
+    return f"SDFARM_{name.upper()}: {err['msg'].removeprefix('Value error, ')}{given}"
 
 
 def _board(settings: Settings) -> ProgressBoard:
@@ -58,9 +82,13 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{pair!r}: expected FIELD=VALUE", param_hint="--set")
-        out[key.strip()] = yaml.safe_load(value) if value else ""
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{brief(pair)}: expected FIELD=VALUE", param_hint="--set")
+        try:
+            out[key.strip()] = load_yaml(value, "--set") if value else ""
+        except BatchInvalid as e:
+            raise click.BadParameter(f"{brief(pair)}: {e.problems[0].message} (the value is read as YAML: put"
+                                     " text in quotes, e.g. --set 'prompt=\"[a] b\"')", param_hint="--set") from None
     return out
 
 
@@ -86,14 +114,14 @@ def submit(file: Path, dry_run: bool, priority: int, model: str | None, sets: tu
     if model:
         overrides["model"] = model
     store = Store.from_settings(settings)
-    plan = plan_file(file, Registry.from_settings(settings), settings.max_jobs_per_batch, overrides, name,
-                     Inputs(store, settings.inputs_dir))
+    stream = stream_file(file, Registry.from_settings(settings), settings.max_jobs_per_batch, overrides, name,
+                         Inputs(store, settings.inputs_dir))
     if dry_run:
-        console.print(describe_plan(plan, settings.chunk_size), highlight=False)
+        console.print(describe_stream(stream, settings.chunk_size), highlight=False)
         console.print("dry run: nothing enqueued")
         return
     board = _board(settings)
-    result = submit_plan(plan, store, make_celery(settings), board, settings.chunk_size, priority)
+    result = submit_stream(stream, store, make_celery(settings), board, settings.chunk_size, priority)
     console.print(f"batch {result.batch_id}: {result.jobs} jobs, {result.chunks_enqueued} chunks enqueued,"
                   f" {result.already_done} already done", highlight=False)
     if board.state(result.batch_id) != ACTIVE:
@@ -175,7 +203,7 @@ def resume_cmd(batch_id: str) -> None:
 def retry_cmd(batch_id: str) -> None:
     """Enqueue a batch's failed jobs again (their attempt counts start over)."""
     settings, store, board = _control()
-    count = retry_failed(store, board, make_celery(settings), batch_id, settings.chunk_size)
+    count = retry_failed(store, board, make_celery(settings), batch_id)
     console.print(f"batch {batch_id}: {count} failed jobs enqueued again")
 
 
@@ -339,41 +367,69 @@ def _print_env(env: dict[str, str]) -> None:
         click.echo(f"export {key}={shlex.quote(value)}")
 
 
+def _stack_failed(e: Exception) -> NoReturn:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(EXIT_FAILED)
+
+
 @stack.command("up")
 @_STACK_DIR
 @click.option("--foreground", is_flag=True, help="Stay attached; Ctrl-C stops the stack.")
 def stack_up(state_dir: Path, foreground: bool) -> None:
-    """Start Redis and S3; print the environment that points sdfarm at them."""
-    from infra.stack import EmbeddedStack
+    """Start Redis and S3, or adopt the ones this stack already runs; print the environment that
+    points sdfarm at them. Refuses when another process holds one of the stack's ports."""
+    from infra.stack import EmbeddedStack, StackError
 
     s = EmbeddedStack(state_dir)
-    info = s.start()
+    try:
+        info = s.start()
+    except StackError as e:
+        _stack_failed(e)
+    for line in s.report:  # stderr: stdout stays `eval`-able
+        click.echo(line, err=True)
     _print_env(info.env())
     if foreground:
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            s.stop()
+            for line in s.stop():
+                click.echo(line, err=True)
 
 
 @stack.command("down")
 @_STACK_DIR
 def stack_down(state_dir: Path) -> None:
-    """Stop a stack started with `stack up`."""
-    from infra.stack import EmbeddedStack
+    """Stop this stack's Redis and S3 and wait until they are gone; say what was stopped."""
+    from infra.stack import EmbeddedStack, StackError
 
-    EmbeddedStack.attach(state_dir).stop()
-    console.print("stack stopped")
+    try:
+        s = EmbeddedStack.attach(state_dir)
+        stopped = s.stop()
+    except StackError as e:
+        if not (state_dir / "stack.json").exists():
+            console.print(f"nothing was running (no stack in {state_dir})", highlight=False)
+            return
+        _stack_failed(e)
+    for line in stopped:
+        console.print(line, highlight=False)
+    if not stopped:
+        console.print("nothing was running", highlight=False)
+    still = s.ports_in_use()
+    if still:
+        _stack_failed(StackError("still in use, not by this stack's recorded servers: " + "; ".join(still)))
 
 
 @stack.command("env")
 @_STACK_DIR
 def stack_env(state_dir: Path) -> None:
     """Print `export SDFARM_...` lines for a running stack (eval "$(sdfarm stack env)")."""
-    from infra.stack import EmbeddedStack
+    from infra.stack import EmbeddedStack, StackError
 
-    info = EmbeddedStack.attach(state_dir).info
+    try:
+        info = EmbeddedStack.attach(state_dir).info
+    except StackError as e:
+        _stack_failed(e)
     assert info is not None
     _print_env(info.env())
 
@@ -389,11 +445,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)
-    except BatchInvalid as e:
-        click.echo(str(e), err=True)
+    except BatchInvalid as e:  # at most MAX_SHOWN_PROBLEMS lines, each escaped
+        click.echo(printable(str(e), newlines=True), err=True)
         sys.exit(EXIT_INVALID)
     except SdfarmError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {printable(str(e)[:MAX_ERROR_CHARS], newlines=True)}", err=True)
+        sys.exit(EXIT_INVALID)
+    except redis.exceptions.AuthenticationError:
+        click.echo("error: Redis refused the password in SDFARM_REDIS_URL (redis://:PASSWORD@HOST:PORT/DB)", err=True)
         sys.exit(EXIT_INVALID)
     except redis.exceptions.ConnectionError as e:
         click.echo(f"error: cannot reach Redis (SDFARM_REDIS_URL): {e}", err=True)

@@ -7,6 +7,9 @@ processes never double-fire).
   dataset for that date. A run's batch id is a function of (spec, date): even a double fire renders
   nothing twice.
 - when a batch finishes: its automatic exports, then its signed completion webhook (retried with backoff).
+- every tick, the safety net for lost messages (SDFARM_RECONCILE_AFTER_S, 0: off): an active batch on
+  which nothing has moved for that long, with none of its messages queued or in flight, is
+  reconciled (control.reconcile_stalled), without anyone running `watch`.
 """
 
 from __future__ import annotations
@@ -22,19 +25,22 @@ from zoneinfo import ZoneInfo
 from celery import Celery, Task
 from croniter import croniter
 
-from sdfarm.datasets import load_spec
-from sdfarm.errors import SdfarmError, TransientError
+from sdfarm.datasets import WEBHOOK_SECRET_PREFIX, load_spec, webhook_secret_variable
+from sdfarm.errors import SdfarmError, TransientError, printable
 from sdfarm.layout import batch_key
 from sdfarm.progress import ProgressBoard
 from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, DATASET_TICK_TASK, make_celery
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
+from .control import reconcile_stalled
 from .datasets import run_dataset
 from .export import export
 from .webhook import deliver
 
 log = logging.getLogger("sdfarm.scheduler")
+
+RECONCILE_TICK_TASK = "sdfarm.reconcile_tick"  # sent by this process's beat to its own control worker
 
 
 def due_runs(folder: Path, board: ProgressBoard, now: dt.datetime) -> list[tuple[Path, dt.datetime]]:
@@ -79,6 +85,15 @@ def register_control_tasks(app: Celery, settings: Settings) -> None:
             log.info("dataset fired: %s due %s -> batch %s (%d jobs, %d already done)", spec.name, due_at.isoformat(),
                      result.batch_id, result.submitted.jobs, result.submitted.already_done)
 
+    @app.task(name=RECONCILE_TICK_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def reconcile_tick() -> None:
+        store, board = services()
+        for batch_id, result in reconcile_stalled(store, board, app, settings.chunk_size, settings.reconcile_after_s,
+                                                  time.time()):
+            log.warning("batch %s: nothing moved for %gs and none of its messages is queued or in flight:"
+                        " reconciled, %d of %d jobs re-enqueued (%d done, %d failed)", batch_id,
+                        settings.reconcile_after_s, result.enqueued_jobs, result.total, result.done, result.failed)
+
     @app.task(name=BATCH_FINISHED_TASK, bind=True, max_retries=None, ignore_result=True)  # type: ignore[untyped-decorator]
     def batch_finished(self: Task, batch_id: str) -> None:
         store, board = services()
@@ -90,23 +105,42 @@ def register_control_tasks(app: Celery, settings: Settings) -> None:
         hook = hooks.get("webhook")
         if not hook:
             return
-        progress = board.read(batch_id)
-        notice = {"event": "batch.failed" if progress and progress.failed else "batch.completed",
-                  "batch_id": batch_id, "name": spec.get("name"), "dataset": hooks.get("dataset"),
-                  "date": hooks.get("date"), "total": progress.total if progress else spec.get("job_count"),
-                  "done": progress.done if progress else None, "failed": progress.failed if progress else None,
-                  "exports": [f"s3://{store.bucket}/{e['dest_prefix']}" for e in hooks.get("export", [])]}
-        secret = os.environ.get(hook["secret_env"], "")
-        if not secret:
-            log.error("batch %s: webhook not sent: %s is not set", batch_id, hook["secret_env"])
+        secret = webhook_secret(batch_id, hook["secret_env"])
+        if secret is None:
             return
+        notice = finished_notice(store, board, batch_id, spec)
         try:
-            status = deliver(hook["url"], secret.encode(), notice)
+            status = deliver(hook["url"], secret, notice)
         except TransientError as e:
             delay = min(settings.retry_backoff_s * 2 ** self.request.retries, settings.retry_backoff_max_s)
             log.warning("batch %s: %s; retrying in %ss", batch_id, e, delay)
             raise self.retry(exc=e, countdown=delay) from e
         log.info("batch %s: webhook delivered (%d)", batch_id, status)
+
+
+def webhook_secret(batch_id: str, variable: str) -> bytes | None:
+    """The HMAC key of a batch's webhook, from the variable its spec names (None: not sent).
+    Checked again here: a batch.json changed in the bucket could name another secret."""
+    if not webhook_secret_variable(variable):
+        log.error("batch %s: webhook not sent: %s is not a webhook secret variable (allowed: %s*)", batch_id,
+                  printable(variable), WEBHOOK_SECRET_PREFIX)
+        return None
+    secret = os.environ.get(variable, "")
+    if not secret:
+        log.error("batch %s: webhook not sent: %s is not set", batch_id, variable)
+        return None
+    return secret.encode()
+
+
+def finished_notice(store: Store, board: ProgressBoard, batch_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The webhook's body: what finished, how it went, where its exports are."""
+    hooks: dict[str, Any] = spec.get("hooks") or {}
+    progress = board.read(batch_id)
+    return {"event": "batch.failed" if progress and progress.failed else "batch.completed",
+            "batch_id": batch_id, "name": spec.get("name"), "dataset": hooks.get("dataset"),
+            "date": hooks.get("date"), "total": progress.total if progress else spec.get("job_count"),
+            "done": progress.done if progress else None, "failed": progress.failed if progress else None,
+            "exports": [f"s3://{store.bucket}/{e['dest_prefix']}" for e in hooks.get("export", [])]}
 
 
 def run_scheduler(settings: Settings, loglevel: str = "INFO") -> int:
@@ -123,8 +157,13 @@ def run_scheduler(settings: Settings, loglevel: str = "INFO") -> int:
         beat_scheduler="redbeat.RedBeatScheduler",
     )
     register_control_tasks(app, settings)
-    RedBeatSchedulerEntry("dataset-tick", DATASET_TICK_TASK, schedule(dt.timedelta(seconds=settings.scheduler_tick_s)),
-                          options={"queue": CONTROL_QUEUE}, app=app).save()
+    tick = schedule(dt.timedelta(seconds=settings.scheduler_tick_s))
+    RedBeatSchedulerEntry("dataset-tick", DATASET_TICK_TASK, tick, options={"queue": CONTROL_QUEUE}, app=app).save()
+    if settings.reconcile_after_s > 0:  # a tick that waited past the next one is dropped, not run late
+        RedBeatSchedulerEntry("reconcile-tick", RECONCILE_TICK_TASK, tick, app=app,
+                              options={"queue": CONTROL_QUEUE, "expires": settings.scheduler_tick_s}).save()
+    else:
+        RedBeatSchedulerEntry("reconcile-tick", RECONCILE_TICK_TASK, tick, app=app).delete()
     argv = ["worker", "-B", f"--queues={CONTROL_QUEUE}", "--concurrency=1", f"--loglevel={loglevel}",
             "--without-gossip", "--without-mingle", f"--hostname=scheduler-{os.getpid()}@%h",
             f"--schedule={settings.cache_dir / 'beat-schedule'}"]

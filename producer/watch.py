@@ -1,4 +1,7 @@
-"""Progress of batches: a live bar for one (`watch`), a table of recent ones (`status`)."""
+"""Progress of batches: a live bar for one (`watch`), a table of recent ones (`status`).
+
+What a batch file or a worker wrote (batch names, host names, failure reasons) is printed through
+`cell`: escaped (no terminal escape sequence gets through) and never read as rich markup."""
 
 from __future__ import annotations
 
@@ -8,14 +11,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from sdfarm.errors import InvalidInput
+from sdfarm.errors import InvalidInput, printable
 from sdfarm.layout import batch_key
 from sdfarm.progress import ACTIVE, CANCELLED, WORKERS_PATTERN, ProgressBoard
 from sdfarm.progress import Progress as BatchProgress
 from sdfarm.store import MissingObject, Store
+
+
+def cell(text: str) -> Text:
+    """Someone else's text as a table cell: control characters escaped, no markup."""
+    return Text(printable(text))
 
 
 @dataclass
@@ -73,7 +83,7 @@ def watch(board: ProgressBoard, store: Store, batch_id: str, console: Console, i
                TextColumn("{task.fields[stats]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         p = read_progress(board, store, batch_id)
-        task = bar.add_task(p.name or batch_id, total=p.total, stats="")
+        task = bar.add_task(escape(printable(p.name or batch_id)), total=p.total, stats="")
         seen = p.done + p.failed
         while True:
             p = read_progress(board, store, batch_id)
@@ -107,7 +117,8 @@ def status_table(board: ProgressBoard, limit: int = 20) -> Table:
         state = (p.state if p.state != ACTIVE else
                  "failed" if p.finished and p.failed else "done" if p.finished else "running")
         submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.submitted_at))
-        table.add_row(batch_id, p.name, submitted, str(p.total), str(p.done), str(p.failed), str(p.queued), state)
+        table.add_row(cell(batch_id), cell(p.name), submitted, str(p.total), str(p.done), str(p.failed),
+                      str(p.queued), cell(state))
     return table
 
 
@@ -132,8 +143,8 @@ def workers_table(rows: list[dict[str, str]]) -> Table:
         recent = json.loads(r.get("recent_failures", "[]"))
         state = f"BLOCKED: {r['blocked']}" if r.get("blocked") else (
             f"busy ({r['current_chunk']})" if r.get("current_chunk") else "idle")
-        table.add_row(r["hostname"], f"{r['model']} ({r['model_hash']})", f"{r['device']} {r['device_name']}",
-                      f"{now - float(r['heartbeat_at']):.0f}s ago", str(counters.get("images", 0)),
-                      f"{counters.get('images', 0) / uptime:.2f}", str(counters.get("failed", 0)),
-                      recent[-1]["reason"] if recent else "", state)
+        table.add_row(cell(r["hostname"]), cell(f"{r['model']} ({r['model_hash']})"),
+                      cell(f"{r['device']} {r['device_name']}"), f"{now - float(r['heartbeat_at']):.0f}s ago",
+                      str(counters.get("images", 0)), f"{counters.get('images', 0) / uptime:.2f}",
+                      str(counters.get("failed", 0)), cell(recent[-1]["reason"] if recent else ""), cell(state))
     return table

@@ -13,6 +13,12 @@ spec and run date, so a run's batch id is a function of (spec content, date).
     output_prefix: datasets/animals      # where automatic exports go (s3://<bucket>/<prefix>/<date>/...)
     export: [imagefolder, parquet]       # optional: export when a run completes
     schedule: {cron: "0 3 * * *", timezone: Europe/Berlin}
+
+A template names wildcards as `{name}` and nothing else: no format spec (`{animal:>100000000}`
+would make a 100 MB prompt), conversion or attribute. The spec is read as a batch file is (a
+regular file, at most MAX_SPEC_BYTES, YAML within the batch limits); a word file holds at most
+MAX_WORDS entries in MAX_WORD_FILE_BYTES. A webhook's key is read from a variable named
+SDFARM_WEBHOOK_*, never from any other (the S3 secret, say).
 """
 
 from __future__ import annotations
@@ -21,21 +27,31 @@ import datetime as dt
 import hashlib
 import json
 import random
+import re
 import string
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .batchfile import BatchPlan, RawItem, plan_items
-from .errors import InvalidInput
+from .batchfile import BatchPlan, RawItem, load_yaml, plan_items
+from .errors import BatchInvalid, InvalidInput, brief
+from .inputs import read_regular
 from .jobs import MAX_SEED, MODEL_NAME_PATTERN, USER_FIELDS
 from .models import Registry
 
 EXPORT_FORMATS = ("imagefolder", "webdataset", "parquet")
 MAX_IMAGES_PER_RUN = 1_000_000
+MAX_SPEC_BYTES = 1024 * 1024
+MAX_WORD_FILE_BYTES = 16 * 1024 * 1024
+MAX_WORDS = 1_000_000
+WEBHOOK_SECRET_PREFIX = "SDFARM_WEBHOOK_"
+
+
+def webhook_secret_variable(name: str) -> bool:
+    """Whether a spec may name this environment variable as its webhook's HMAC key."""
+    return re.fullmatch(WEBHOOK_SECRET_PREFIX + "[A-Z0-9_]+", name) is not None
 
 
 class WordFile(BaseModel):
@@ -83,6 +99,16 @@ class Webhook(BaseModel):
     url: str = Field(pattern=r"^https?://")
     secret_env: str = "SDFARM_WEBHOOK_SECRET"  # the HMAC key is read from this variable, never the spec
 
+    @field_validator("secret_env")
+    @classmethod
+    def _secret_env(cls, v: str) -> str:
+        """Only a variable meant for it: a spec must not have the scheduler sign with (and so
+        reveal to whoever receives the webhook) another secret of its environment."""
+        if not webhook_secret_variable(v):
+            raise ValueError(f"{brief(v)} is not allowed (allowed: a variable named {WEBHOOK_SECRET_PREFIX}*,"
+                             " e.g. SDFARM_WEBHOOK_SECRET)")
+        return v
+
 
 class DatasetSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -111,10 +137,16 @@ class DatasetSpec(BaseModel):
     @model_validator(mode="after")
     def _placeholders(self) -> DatasetSpec:
         for template in self.templates:
-            for _, name, _, _ in string.Formatter().parse(template):
-                if name is not None and name not in self.wildcards:
-                    known = ", ".join(sorted(self.wildcards)) or "none defined"
-                    raise ValueError(f"template {template!r} uses {{{name}}}, which is not a wildcard (have: {known})")
+            for _, name, spec, conversion in string.Formatter().parse(template):
+                if name is None or (name in self.wildcards and not spec and not conversion):
+                    continue
+                shown = brief("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+                              + "}", 60)[1:-1]
+                if spec or conversion:
+                    raise ValueError(f"template {brief(template)} uses {shown} (allowed: {{name}} only, no format"
+                                     " spec or conversion)")
+                known = ", ".join(sorted(self.wildcards)) or "none defined"
+                raise ValueError(f"template {brief(template)} uses {shown}, which is not a wildcard (have: {known})")
         return self
 
     @property
@@ -136,13 +168,38 @@ class LoadedSpec(BaseModel):
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def load_spec(path: Path) -> LoadedSpec:
+def _read_text(path: Path, max_bytes: int, what: str) -> str:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise InvalidInput(f"{path}: cannot read: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise InvalidInput(f"{path}: malformed YAML: {e}") from e
+        return read_regular(path, max_bytes).decode("utf-8-sig")
+    except InvalidInput as e:
+        raise InvalidInput(f"{what}: {'' if str(e).startswith('is ') else 'cannot read: '}{e}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"{what}: not UTF-8 text: {e.reason} at byte {e.start}") from None
+
+
+def _words(path: Path, what: str) -> list[str]:
+    """A word file's entries: one a line, blank lines and # comments skipped."""
+    values: list[str] = []
+    text = _read_text(path, MAX_WORD_FILE_BYTES, what)
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        word = text[start:end].strip()
+        start = end + 1
+        if word and not word.startswith("#"):
+            values.append(word)
+            if len(values) > MAX_WORDS:
+                raise InvalidInput(f"{what}: more than {MAX_WORDS} entries (allowed: at most {MAX_WORDS})")
+    return values
+
+
+def load_spec(path: Path) -> LoadedSpec:
+    text = _read_text(path, MAX_SPEC_BYTES, str(path))
+    try:
+        data = load_yaml(text, str(path))
+    except BatchInvalid as e:
+        raise InvalidInput(str(e.problems[0])) from None
     try:
         spec = DatasetSpec.model_validate(data)
     except ValidationError as e:
@@ -156,11 +213,7 @@ def load_spec(path: Path) -> LoadedSpec:
             file = (base / source.file).resolve()
             if not file.is_relative_to(base):
                 raise InvalidInput(f"{path}: wildcards.{name}: {source.file} is outside the spec's folder")
-            try:
-                lines = file.read_text(encoding="utf-8").splitlines()
-            except OSError as e:
-                raise InvalidInput(f"{path}: wildcards.{name}: cannot read {source.file}: {e.strerror}") from e
-            values = [w.strip() for w in lines if w.strip() and not w.startswith("#")]
+            values = _words(file, f"{path}: wildcards.{name}: {source.file}")
         else:
             values = list(source)
         if not values:

@@ -5,20 +5,26 @@ for this farm's bucket), or as a file under SDFARM_INPUTS_DIR (`local:cat.png`).
 reads each one once, refuses what is missing, too large or not a readable image, and records its
 key, sha256 and size in the job; a local file is uploaded to `inputs/<sha256>.<ext>` when the
 batch is submitted. Workers fetch the key and render only if the bytes still have that sha256.
+
+Every file a user names (an input, a batch file, a dataset spec) is opened with `open_regular`:
+only a regular file is read, its size is checked before a byte is read, and the reading stops at
+the cap. A FIFO would block, and /dev/zero (or a symlink to it: `st_size` 0) would never end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
+import stat
 import warnings
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from PIL import Image
 
-from .errors import InvalidInput
+from .errors import InvalidInput, brief
 from .jobs import INPUT_KEY_PATTERN
 from .store import MissingObject, Store
 
@@ -27,6 +33,45 @@ MAX_INPUT_SIDE: Final = 4096
 FORMATS: Final = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 LOCAL_PREFIX: Final = "local:"
 _KEY_RE: Final = re.compile(INPUT_KEY_PATTERN)
+
+
+_KINDS: Final = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: Path, max_bytes: int) -> BinaryIO:
+    """Open a file to read, if it is a regular file of at most max_bytes (symlinks followed; the
+    checks are on the opened file, so it cannot be swapped in between). InvalidInput says why
+    not, without the path: the caller names the file."""
+    try:  # O_NONBLOCK: opening a FIFO without a writer returns at once, to be refused below
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise InvalidInput(e.strerror or type(e).__name__) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _KINDS if test(info.st_mode)), "not a file")
+            raise InvalidInput(f"is {kind} (allowed: a regular file)")
+        if info.st_size > max_bytes:
+            raise InvalidInput(f"is {info.st_size} bytes (allowed: at most {max_bytes})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: Path, max_bytes: int) -> bytes:
+    """A regular file's bytes, at most max_bytes of them (a file that grew past the cap while
+    being read is refused too)."""
+    with open_regular(path, max_bytes) as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise InvalidInput(e.strerror or type(e).__name__) from None
+    if len(data) > max_bytes:
+        raise InvalidInput(f"is more than {max_bytes} bytes (allowed: at most {max_bytes})")
+    return data
 
 
 def input_key(sha256: str, ext: str) -> str:
@@ -73,7 +118,7 @@ class Inputs:
             data, key = self._local(ref.removeprefix(LOCAL_PREFIX))
         else:
             data, key = self._bucket(ref)
-        image = open_image(data, repr(ref))
+        image = open_image(data, brief(ref))
         sha = hashlib.sha256(data).hexdigest()
         if key is None:
             key = input_key(sha, FORMATS[str(image.format)])
@@ -82,28 +127,31 @@ class Inputs:
 
     def _local(self, name: str) -> tuple[bytes, None]:
         if self.local_dir is None:
-            raise InvalidInput(f"'{LOCAL_PREFIX}{name}': local inputs need SDFARM_INPUTS_DIR")
+            raise InvalidInput(f"{brief(LOCAL_PREFIX + name)}: local inputs need SDFARM_INPUTS_DIR")
         root = self.local_dir.resolve()
         path = (root / name).resolve()
         if not path.is_relative_to(root):
-            raise InvalidInput(f"'{LOCAL_PREFIX}{name}' is outside SDFARM_INPUTS_DIR")
-        try:
-            return path.read_bytes(), None
-        except OSError as e:
-            raise InvalidInput(f"'{LOCAL_PREFIX}{name}': {e.strerror}") from None
+            raise InvalidInput(f"{brief(LOCAL_PREFIX + name)} is outside SDFARM_INPUTS_DIR")
+        try:  # stat before reading: a file over the cap is never read
+            return read_regular(path, MAX_INPUT_BYTES), None
+        except InvalidInput as e:
+            raise InvalidInput(f"{brief(LOCAL_PREFIX + name)}: {e}") from None
 
     def _bucket(self, ref: str) -> tuple[bytes, str]:
         key = ref
         if ref.startswith("s3://"):
             bucket, _, key = ref.removeprefix("s3://").partition("/")
             if self.store is not None and bucket != self.store.bucket:
-                raise InvalidInput(f"{ref!r} is in bucket {bucket!r}; inputs must be in {self.store.bucket!r}")
+                raise InvalidInput(f"{brief(ref)} is in bucket {brief(bucket)};"
+                                   f" inputs must be in {self.store.bucket!r}")
         if not _KEY_RE.match(key) or ".." in key.split("/"):
-            raise InvalidInput(f"{ref!r} is not an input reference (allowed: a key in the bucket such as"
+            raise InvalidInput(f"{brief(ref)} is not an input reference (allowed: a key in the bucket such as"
                                f" inputs/cat.png, s3://BUCKET/KEY, or {LOCAL_PREFIX}PATH under SDFARM_INPUTS_DIR)")
         if self.store is None:
-            raise InvalidInput(f"{ref!r}: reading inputs needs the bucket (S3 settings)")
+            raise InvalidInput(f"{brief(ref)}: reading inputs needs the bucket (S3 settings)")
         try:
-            return self.store.get(key), key
+            return self.store.get(key, max_bytes=MAX_INPUT_BYTES), key
         except MissingObject:
-            raise InvalidInput(f"{ref!r} does not exist in s3://{self.store.bucket}/") from None
+            raise InvalidInput(f"{brief(ref)} does not exist in s3://{self.store.bucket}/") from None
+        except InvalidInput as e:
+            raise InvalidInput(f"{brief(ref)} {e}") from None

@@ -13,10 +13,10 @@ from collections.abc import Iterable, Iterator
 from functools import cached_property
 from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .extra_networks import lora_tags
-from .prompt_syntax import parse_prompt_attention
+from .prompt_syntax import check_attention_weights, parse_prompt_attention
 from .samplers import AUTOMATIC, SAMPLERS, allowed_sampler_names, split_sampler_name
 
 # 1: the first. 2: upscaler models (hires/upscale `upscaler_sha256`). No default has changed since 1.
@@ -25,6 +25,10 @@ SCHEMA_VERSION: Final = 2
 # names the oldest version that reads it: the highest of these that it sets, else 1.
 FIELD_VERSIONS: Final[dict[tuple[str, str], int]] = {("hires", "upscaler_sha256"): 2, ("upscale", "upscaler_sha256"): 2}
 MAX_PROMPT_CHARS: Final = 4000
+# validation context for jobs read back (task messages, jobs.jsonl): submit-time bounds added later
+# (attention weights) are not applied, so what was accepted before still reads; a job whose weights
+# overflow fails alone, at render
+RECORDED: Final = {"recorded": True}
 MIN_SIZE: Final = 64
 MAX_SIZE: Final = 2048
 MAX_STEPS: Final = 150
@@ -77,12 +81,28 @@ USER_FIELDS: Final = (
     "mask_blur",
 )
 MASK_FIELDS: Final = ("mask_threshold", "mask_dilate", "mask_blur")
+_ID_LABELS: Final = ("model", "schema_version")  # recorded, not hashed: a name, and the format
+_WIRE_JSON: Final[dict[str, Any]] = {}  # json.dumps' defaults, as kombu's JSON serialiser writes messages
+_RECORD_JSON: Final[dict[str, Any]] = {"ensure_ascii": False}  # jobs.jsonl keeps UTF-8 as it is
 DEFAULT_MASK_MODEL: Final = "clipseg"
 
 
+# how the id's payload is written before it is hashed
+_ID_JSON: Final[dict[str, Any]] = {"sort_keys": True, "separators": (",", ":"), "ensure_ascii": False}
+
+
 def _id_of(payload: dict[str, Any]) -> str:
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _hash_text(json.dumps(payload, **_ID_JSON))
+
+
+def _hash_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _id_payload(wire: dict[str, Any]) -> dict[str, Any]:
+    """What a job's id hashes: its wire form (model_hash, prompt and seed have no default, so they
+    are always there) less the labels."""
+    return {k: v for k, v in wire.items() if k not in _ID_LABELS}
 
 
 def parse_loras(value: Any) -> Any:
@@ -249,6 +269,13 @@ class RenderJob(BaseModel):
         parse_prompt_attention(v)
         return v
 
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _weights(cls, v: str, info: ValidationInfo) -> str:
+        if not (info.context or {}).get("recorded"):
+            check_attention_weights(v)
+        return v
+
     @field_validator("seed")
     @classmethod
     def _seed(cls, v: int) -> int:
@@ -346,8 +373,7 @@ class RenderJob(BaseModel):
     @model_validator(mode="after")
     def _img2img(self) -> RenderJob:
         # set to something other than the default (a full dump round-trips every field as "set")
-        given = {f for f in ("strength", "mask_image", "mask_prompt", *MASK_FIELDS)
-                 if getattr(self, f) != type(self).model_fields[f].default}
+        given = {f for f, default in _IMG2IMG_DEFAULTS.items() if getattr(self, f) != default}
         if self.init_image is None:
             needs = [f for f in ("strength", "mask_image", "mask_prompt", *MASK_FIELDS) if f in given]
             if needs:
@@ -388,10 +414,24 @@ class RenderJob(BaseModel):
     def id(self) -> str:
         """Hash of what affects the pixels. Fields left at their defaults are omitted, so adding
         a new optional field later does not change the id of existing jobs."""
-        payload = self.model_dump(mode="json", exclude_defaults=True, exclude={"model", "schema_version"})
-        for required in ("model_hash", "prompt", "seed"):
-            payload[required] = getattr(self, required)
-        return _id_of(payload)
+        return _id_of(_id_payload(self.wire))
+
+    @cached_property
+    def wire(self) -> dict[str, Any]:
+        """The job as a task message carries it: JSON types, fields at their defaults left out.
+        Computed once per job; read it, never change it."""
+        return self.model_dump(mode="json", exclude_defaults=True)
+
+    @cached_property
+    def wire_json(self) -> str:
+        """The wire form as JSON text, as the broker's JSON serialiser writes it (ASCII, ', ', ': ')."""
+        return json.dumps(self.wire, **_WIRE_JSON)
+
+    @cached_property
+    def record_json(self) -> str:
+        """Every field, JSON types, as JSON text (UTF-8 kept): the job as its batch's jobs.jsonl
+        records it."""
+        return json.dumps(self.model_dump(mode="json"), **_RECORD_JSON)
 
     def compat_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can share one batched pipeline call."""
@@ -412,6 +452,57 @@ class RenderJob(BaseModel):
             self.mode,
             self.strength if self.init_image else None,
         )
+
+
+# the img2img fields and their defaults, read once (RenderJob.model_fields is slow to reach per job)
+_IMG2IMG_DEFAULTS: Final = {f: RenderJob.model_fields[f].default
+                            for f in ("strength", "mask_image", "mask_prompt", *MASK_FIELDS)}
+
+
+class SeedSweep:
+    """The jobs of one batch item that differ only in their seed (`count:`, `seeds:`, seed, seed+1,
+    ...): each is a copy of the first, validated job with the seed replaced. No validator reads the
+    seed but its own range check, done here, so a copy is the job validation would give. Its wire
+    form, JSON texts and id are the first job's with the seed's digits spliced in, instead of being
+    dumped and hashed from scratch: a million-job batch is mostly such sweeps."""
+
+    def __init__(self, first: RenderJob) -> None:
+        self.first = first
+        record = first.model_dump(mode="json")
+        self._id = _around_seed(_id_payload(first.wire), _ID_JSON)
+        self._wire = _around_seed(first.wire, _WIRE_JSON)
+        self._record = _around_seed(record, _RECORD_JSON)
+
+    def job(self, seed: int) -> RenderJob:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed {seed!r} is not an integer 0..{MAX_SEED}: validate such a job in full")
+        job = self.first.model_copy(update={"seed": seed})  # it holds the first's cached values: replace them all
+        digits = str(seed)
+        job.__dict__.update(
+            wire={**self.first.wire, "seed": seed},
+            wire_json=self._wire[0] + digits + self._wire[1],
+            record_json=self._record[0] + digits + self._record[1],
+            id=_hash_text(self._id[0] + digits + self._id[1]),
+        )
+        return job
+
+
+def _around_seed(fields: dict[str, Any], options: dict[str, Any]) -> tuple[str, str]:
+    """`json.dumps(fields, **options)` cut where the seed's value goes: the text before it and after."""
+    keys = sorted(fields) if options.get("sort_keys") else list(fields)
+    at = keys.index("seed")
+    before, after = {k: fields[k] for k in keys[:at]}, {k: fields[k] for k in keys[at + 1:]}
+    item_sep, key_sep = options.get("separators") or (", ", ": ")
+    head = json.dumps(before, **options)[:-1] + (item_sep if before else "") + '"seed"' + key_sep
+    tail = item_sep + json.dumps(after, **options)[1:] if after else "}"
+    return head, tail
+
+
+def message_version(wires: Iterable[dict[str, Any]]) -> int:
+    """The oldest schema version that reads jobs in these wire forms: the highest version of the
+    fields they set (FIELD_VERSIONS), else 1."""
+    return max((v for wire in wires for (section, fld), v in FIELD_VERSIONS.items()
+                if fld in wire.get(section, {})), default=1)
 
 
 class ChunkEntry(BaseModel):
@@ -447,9 +538,7 @@ class Chunk(BaseModel):
         since appears only when a job sets it); a worker older than that hands the chunk back.
         Changing a default would mean a new SCHEMA_VERSION that every message names."""
         message = self.model_dump(mode="json", exclude_defaults=True)
-        version = max((v for e in message["entries"] for (section, fld), v in FIELD_VERSIONS.items()
-                       if fld in e["job"].get(section, {})), default=1)
-        return {**message, "schema_version": version}
+        return {**message, "schema_version": message_version(e["job"] for e in message["entries"])}
 
     @cached_property
     def id(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -9,12 +10,14 @@ from typing import Any
 import pytest
 import redis
 
-from producer.submit import submit_plan
+from producer.submit import jobs_jsonl, submit_plan
 from sdfarm.batchfile import plan_file
 from sdfarm.errors import TransientError
+from sdfarm.jobs import make_chunks
 from sdfarm.layout import batch_key, jobs_key
 from sdfarm.models import Registry
 from sdfarm.progress import ProgressBoard
+from sdfarm.queue import RENDER_TASK, ChunkSender, broker_priority, entry_json, queue_name
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 from tests.conftest import IDLE, cli
@@ -31,7 +34,7 @@ def snapshot(r: redis.Redis, store: Store) -> tuple[dict[str, Any], list[str]]:
 
 
 def queued(r: redis.Redis, model: str) -> int:
-    return sum(int(r.llen(k)) for k in r.scan_iter(f"render.{model}*"))  # type: ignore[arg-type]
+    return sum(int(r.llen(k)) for k in r.scan_iter(f"render.{model}*"))
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -104,3 +107,64 @@ def test_nothing_is_enqueued_when_s3_cannot_take_the_record(
         submit_plan(plan, dead, celery_app, board, chunk_size=4)
     assert queued(redis_client, IDLE) == before
     assert board.read(plan.batch_id) is None
+
+
+def batch_messages(r: redis.Redis, model: str, batch_id: str) -> list[dict[str, Any]]:
+    """The chunk messages of one batch waiting in a model's queues, decoded as a worker decodes them."""
+    found = []
+    for key in r.scan_iter(f"render.{model}*"):
+        for raw in r.lrange(key, 0, -1):
+            args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+            if args[0]["batch_id"] == batch_id:
+                found.append(args[0])
+    return found
+
+
+def without_ids(raw: bytes, message: dict[str, Any]) -> str:
+    return raw.decode().replace(message["headers"]["id"], "TASK-ID").replace(
+        message["properties"]["delivery_tag"], "DELIVERY-TAG")
+
+
+def test_chunks_go_out_as_send_task_sent_them(
+        tmp_path: Path, redis_client: redis.Redis, registry: Registry, celery_app: Any) -> None:
+    batch = write(tmp_path, "same.yaml", f"defaults: {{model: {IDLE}, width: 64, height: 64}}\n"
+                                         "items: [{prompt: 'ünïcode ☃ \"quoted\"', count: 6}]\n")
+    plan = plan_file(batch, registry, 100)
+    model = "tiny-compare"  # a queue of this test's own
+    level = broker_priority(7)
+    for chunk in make_chunks(plan.batch_id, enumerate(plan.jobs), 4):  # a full chunk, then a tail
+        celery_app.send_task(RENDER_TASK, args=[chunk.message()], queue=queue_name(model), priority=level,
+                             ignore_result=True)  # how every chunk was sent before
+        with ChunkSender(celery_app, 7) as sender:
+            sender.send(model, chunk.batch_id, [entry_json(e.index, e.job) for e in chunk.entries],
+                        chunk.message()["schema_version"])
+        key = f"{queue_name(model)}:{level}"
+        assert list(redis_client.scan_iter(f"{queue_name(model)}*")) == [key.encode()]
+        before, fast = (redis_client.rpop(key) for _ in range(2))  # LPUSHed: the oldest is on the right
+        assert isinstance(before, bytes)
+        assert isinstance(fast, bytes)
+        assert redis_client.llen(key) == 0
+        old, new = json.loads(before), json.loads(fast)
+        assert base64.b64decode(new["body"]) == base64.b64decode(old["body"])  # byte for byte
+        assert old["headers"]["id"] != new["headers"]["id"]
+        # every header and property, in the same order, but the task id and delivery tag (fresh uuids)
+        assert without_ids(fast, new) == without_ids(before, old)
+
+
+def test_a_resubmitted_batch_enqueues_only_what_is_not_done(
+        tmp_path: Path, env: dict[str, str], redis_client: redis.Redis, store: Store, registry: Registry,
+        board: ProgressBoard) -> None:
+    batch = write(tmp_path, "again.yaml", f"defaults: {{model: {IDLE}, width: 64, height: 64}}\n"
+                                          "items: [{prompt: resubmitted, count: 10}]\n")
+    plan = plan_file(batch, registry, 100)
+    first = cli(["submit", str(batch)], env)
+    assert first.returncode == 0, first.stderr
+    assert f"batch {plan.batch_id}: 10 jobs, 3 chunks enqueued, 0 already done" in first.stdout
+    assert store.get(jobs_key(plan.batch_id)) == jobs_jsonl(plan)  # streamed, as the in-memory record was
+    for index in (0, 1, 2, 3, 7):
+        board.mark_done(plan.batch_id, index, rendered=True)
+    second = cli(["submit", str(batch)], env)
+    assert second.returncode == 0, second.stderr
+    assert f"batch {plan.batch_id}: 10 jobs, 2 chunks enqueued, 5 already done" in second.stdout
+    chunks = sorted([e["index"] for e in m["entries"]] for m in batch_messages(redis_client, IDLE, plan.batch_id))
+    assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 8], [8, 9], [9]]

@@ -94,3 +94,14 @@ def test_spec_validation_names_the_problem(tmp_path: Path, change: tuple[str, st
     with pytest.raises(InvalidInput, match=r"spec\.yaml") as info:
         load_spec(path)
     assert message in str(info.value)
+
+
+def test_the_scheduler_signs_only_with_a_webhook_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch.json changed in the bucket cannot make the scheduler sign (and so reveal) another secret."""
+    from producer.scheduler import webhook_secret
+
+    monkeypatch.setenv("SDFARM_S3_SECRET_ACCESS_KEY", "not for webhooks")
+    monkeypatch.setenv("SDFARM_WEBHOOK_SECRET", "hmac key")
+    assert webhook_secret("b1", "SDFARM_S3_SECRET_ACCESS_KEY") is None
+    assert webhook_secret("b1", "SDFARM_WEBHOOK_SECRET") == b"hmac key"
+    assert webhook_secret("b1", "SDFARM_WEBHOOK_UNSET") is None

@@ -1,9 +1,14 @@
 """Batch control: cancel, pause, resume, retry failed jobs, reconcile. S3 holds the durable flag
-(batches/<id>/control.json); Redis holds the copy workers check before rendering and uploading."""
+(batches/<id>/control.json); Redis holds the copy workers check before rendering and uploading.
+
+reconcile_stalled is the safety net the scheduler runs on its own, without anyone watching: an
+active batch on which nothing has moved for a while, with none of its messages queued or in flight,
+is reconciled."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -11,21 +16,24 @@ from dataclasses import dataclass
 from celery import Celery
 
 from sdfarm.errors import InvalidInput
-from sdfarm.jobs import RenderJob, make_chunks
+from sdfarm.jobs import RECORDED, RenderJob, make_chunks
 from sdfarm.layout import batch_key, control_key, failed_key, failed_prefix, jobs_key, sidecar_key
 from sdfarm.progress import ACTIVE, CANCELLED, PAUSED, ProgressBoard
-from sdfarm.queue import DEFAULT_PRIORITY, enqueue_chunks
+from sdfarm.queue import DEFAULT_PRIORITY, enqueue_chunks, in_flight, queue_depth
 from sdfarm.store import MissingObject, Store
+
+log = logging.getLogger("sdfarm.control")
 
 
 def read_batch_jobs(store: Store, batch_id: str) -> list[tuple[int, RenderJob]]:
-    """The batch's jobs from its durable record, in batch order."""
+    """The batch's jobs from its durable record, in batch order, read as recorded (RECORDED: a bound
+    added at submit since does not refuse a job accepted before it)."""
     try:
         text = store.get(jobs_key(batch_id)).decode()
     except MissingObject as e:
         raise InvalidInput(f"unknown batch {batch_id!r}: no s3://{store.bucket}/{jobs_key(batch_id)}") from e
     rows = (json.loads(line) for line in text.splitlines() if line.strip())
-    return [(row["index"], RenderJob.model_validate(row["job"])) for row in rows]
+    return [(row["index"], RenderJob.model_validate(row["job"], context=RECORDED)) for row in rows]
 
 
 def durable_state(store: Store, batch_id: str) -> str:
@@ -99,15 +107,49 @@ def resume(store: Store, board: ProgressBoard, app: Celery, batch_id: str, chunk
     return reconcile(store, board, app, batch_id, chunk_size)
 
 
-def retry_failed(store: Store, board: ProgressBoard, app: Celery, batch_id: str, chunk_size: int) -> int:
-    """Forget the failures of a batch (records, bits, attempt counts) and enqueue those jobs again."""
+def retry_failed(store: Store, board: ProgressBoard, app: Celery, batch_id: str) -> int:
+    """Forget the failures of a batch (records, bits, attempt counts) and enqueue those jobs again,
+    one per chunk: a job that fails again (NaN, a poison job) fails alone, never its chunk-mates."""
     jobs = dict((job.id, (index, job)) for index, job in read_batch_jobs(store, batch_id))
     failed = [jobs[k.rsplit("/", 1)[1].removesuffix(".json")] for k in store.keys(failed_prefix(batch_id))]
     failed = [(i, j) for i, j in failed if not store.exists(sidecar_key(j.id))]
     board.clear_failed(batch_id, [i for i, _ in failed])
     for _, job in failed:
         store.delete(failed_key(batch_id, job.id))
-    chunks = list(make_chunks(batch_id, sorted(failed, key=lambda ij: ij[0]), chunk_size))
+    chunks = list(make_chunks(batch_id, sorted(failed, key=lambda ij: ij[0]), 1))
     if chunks:
         enqueue_chunks(app, chunks)
     return len(failed)
+
+
+def nothing_queued_or_in_flight(store: Store, board: ProgressBoard, batch_id: str) -> bool:
+    """No message of the batch waits in its models' queues or is held by a worker (unacknowledged)."""
+    models = store.get_json(batch_key(batch_id)).get("models", {})
+    return not any(queue_depth(board.r, m) for m in models) and in_flight(board.r, batch_id) is False
+
+
+def reconcile_stalled(store: Store, board: ProgressBoard, app: Celery, chunk_size: int, stall_s: float,
+                      now: float) -> list[tuple[str, ReconcileResult]]:
+    """Reconcile each active, unfinished batch (with live progress) on which no job has been done or
+    failed for stall_s seconds and none of whose messages is queued or in flight: messages lost
+    (Redis lost data, a chunk dropped by a bug) are sent again. Returns what was reconciled. Each
+    look records the batch's count (ProgressBoard.unmoved_since), so the clock survives restarts;
+    a reconcile restarts it. A batch that cannot be reconciled is logged and skipped."""
+    reconciled = []
+    for batch_id in board.submitted_since(now - board.ttl):
+        progress = board.read(batch_id)
+        if progress is None or progress.total == 0 or progress.finished or progress.state != ACTIVE:
+            continue
+        moved = progress.done + progress.failed
+        if now - board.unmoved_since(batch_id, moved, now) < stall_s:
+            continue
+        try:
+            if not nothing_queued_or_in_flight(store, board, batch_id):
+                continue
+            result = reconcile(store, board, app, batch_id, chunk_size)
+        except Exception as e:  # one batch's record (gone, unreadable) must not stop the sweep
+            log.error("batch %s: could not reconcile it: %s: %s", batch_id, type(e).__name__, e)
+            continue
+        board.moved(batch_id, moved, now)
+        reconciled.append((batch_id, result))
+    return reconciled

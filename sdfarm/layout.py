@@ -7,6 +7,7 @@
     renders/<job_id>.png                   the image, A1111 infotext + job JSON inside
     renders/<job_id>.json                  the sidecar, written after the PNG: the commit marker
     compile-cache/<model>/<torch>/<gpu>/<shape>.bin  compiled graphs workers share (signed; opt-in)
+    dead-letters/<message_sha256>.json     a task message no worker will run, and why (as received)
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def image_key(job_id: str) -> str:
 
 def sidecar_key(job_id: str) -> str:
     return f"renders/{job_id}.json"
+
+
+def dead_letter_key(message_sha256: str) -> str:
+    """A task message set aside (malformed, or from a newer producer that no worker read in time)."""
+    return f"dead-letters/{message_sha256}.json"
 
 
 def compile_artifacts_key(model_sha256: str, torch_version: str, device_name: str, shape: str) -> str:

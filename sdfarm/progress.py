@@ -1,7 +1,9 @@
 """Live batch progress in Redis. A view for `watch` and `status`; S3 stays the record.
 
 Per batch: a hash of counters and two bitmaps indexed by the job's position in the batch, so a
-redelivered job is never counted twice and a million-job batch costs 125 KB per bitmap.
+redelivered job is never counted twice and a million-job batch costs 125 KB per bitmap; per job, its
+deliveries (attempts); the batch's done-or-failed count as last seen by the reconcile sweep. Per task
+message handed back, a count (sdfarm:handbacks:<digest>).
 """
 
 from __future__ import annotations
@@ -118,17 +120,21 @@ class ProgressBoard:
             pipe.hdel(_key(batch_id, "attempts"), *indexes)
         pipe.execute()
 
-    def attempt(self, batch_id: str, index: int) -> int:
-        """Count one more delivery of job `index` to a renderer (durable: Redis with AOF)."""
-        pipe = self.r.pipeline()
-        pipe.hincrby(_key(batch_id, "attempts"), str(index), 1)
+    def attempts(self, batch_id: str, indexes: list[int]) -> list[int]:
+        """Count one more delivery of each job to a renderer (durable: Redis with AOF), in one
+        transaction: all counted or none, so a step retried after Redis blinked counts once."""
+        pipe = self.r.pipeline(transaction=True)
+        for index in indexes:
+            pipe.hincrby(_key(batch_id, "attempts"), str(index), 1)
         pipe.expire(_key(batch_id, "attempts"), self.ttl)
-        count, _ = pipe.execute()
-        return int(count)
+        return [int(count) for count in pipe.execute()[:-1]]
 
-    def release_attempt(self, batch_id: str, index: int) -> None:
-        """Take back an attempt that ended cleanly (a transient error, a retry): only deaths count."""
-        self.r.hincrby(_key(batch_id, "attempts"), str(index), -1)
+    def release_attempts(self, batch_id: str, indexes: list[int]) -> None:
+        """Take back attempts that ended cleanly (an outage, a hand-back): only deaths count."""
+        pipe = self.r.pipeline(transaction=True)
+        for index in indexes:
+            pipe.hincrby(_key(batch_id, "attempts"), str(index), -1)
+        pipe.execute()
 
     def state(self, batch_id: str) -> str:
         raw = self.r.hget(_key(batch_id), "state")
@@ -143,6 +149,38 @@ class ProgressBoard:
         """True exactly once per batch, for whoever first sees it finished (to announce it)."""
         return bool(self.r.set(_key(batch_id, "finished"), 1, nx=True, ex=self.ttl))
 
+    def unclaim_finish(self, batch_id: str) -> None:
+        """The announcement could not be sent: let the next one who sees the batch finished claim it."""
+        self.r.delete(_key(batch_id, "finished"))
+
+    def unmoved_since(self, batch_id: str, moved: int, now: float) -> float:
+        """When the batch's count of jobs done or failed was first seen at `moved` (by the scheduler's
+        reconcile sweep): `now` when it has moved since the last look."""
+        seen, seen_at = self.r.hmget(_key(batch_id), "moved", "moved_at")
+        if seen is None or seen_at is None or int(seen) != moved:
+            self.moved(batch_id, moved, now)
+            return now
+        return float(seen_at)
+
+    def moved(self, batch_id: str, moved: int, now: float) -> None:
+        """Record the batch's count of jobs done or failed as seen at `now` (restarts its clock)."""
+        self.r.hset(_key(batch_id), mapping={"moved": moved, "moved_at": now})
+
+    def hand_back(self, message_digest: str) -> int:
+        """Count one more hand-back of a task message (a hash of it: see worker.tasks), durably.
+        Returns the count so far; kept as long as batch progress."""
+        key = f"{PREFIX}:handbacks:{message_digest}"
+        pipe = self.r.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.expire(key, self.ttl)
+        count, _ = pipe.execute()
+        return int(count)
+
     def recent(self, limit: int = 20) -> list[str]:
         ids: list[bytes] = self.r.zrevrange(BATCHES, 0, limit - 1)  # type: ignore[assignment]
+        return [i.decode() for i in ids]
+
+    def submitted_since(self, since: float) -> list[str]:
+        """Batches first submitted at or after `since` (a time.time()), oldest first."""
+        ids: list[bytes] = self.r.zrangebyscore(BATCHES, since, "+inf")  # type: ignore[assignment]
         return [i.decode() for i in ids]

@@ -6,6 +6,11 @@ left open weighs everything after it; a stray closing bracket is plain text. `BR
 word of its own) ends the current 75-token chunk.
 
 Pure Python, no torch: the producer can check prompts before they are queued.
+
+Weights are bounded at submit (check_attention_weights): every explicit `(text:w)` and every run's
+weight after nesting (the product of its brackets) within -MAX_ATTENTION_WEIGHT..MAX_ATTENTION_WEIGHT.
+A1111's useful range is about 0..2; far past it the text encoder's output overflows (a weight of
+1e45 is infinity in float32) and the image is NaN. Smaller weights, `[]` nesting included, pass.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ _ATTENTION = re.compile(r"""
 """, re.X)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 _ROUND, _SQUARE = 1.1, 1 / 1.1
+MAX_ATTENTION_WEIGHT = 100.0
+_SHOWN_CHARS = 40  # of a run's text, in a message
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
@@ -46,6 +53,27 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         runs.take(m.group(0), m.group(1))
     runs.close_open_brackets()
     return runs.merged()
+
+
+def check_attention_weights(text: str) -> None:
+    """Refuse weights no model renders (ValueError saying which and what is allowed): an explicit
+    `(text:w)` with |w| > MAX_ATTENTION_WEIGHT, or a run whose weight after nesting is past it
+    (`(` 49 deep is 1.1**49 = 106.7). Parses as parse_prompt_attention does, so a `:w)` that closes
+    no bracket is text, as there."""
+    runs = _Runs(text)
+    for m in _ATTENTION.finditer(text):
+        weight = m.group(1)
+        if weight is not None and runs.round_brackets and abs(runs.explicit_weight(weight)) > MAX_ATTENTION_WEIGHT:
+            raise ValueError(f"attention weight {runs.explicit_weight(weight):g} is out of range (allowed:"
+                             f" -{MAX_ATTENTION_WEIGHT:g} to {MAX_ATTENTION_WEIGHT:g})")
+        runs.take(m.group(0), weight)
+    runs.close_open_brackets()
+    for part, weight in runs.merged():
+        if abs(weight) > MAX_ATTENTION_WEIGHT:
+            shown = part if len(part) <= _SHOWN_CHARS else part[:_SHOWN_CHARS] + "..."
+            raise ValueError(f"nested brackets weigh {shown!r} {weight:.4g} (allowed: -{MAX_ATTENTION_WEIGHT:g} to"
+                             f" {MAX_ATTENTION_WEIGHT:g} after nesting; each ( multiplies by 1.1, each"
+                             " (text:w) by w)")
 
 
 class _Runs:

@@ -1,25 +1,34 @@
-"""Render compatible jobs as one batched pipeline call, one generator per image."""
+"""Render compatible jobs as one batched pipeline call, one generator per image.
+
+An image that comes out NaN fails alone: render_each gives its RenderError in its place and the
+chunk-mates' images beside it (each op of the pipeline is per image). render() is the all-or-nothing
+form, for callers that want images only."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 
+from sdfarm.errors import RenderError
 from sdfarm.extra_networks import strip_tags
-from sdfarm.jobs import RenderJob
+from sdfarm.jobs import RenderJob, Upscale
 
 from .hires import second_pass
 from .masks import Inputs
 from .pipeline import LoadedModel
 from .prompts import chunk_counts, encode_prompts
 from .samplers import make_scheduler
-from .vae import decode
+from .vae import decode_each, or_raise
 
 log = logging.getLogger("sdfarm.worker")
+
+Rendered = Image.Image | RenderError
+"""A job's image, or why it has none (NaN), in its place in the chunk."""
+T = TypeVar("T")
 
 
 def generators(jobs: list[RenderJob]) -> list[torch.Generator]:
@@ -29,18 +38,39 @@ def generators(jobs: list[RenderJob]) -> list[torch.Generator]:
 
 
 def render(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None = None) -> list[Image.Image]:
+    """render_each, all or nothing: the first failed image's RenderError is raised."""
+    return [or_raise(image) for image in render_each(loaded, jobs, inputs)]
+
+
+def render_each(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None = None) -> list[Rendered]:
     """All jobs must share RenderJob.compat_key() (a Chunk guarantees it), and the pipeline must
     already hold their LoRAs and embeddings (Adapters.activate). img2img and inpaint jobs take their
     init image and mask from `inputs` (masks.job_inputs), and the upscaler models they name must be
-    loaded (Upscalers.prepare)."""
+    loaded (Upscalers.prepare). A job whose image is NaN gets its RenderError in its place. Where
+    the batched call raises one for all (a hires first pass decoded for an upscaler model), the jobs
+    are rendered again in halves, down to the one at fault."""
+    try:
+        return _render_batch(loaded, jobs, inputs)
+    except RenderError as e:
+        if len(jobs) == 1:
+            return [e]
+        log.warning("%s (rendering %d images together): rendering them in halves to find the job at fault", e,
+                    len(jobs))
+        half = len(jobs) // 2
+        return render_each(loaded, jobs[:half], inputs) + render_each(loaded, jobs[half:], inputs)
+
+
+def _render_batch(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None) -> list[Rendered]:
+    """render_each without the halving: a RenderError raised for the whole batch propagates (the
+    halving is render_each's alone, so a padded static batch is never split)."""
     first = jobs[0]
     pipe = loaded.variant(first.mode)
     counts = chunk_counts(pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs])
     if len(set(counts)) > 1:  # one call per prompt length: an image must not depend on its chunk-mates
-        images_by_index: dict[int, Image.Image] = {}
+        images_by_index: dict[int, Rendered] = {}
         for count in sorted(set(counts)):
             group = [i for i, c in enumerate(counts) if c == count]
-            for i, image in zip(group, render(loaded, [jobs[i] for i in group], inputs), strict=True):
+            for i, image in zip(group, _render_batch(loaded, [jobs[i] for i in group], inputs), strict=True):
                 images_by_index[i] = image
         return [images_by_index[i] for i in range(len(jobs))]
     if loaded.static_batch is not None and len(jobs) != loaded.static_batch:
@@ -61,52 +91,64 @@ def render(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None = N
         latents = pipe(output_type="latent", **call, **shared).images
         if first.hires is not None:
             latents = second_pass(loaded, jobs, latents, shared, generators(jobs))
-        images = decode(pipe, latents)
+        images = decode_each(pipe, latents)
     if first.mode == "inpaint":  # as A1111: the kept area is the init image itself, not a VAE round trip
         assert inputs is not None
-        images = [loaded.pipe.image_processor.apply_overlay(inputs[j.id][1], inputs[j.id][0], image)
+        images = [image if isinstance(image, RenderError) else
+                  loaded.pipe.image_processor.apply_overlay(inputs[j.id][1], inputs[j.id][0], image)
                   for j, image in zip(jobs, images, strict=True)]
     if (spec := first.upscale) is not None:
-        images = [loaded.upscalers.resize(image, spec.target(*image.size), spec.upscaler, spec.upscaler_sha256)
-                  for image in images]
+        images = [_upscaled(loaded, spec, image) for image in images]
     return images
 
 
-def _static(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None) -> list[Image.Image]:
+def _upscaled(loaded: LoadedModel, spec: Upscale, image: Rendered) -> Rendered:
+    """The final upscale of one image; an upscaler model's NaN (RenderError) fails that image only."""
+    if isinstance(image, RenderError):
+        return image
+    try:
+        resized: Image.Image = loaded.upscalers.resize(image, spec.target(*image.size), spec.upscaler,
+                                                       spec.upscaler_sha256)
+    except RenderError as e:
+        return e
+    return resized
+
+
+def _static(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None) -> list[Rendered]:
     """A compiled pipeline renders exactly static_batch images per call (one graph, no recompile):
     slices of that size, the last one padded with copies of its last job, whose images are dropped.
     Every job then renders in a call of the same size, so its pixels depend neither on its
     chunk-mates nor on the padding."""
     size = loaded.static_batch
     assert size is not None
-    images: list[Image.Image] = []
+    images: list[Rendered] = []
     for start in range(0, len(jobs), size):
         part = jobs[start:start + size]
         padded = part + [part[-1]] * (size - len(part))
-        images += render(loaded, padded, inputs)[:len(part)]
+        images += _render_batch(loaded, padded, inputs)[:len(part)]
     return images
 
 
 def render_split(loaded: LoadedModel, jobs: list[RenderJob],
-                 render_fn: Callable[[LoadedModel, list[RenderJob]], list[Image.Image]] = render) -> list[Image.Image]:
+                 render_fn: Callable[[LoadedModel, list[RenderJob]], list[T]]) -> list[T]:
     """Render; on out-of-memory, split the chunk in halves down to single images. Each image's own
     generator makes the halves give the same images as the whole. OOM on one image is raised.
     A compiled pipeline's static batch is halved instead, for this chunk and the ones after it."""
     try:
         return render_fn(loaded, jobs)
     except torch.OutOfMemoryError:
-        if loaded.device.type == "cuda":
-            torch.cuda.empty_cache()
-        if loaded.static_batch is not None:
-            if loaded.static_batch == 1:
-                raise
-            loaded.static_batch //= 2
-            log.warning("out of memory rendering %d images at %dx%d: static batch reduced to %d (a recompile)",
-                        len(jobs), jobs[0].width, jobs[0].height, loaded.static_batch)
-            return render_split(loaded, jobs, render_fn)
-        if len(jobs) == 1:
+        if (loaded.static_batch if loaded.static_batch is not None else len(jobs)) == 1:
             raise
-        log.warning("out of memory rendering %d images at %dx%d: splitting in halves", len(jobs), jobs[0].width,
-                    jobs[0].height)
-        half = len(jobs) // 2
-        return render_split(loaded, jobs[:half], render_fn) + render_split(loaded, jobs[half:], render_fn)
+    # split only after the except block: its traceback keeps the failed call's tensors alive, so
+    # inside it empty_cache() frees nothing and the halves would run out of memory too
+    if loaded.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if loaded.static_batch is not None:
+        loaded.static_batch //= 2
+        log.warning("out of memory rendering %d images at %dx%d: static batch reduced to %d (a recompile)",
+                    len(jobs), jobs[0].width, jobs[0].height, loaded.static_batch)
+        return render_split(loaded, jobs, render_fn)
+    log.warning("out of memory rendering %d images at %dx%d: splitting in halves", len(jobs), jobs[0].width,
+                jobs[0].height)
+    half = len(jobs) // 2
+    return render_split(loaded, jobs[:half], render_fn) + render_split(loaded, jobs[half:], render_fn)

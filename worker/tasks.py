@@ -4,6 +4,22 @@
 3. prepare: LoRAs, VAE, upscalers, inputs         4. render the rest as one batched call
 5. encode PNG + sidecar                           6. store: PNG, then sidecar (If-None-Match: *)
 7. report progress, one log line per job
+
+Outages. A step that fails because Redis or S3 cannot be reached runs again in place, with backoff,
+until the dependency returns: every step is idempotent (outputs are put-if-absent, progress is
+bits, a delivery is counted in one transaction), so a rendered image is stored once and never
+rendered again for it. The wait is bounded by the chunk's soft time limit; a chunk still failing
+then is handed back unacknowledged (Reject with requeue; while the broker is down too, the message
+stays in Redis's unacked set and kombu restores it after the visibility timeout). An infrastructure
+failure is never acknowledged, so it never loses the chunk.
+
+Messages no worker should run. A malformed one is dead-lettered (its reason and text in S3, under
+dead-letters/) and acknowledged. One from a newer producer (a version this worker does not read,
+and otherwise well-formed but for fields it does not know) is handed back for an upgraded worker,
+at most max_handbacks times per message (counted in Redis), then dead-lettered; those hand-backs
+are no fault of this node and never count toward blocking it. A chunk handed back because this
+node cannot serve it (NodeFault) counts toward blocking the node, and fails its jobs with the
+reason once it has been handed back max_handbacks times (no worker could serve it).
 """
 
 from __future__ import annotations
@@ -11,21 +27,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery, Task
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
-from sdfarm.errors import AssetError, NodeFault, RenderError, TransientError
-from sdfarm.jobs import SCHEMA_VERSION, Chunk, ChunkEntry
-from sdfarm.layout import failed_key, image_key, sidecar_key
+from sdfarm.errors import AssetError, NewerSchema, NodeFault, RenderError, is_transient
+from sdfarm.jobs import RECORDED, SCHEMA_VERSION, Chunk, ChunkEntry
+from sdfarm.layout import dead_letter_key, failed_key, image_key, sidecar_key
 from sdfarm.progress import ACTIVE, ProgressBoard, worker_key
 from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, RENDER_TASK, queue_name
 from sdfarm.settings import Settings
@@ -36,9 +53,14 @@ from .encode import Encoded, encode_png, sidecar
 from .health import NodeHealth, succeeding_peer
 from .masks import Inputs, MaskModels, job_inputs
 from .pipeline import LoadedModel
-from .render import render, render_split
+from .render import Rendered, render_each, render_split
 
 log = logging.getLogger("sdfarm.worker")
+
+T = TypeVar("T")
+RETRY_SHARE = 0.9  # of the soft time limit, from the chunk's start: until then an outage is waited out in place
+DEAD_LETTER_CHARS = 1 << 20  # of a dead-lettered message's text kept in its record
+HAND_BACK_PAUSE_S = 1.0  # before a chunk is handed back: no spinning on a message this worker cannot run
 
 
 @dataclass
@@ -56,6 +78,7 @@ class WorkerState:
     masks: MaskModels
     counters: dict[str, Any] = field(default_factory=lambda: {"chunks": 0, "images": 0, "failed": 0})
     health: NodeHealth = field(default_factory=NodeHealth)
+    retry_until: float = math.inf  # time.monotonic() until which the chunk in hand waits out an outage
 
     def worker_info(self) -> dict[str, Any]:
         return {"hostname": self.hostname, "device": str(self.loaded.device), "device_name": self.loaded.device_name,
@@ -81,32 +104,85 @@ def _log_job(entry: ChunkEntry, batch_id: str, outcome: str, seconds: float, ext
              seconds, f" {extra}" if extra else "")
 
 
+def until_back(state: WorkerState, what: str, step: Callable[[], T]) -> T:
+    """Run an idempotent step; while it fails because Redis or S3 cannot be reached (is_transient),
+    run it again after a backoff (retry_backoff_s, doubling to retry_backoff_max_s) until the
+    chunk's deadline (state.retry_until), then raise what it raised."""
+    delay = state.settings.retry_backoff_s
+    while True:
+        try:
+            return step()
+        except Exception as e:
+            if not is_transient(e) or time.monotonic() + delay > state.retry_until:
+                raise
+            log.warning("%s failed, trying again in %gs: %s", what, delay, e)
+            time.sleep(delay)
+            delay = min(delay * 2, state.settings.retry_backoff_max_s)
+
+
+def _best_effort(what: str, step: Callable[[], object]) -> None:
+    """A step whose failure must not change the chunk's outcome (health reports, blocking)."""
+    try:
+        step()
+    except Exception as e:
+        if not is_transient(e):
+            raise
+        log.warning("%s failed: %s", what, e)
+
+
 def fail_entries(state: WorkerState, batch_id: str, entries: list[ChunkEntry], reason: str) -> None:
     """Record the jobs as failed with their reason: under the batch in S3, and on the board."""
     for entry in entries:
         record = {"job_id": entry.job.id, "index": entry.index, "batch_id": batch_id, "reason": reason,
                   "worker": state.hostname, "at": time.time()}
-        state.store.put_json(failed_key(batch_id, entry.job.id), record)
-        state.board.mark_failed(batch_id, entry.index)
+        until_back(state, f"recording job {entry.job.id} failed", partial(_record_failure, state, batch_id, entry,
+                                                                          record))
         state.counters["failed"] += 1
         _log_job(entry, batch_id, "failed", 0.0, f"reason={json.dumps(reason)}")
 
 
+def _record_failure(state: WorkerState, batch_id: str, entry: ChunkEntry, record: dict[str, Any]) -> None:
+    state.store.put_json(failed_key(batch_id, entry.job.id), record)
+    state.board.mark_failed(batch_id, entry.index)
+
+
 def _store_one(state: WorkerState, batch_id: str, entry: ChunkEntry, image: Any, timings: dict[str, float]) -> None:
     t0 = time.perf_counter()
-    job = entry.job
-    encoded = encode_png(image, job, state.loaded.short_hash, state.assets.lora_hashes)  # 5. encode
+    encoded = encode_png(image, entry.job, state.loaded.short_hash, state.assets.lora_hashes)  # 5. encode
+    until_back(state, f"storing job {entry.job.id}", partial(_put_one, state, batch_id, entry, encoded,
+                                                             {**timings, "encode_s": time.perf_counter() - t0}))
+
+
+def _put_one(state: WorkerState, batch_id: str, entry: ChunkEntry, encoded: Encoded, timings: dict[str, float]
+             ) -> None:
+    """PNG, then sidecar, then progress: each write idempotent, so an outage in between is retried whole."""
     t1 = time.perf_counter()
+    job = entry.job
     png_written = state.store.put_if_absent(image_key(job.id), encoded.png, "image/png")  # 6. store
     if not png_written:  # an earlier attempt stored the PNG and died before its sidecar: describe that one
         existing = state.store.get(image_key(job.id))
         encoded = Encoded(existing, hashlib.sha256(existing).hexdigest(), encoded.infotext)
     meta = sidecar(job, batch_id, entry.index, encoded, image_key(job.id),
-                   {**timings, "encode_s": t1 - t0, "upload_s": time.perf_counter() - t1},
-                   state.worker_info(), state.versions)
+                   {**timings, "upload_s": time.perf_counter() - t1}, state.worker_info(), state.versions)
     state.store.put_json_if_absent(sidecar_key(job.id), meta)
     state.board.mark_done(batch_id, entry.index, rendered=True)  # 7. report
     _log_job(entry, batch_id, "rendered" if png_written else "rendered-existing", timings["render_s_per_image"])
+
+
+def message_digest(message_id: str, payload: Any) -> str:
+    """Names one task message (its id, and its body as received): its hand-back count, its dead letter."""
+    body = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(f"{message_id}\n{body}".encode()).hexdigest()
+
+
+def dead_letter(state: WorkerState, payload: Any, digest: str, reason: str) -> dict[str, int]:
+    """Set a message aside with its reason (S3, dead-letters/); the task then acknowledges it."""
+    text = json.dumps(payload, sort_keys=True, default=repr)
+    record = {"reason": reason, "worker": state.hostname, "at": time.time(), "message_chars": len(text),
+              "message": text[:DEAD_LETTER_CHARS]}
+    until_back(state, "dead-lettering a message", partial(state.store.put_json, dead_letter_key(digest), record))
+    log.error("dead-lettered a task message as %s: %s", dead_letter_key(digest), reason)
+    return {"dead-lettered": 1}
 
 
 class _Stop(Exception):
@@ -117,21 +193,57 @@ class _Stop(Exception):
         self.outcome = outcome
 
 
-def _load_chunk(state: WorkerState, payload: Any) -> Chunk:
-    """The message is checked again, whoever sent it; the chunk must be this worker's model."""
-    version = payload.get("schema_version") if isinstance(payload, dict) else None
-    if isinstance(version, int) and version > SCHEMA_VERSION:  # a newer producer: its defaults may differ
-        raise NodeFault(f"chunk schema version {version} is newer than this worker's {SCHEMA_VERSION}: upgrade it")
+def _load_chunk(state: WorkerState, payload: Any, digest: str) -> Chunk:
+    """The message is checked again, whoever sent it; the chunk must be this worker's model.
+    Jobs are read as recorded (RECORDED): a bound added at submit since they were queued does not
+    refuse them here."""
     try:
-        chunk = Chunk.model_validate(payload)
+        chunk = Chunk.model_validate(payload, context=RECORDED)
     except ValidationError as e:
-        log.error("rejected malformed chunk message: %s", e.errors(include_url=False)[:3])
-        raise _Stop({"rejected": 1}) from e
+        problems = e.errors(include_url=False)
+        if _newer(payload) and _valid_without_unknown_fields(payload, problems):
+            raise NewerSchema(_newer_reason(payload)) from e  # well-formed, but for fields a newer producer added
+        raise _Stop(dead_letter(state, payload, digest, "malformed chunk message: " + _problems(problems))) from e
+    if _newer(payload):  # a newer producer: its defaults may differ
+        raise NewerSchema(_newer_reason(payload))
     first = chunk.entries[0].job
     if first.model != state.loaded.entry.name or first.model_hash != state.loaded.identity:
         raise NodeFault(f"model mismatch: job wants {first.model} ({first.model_hash[:10]}), this worker serves"
                         f" {state.loaded.entry.name} ({state.loaded.short_hash}); registries differ")
     return chunk
+
+
+def _newer(payload: Any) -> bool:
+    version = payload.get("schema_version") if isinstance(payload, dict) else None
+    return isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
+
+
+def _valid_without_unknown_fields(payload: Any, problems: list[Any]) -> bool:
+    """Whether the message validates once the fields this worker does not know are taken out."""
+    unknown = [p["loc"] for p in problems if p["type"] == "extra_forbidden"]
+    if not unknown:
+        return False
+    known = json.loads(json.dumps(payload))
+    try:
+        for loc in unknown:
+            parent = known
+            for part in loc[:-1]:
+                parent = parent[part]
+            del parent[loc[-1]]
+        Chunk.model_validate(known, context=RECORDED)
+    except (ValidationError, LookupError, TypeError):
+        return False
+    return True
+
+
+def _newer_reason(payload: Any) -> str:
+    return (f"chunk schema version {payload['schema_version']} is newer than this worker's {SCHEMA_VERSION}:"
+            " upgrade it")
+
+
+def _problems(problems: list[Any], shown: int = 3) -> str:
+    text = "; ".join(f"{'.'.join(str(x) for x in p['loc']) or 'message'}: {p['msg']}" for p in problems[:shown])
+    return text[:2000] + (f"; and {len(problems) - shown} more" if len(problems) > shown else "")
 
 
 def _check_active(state: WorkerState, batch_id: str, entries: list[ChunkEntry]) -> None:
@@ -157,10 +269,10 @@ def _skip_done(state: WorkerState, batch_id: str, entries: list[ChunkEntry]) -> 
 def _within_attempts(state: WorkerState, batch_id: str, entries: list[ChunkEntry]) -> list[ChunkEntry]:
     """Count this delivery; a job delivered more than max_attempts times killed its workers: fail it."""
     cap = state.settings.max_attempts
-    keep: list[ChunkEntry] = []
-    poison: list[ChunkEntry] = []
-    for entry in entries:
-        (keep if state.board.attempt(batch_id, entry.index) <= cap else poison).append(entry)
+    counts = until_back(state, "counting the delivery",
+                        partial(state.board.attempts, batch_id, [e.index for e in entries]))
+    keep = [e for e, count in zip(entries, counts, strict=True) if count <= cap]
+    poison = [e for e, count in zip(entries, counts, strict=True) if count > cap]
     if poison:
         fail_entries(state, batch_id, poison,
                      f"gave up after {cap} attempts: the worker rendering it died each time"
@@ -171,22 +283,28 @@ def _within_attempts(state: WorkerState, batch_id: str, entries: list[ChunkEntry
 def _to_render(state: WorkerState, chunk: Chunk) -> list[ChunkEntry]:
     """The chunk's jobs that are neither done nor poison, this delivery counted."""
     entries = list(chunk.entries)
-    _check_active(state, chunk.batch_id, entries)
-    todo = _within_attempts(state, chunk.batch_id, _skip_done(state, chunk.batch_id, entries))
+    _still_active(state, chunk.batch_id, entries)
+    todo = until_back(state, "looking for jobs already done", partial(_skip_done, state, chunk.batch_id, entries))
+    todo = _within_attempts(state, chunk.batch_id, todo)
     if not todo:
         raise _Stop({"skipped": len(entries)})
     return todo
 
 
+def _still_active(state: WorkerState, batch_id: str, entries: list[ChunkEntry]) -> None:
+    until_back(state, "reading the batch's state", partial(_check_active, state, batch_id, entries))
+
+
 @contextmanager
 def _attempts_kept_on_transient(state: WorkerState, batch_id: str, todo: list[ChunkEntry]) -> Iterator[None]:
-    """A transient failure (S3 or Redis blinked) is retried; it is not a death of the worker, so
-    this delivery must not count against the jobs' attempts."""
+    """An outage the chunk could not wait out is handed back; it is not a death of the worker, so
+    this delivery must not count against the jobs' attempts (best effort: Redis may be down still)."""
     try:
         yield
-    except TransientError:
-        for entry in todo:
-            state.board.release_attempt(batch_id, entry.index)
+    except Exception as e:
+        if is_transient(e):
+            _best_effort("taking back the delivery's attempts",
+                         partial(state.board.release_attempts, batch_id, [entry.index for entry in todo]))
         raise
 
 
@@ -201,9 +319,9 @@ def _prepare(state: WorkerState, chunk: Chunk, todo: list[ChunkEntry]) -> Inputs
         state.loaded.use_vae(first.vae, files)
         state.loaded.upscalers.prepare(first, files)
         return job_inputs(state.assets, state.masks, jobs)
-    except TransientError:
-        raise  # S3 blinked: retried, not failed
     except Exception as e:
+        if is_transient(e):
+            raise  # S3 blinked: retried, not failed
         reason = str(e) if isinstance(e, AssetError) else f"preparing the chunk: {type(e).__name__}: {e}"
         log.error("chunk %s: %s", chunk.id, reason)
         fail_entries(state, chunk.batch_id, todo, reason)
@@ -211,14 +329,15 @@ def _prepare(state: WorkerState, chunk: Chunk, todo: list[ChunkEntry]) -> Inputs
 
 
 def _render(state: WorkerState, chunk: Chunk, todo: list[ChunkEntry], inputs: Inputs
-            ) -> tuple[list[Any], dict[str, float]]:
-    """One batched call, one generator per image (split in halves on OOM). A job that breaks the
-    pipeline fails with its reason; the worker serves on."""
+            ) -> tuple[list[Rendered], dict[str, float]]:
+    """One batched call, one generator per image (split in halves on OOM). An image that comes out
+    NaN is a RenderError in its place (its job fails alone, in _store_all); a job that breaks the
+    pipeline fails the chunk with its reason; the worker serves on."""
     started_at = time.time()
     _set_busy(state, chunk)
     t0 = time.perf_counter()
     try:
-        images = render_split(state.loaded, [e.job for e in todo], partial(render, inputs=inputs))
+        images = render_split(state.loaded, [e.job for e in todo], partial(render_each, inputs=inputs))
     except Exception as e:
         log.exception("render failed for chunk %s", chunk.id)
         fail_entries(state, chunk.batch_id, todo, f"{type(e).__name__}: {e}")
@@ -232,13 +351,19 @@ def _render(state: WorkerState, chunk: Chunk, todo: list[ChunkEntry], inputs: In
                     "render_s_per_image": render_s / len(todo), "chunk_size": len(todo)}
 
 
-def _store_all(state: WorkerState, batch_id: str, todo: list[ChunkEntry], images: list[Any],
-               timings: dict[str, float]) -> None:
-    """Encode, store and report each image, in the upload threads, side by side."""
+def _store_all(state: WorkerState, batch_id: str, todo: list[ChunkEntry], images: list[Rendered],
+               timings: dict[str, float]) -> int:
+    """Encode, store and report each image, in the upload threads, side by side; a job whose image
+    is a RenderError (NaN) fails with its reason. Returns how many jobs failed."""
+    bad = [(e, img) for e, img in zip(todo, images, strict=True) if isinstance(img, RenderError)]
     futures = [state.pool.submit(_store_one, state, batch_id, e, img, timings)
-               for e, img in zip(todo, images, strict=True)]
+               for e, img in zip(todo, images, strict=True) if not isinstance(img, RenderError)]
+    for entry, error in bad:
+        fail_entries(state, batch_id, [entry], str(error))
+    wait(futures)  # all of them, before the first error is raised: no upload outlives its chunk
     for f in futures:
         f.result()
+    return len(bad)
 
 
 def _set_busy(state: WorkerState, chunk: Chunk | None) -> None:
@@ -254,56 +379,91 @@ def _set_busy(state: WorkerState, chunk: Chunk | None) -> None:
         log.warning("could not mark this worker %s: %s", "idle" if chunk is None else "busy", e)
 
 
-def process_chunk(state: WorkerState, payload: Any) -> dict[str, int]:
+def process_chunk(state: WorkerState, payload: Any, digest: str = "") -> dict[str, int]:
     try:
-        chunk = _load_chunk(state, payload)  # 1. load the chunk, checked again
+        chunk = _load_chunk(state, payload, digest)  # 1. load the chunk, checked again
         todo = _to_render(state, chunk)  # 2. skip jobs done; count this delivery (poison jobs stop here)
         with _attempts_kept_on_transient(state, chunk.batch_id, todo):
-            _check_active(state, chunk.batch_id, todo)  # checked again right before the GPU starts
-            inputs = _prepare(state, chunk, todo)  # 3. switch LoRAs, VAE, upscalers; load inputs
+            _still_active(state, chunk.batch_id, todo)  # checked again right before the GPU starts
+            inputs = until_back(state, "preparing the chunk", partial(_prepare, state, chunk, todo))  # 3. LoRAs...
             images, timings = _render(state, chunk, todo, inputs)  # 4. render as one batched call
-            _check_active(state, chunk.batch_id, todo)  # and before anything is uploaded
-            _store_all(state, chunk.batch_id, todo, images, timings)  # 5-7. encode, store, report
+            _still_active(state, chunk.batch_id, todo)  # and before anything is uploaded
+            failed = _store_all(state, chunk.batch_id, todo, images, timings)  # 5-7. encode, store, report
     except _Stop as stop:
         return stop.outcome
     state.counters["chunks"] += 1
-    state.counters["images"] += len(todo)
+    state.counters["images"] += len(todo) - failed
     state.health.success()
-    return {"rendered": len(todo), "skipped": len(chunk.entries) - len(todo)}
+    outcome = {"rendered": len(todo) - failed, "skipped": len(chunk.entries) - len(todo)}
+    return {**outcome, "failed": failed} if failed else outcome
 
 
 def register_tasks(app: Celery) -> None:
-    # transient failures retry until the dependency returns: nothing accepted is dropped
-    @app.task(name=RENDER_TASK, bind=True, max_retries=None)
+    @app.task(name=RENDER_TASK, bind=True)
     def render_chunk(self: Task, payload: Any) -> dict[str, int]:
         state = get_state()
+        soft_limit = self.app.conf.task_soft_time_limit or state.settings.task_time_limit
+        state.retry_until = time.monotonic() + RETRY_SHARE * soft_limit
         try:
-            result = process_chunk(state, payload)
-        except NodeFault as e:
-            log.error("handing the chunk back: %s", e)
-            state.health.failure(str(e))
-            maybe_block(self.app, state)
-            time.sleep(1)  # do not spin on a message this worker cannot serve
+            return run_chunk(self.app, state, payload, message_digest(self.request.id or "", payload))
+        except Exception as e:  # an outage outlasted the wait in place: never acknowledged
+            if not is_transient(e):
+                raise
+            log.error("handing the chunk back unacknowledged: a dependency is still unreachable: %s", e)
             raise Reject(str(e), requeue=True) from e
-        except TransientError as e:
-            settings = get_state().settings
-            delay = min(settings.retry_backoff_s * 2 ** self.request.retries, settings.retry_backoff_max_s)
-            log.warning("transient failure, retrying in %ss: %s", delay, e)
-            raise self.retry(exc=e, countdown=delay) from e
-        if state.health.streak:
-            maybe_block(self.app, state)
-        announce_if_finished(self.app, state, payload)
-        return result
+
+
+def run_chunk(app: Celery, state: WorkerState, payload: Any, digest: str) -> dict[str, int]:
+    """The chunk, or its hand-back; then this worker's health, and the batch's end announced."""
+    try:
+        result = process_chunk(state, payload, digest)
+    except (NewerSchema, NodeFault) as e:
+        result = hand_back(app, state, payload, digest, e)  # or, past the cap, its outcome
+    if state.health.streak:
+        _best_effort("checking this worker's health", partial(maybe_block, app, state))
+    until_back(state, "announcing a finished batch", partial(announce_if_finished, app, state, payload))
+    return result
+
+
+def hand_back(app: Celery, state: WorkerState, payload: Any, digest: str, fault: NewerSchema | NodeFault
+              ) -> dict[str, int]:
+    """Give the message back for another worker (Reject, requeue), at most max_handbacks times, then
+    set it aside: a newer-schema message is dead-lettered, a chunk no worker could serve fails its
+    jobs with the reason. Only a NodeFault counts toward blocking this worker."""
+    count = until_back(state, "counting a hand-back", partial(state.board.hand_back, digest))
+    if isinstance(fault, NodeFault):
+        state.health.failure(str(fault))
+    cap = state.settings.max_handbacks
+    if count > cap:
+        reason = f"handed back {cap} times, no worker took it: {fault}"
+        if isinstance(fault, NewerSchema):
+            return dead_letter(state, payload, digest, reason)
+        chunk = Chunk.model_validate(payload, context=RECORDED)
+        todo = until_back(state, "looking for jobs already done",
+                          partial(_skip_done, state, chunk.batch_id, list(chunk.entries)))
+        fail_entries(state, chunk.batch_id, todo, reason)
+        return {"failed": len(todo), "skipped": len(chunk.entries) - len(todo)}
+    log.error("handing the chunk back (%d of %d times): %s", count, cap, fault)
+    time.sleep(HAND_BACK_PAUSE_S)  # by then a peer's success before this failure is in its heartbeat
+    if isinstance(fault, NodeFault):
+        _best_effort("checking this worker's health", partial(maybe_block, app, state))
+    raise Reject(str(fault), requeue=True) from fault
 
 
 def announce_if_finished(app: Celery, state: WorkerState, payload: Any) -> None:
-    """The worker that finishes a batch's last job hands it to the control queue (hooks, exports)."""
+    """The worker that finishes a batch's last job hands it to the control queue (hooks, exports).
+    A send that fails gives the claim back, so the step can run again."""
     batch_id = payload.get("batch_id") if isinstance(payload, dict) else None
     if not isinstance(batch_id, str):
         return
     progress = state.board.read(batch_id)
-    if progress is not None and progress.finished and state.board.claim_finish(batch_id):
+    if progress is None or not progress.finished or not state.board.claim_finish(batch_id):
+        return
+    try:
         app.send_task(BATCH_FINISHED_TASK, args=[batch_id], queue=CONTROL_QUEUE)
+    except Exception:
+        _best_effort("giving the finish claim back", partial(state.board.unclaim_finish, batch_id))
+        raise
 
 
 def maybe_block(app: Celery, state: WorkerState) -> None:

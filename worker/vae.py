@@ -6,8 +6,9 @@ own. Up to `keep` registered VAEs stay loaded, least recently used out first.
 
 fp16 VAEs overflow: SDXL's own VAE turns to NaN (black images) at fp16, so diffusers marks it
 `force_upcast` and decodes in fp32. This does the same, and like A1111's "revert VAE to 32-bit"
-redoes a decode in fp32 when fp16 gave NaN anyway. A non-finite result is never stored: NaN in the
-latents (the UNet) or after an fp32 decode fails the chunk with a RenderError saying which.
+redoes a decode in fp32 when fp16 gave NaN anyway. A non-finite result is never stored: NaN in an
+image's latents (the UNet) or after an fp32 decode fails that image with a RenderError saying which;
+the other images of its chunk are stored.
 """
 
 from __future__ import annotations
@@ -69,24 +70,52 @@ def load_vae(path: Path, own: Any) -> Any:
     return vae.to(device=own.device, dtype=own.dtype).eval()
 
 
+LATENTS_NAN = ("the denoising produced NaN or infinite latents (an fp16 overflow in the UNet, or extreme prompt"
+               " weights); nothing was stored")
+PIXELS_NAN = "the VAE produced NaN or infinite pixels even in float32; nothing was stored"
+
+
 def decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
-    """The pipeline's latents -> PIL images, with the VAE and image processor the pipeline holds.
-    `force_upcast` is honoured for SDXL only, as diffusers' pipelines do (AutoencoderKL defaults it
-    to True, and SD 1.x VAE configs never set it: SD 1.x decodes in fp16, as in A1111)."""
-    if not torch.isfinite(latents).all():
-        raise RenderError("the denoising produced NaN or infinite latents (an fp16 overflow in the UNet,"
-                          " or extreme prompt weights); nothing was stored")
+    """decode_each, all or nothing: the first image's RenderError is raised."""
+    images = decode_each(pipe, latents)
+    return [or_raise(image) for image in images]
+
+
+def decode_each(pipe: Any, latents: torch.Tensor) -> list[Image.Image | RenderError]:
+    """The pipeline's latents -> PIL images, with the VAE and image processor the pipeline holds;
+    an image whose latents or pixels are not finite is a RenderError saying which, in its place
+    (every op is per image, so its chunk-mates are whole). The batch is decoded whole, as the
+    static batch of a compiled VAE needs. `force_upcast` is honoured for SDXL only, as diffusers'
+    pipelines do (AutoencoderKL defaults it to True, and SD 1.x VAE configs never set it: SD 1.x
+    decodes in fp16, as in A1111)."""
+    bad_latents = _not_finite(latents)
     vae = pipe.vae
     fp32 = vae.dtype == torch.float32
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     pixels = _decode(vae, latents, upcast=not fp32 and sdxl and bool(getattr(vae.config, "force_upcast", False)))
-    if not torch.isfinite(pixels).all() and not fp32:
+    if (_not_finite(pixels) & ~bad_latents).any() and not fp32:
         log.warning("VAE decode in %s gave NaN: decoding again in float32", vae.dtype)
         pixels = _decode(vae, latents, upcast=True)
-    if not torch.isfinite(pixels).all():
-        raise RenderError("the VAE produced NaN or infinite pixels even in float32; nothing was stored")
-    images: list[Image.Image] = pipe.image_processor.postprocess(pixels, output_type="pil")
+    bad_pixels: list[bool] = _not_finite(pixels).tolist()
+    good = [i for i, bad in enumerate(bad_pixels) if not bad]
+    decoded: list[Image.Image] = pipe.image_processor.postprocess(pixels[good], output_type="pil") if good else []
+    images: list[Image.Image | RenderError] = [RenderError(LATENTS_NAN if latents_bad else PIXELS_NAN)
+                                               for latents_bad in bad_latents.tolist()]
+    for i, image in zip(good, decoded, strict=True):
+        images[i] = image
     return images
+
+
+def _not_finite(batch: torch.Tensor) -> torch.Tensor:
+    """Per image of the batch: True where any value is NaN or infinite."""
+    return ~torch.isfinite(batch).flatten(1).all(dim=1).cpu()
+
+
+def or_raise(image: Image.Image | RenderError) -> Image.Image:
+    """The image, or its RenderError raised."""
+    if isinstance(image, RenderError):
+        raise image
+    return image
 
 
 def _decode(vae: Any, latents: torch.Tensor, upcast: bool) -> torch.Tensor:

@@ -1,8 +1,11 @@
 """Fault injection against real workers: poison jobs, cancel, duplicate delivery, a crash between the
-PNG and its sidecar, hostile messages, a model that cannot load."""
+PNG and its sidecar, hostile messages (pickle, malformed, from a newer producer), a model that cannot
+load, a job whose image is NaN."""
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -19,15 +22,16 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from producer.submit import record_batch
+from producer.submit import record_batch, submit_plan
 from sdfarm.batchfile import plan_file
-from sdfarm.jobs import make_chunks
-from sdfarm.layout import failed_key, image_key, sidecar_key
+from sdfarm.jobs import RECORDED, SCHEMA_VERSION, RenderJob, make_chunks
+from sdfarm.layout import dead_letter_key, failed_key, image_key, sidecar_key
 from sdfarm.models import Registry
 from sdfarm.progress import ProgressBoard
 from sdfarm.queue import enqueue_chunks, queue_depth, queue_name
 from sdfarm.store import Store
-from tests.conftest import BROKEN, FAULTS, ROOT, WorkerProcess, cli, wait_for
+from tests.conftest import BROKEN, FAULTS, IDLE, ROOT, WorkerProcess, cli, wait_for
+from worker.tasks import message_digest
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +237,86 @@ def test_a_worker_that_keeps_failing_while_peers_succeed_blocks_itself(
         assert "fault-bad@tests" in shown.stdout
     finally:
         bad.stop()
+
+
+def test_a_job_whose_image_is_nan_fails_alone_and_its_chunk_mates_are_stored(
+        tmp_path: Path, fault_workers: list[WorkerProcess], store: Store, board: ProgressBoard,
+        registry: Registry, celery_app: Any) -> None:
+    # a chunk queued before weights were bounded at submit: one job's weight is infinity in float32
+    path = write_batch(tmp_path, "one-nan", [f"a calm sea {i}" for i in range(4)])
+    plan = plan_file(path, registry, 10)
+    absurd = RenderJob.model_validate({**plan.jobs[1].model_dump(), "prompt": "a (boat:1" + "0" * 45 + ")"},
+                                      context=RECORDED)
+    submit_plan(dataclasses.replace(plan, jobs=(plan.jobs[0], absurd, *plan.jobs[2:])), store, celery_app, board, 4)
+    wait_for(lambda: progress_of(board, plan.batch_id) == (3, 1), 120, "three jobs done and one failed")
+    assert "NaN or infinite latents" in store.get_json(failed_key(plan.batch_id, absurd.id))["reason"]
+    for job in (plan.jobs[0], *plan.jobs[2:]):
+        assert store.exists(sidecar_key(job.id))
+    assert not store.exists(image_key(absurd.id))
+
+
+def test_retry_enqueues_failed_jobs_one_per_chunk(
+        tmp_path: Path, env: dict[str, str], store: Store, board: ProgressBoard, registry: Registry,
+        redis_client: Any) -> None:
+    """Jobs that failed together (the whole chunk, as one NaN job used to make it) are retried each in
+    a chunk of its own, so one that fails again fails alone. No worker serves IDLE: the queue shows it."""
+    path = tmp_path / "failed-together.yaml"
+    path.write_text(f"defaults: {{model: {IDLE}, width: 64, height: 64}}\n"
+                    "items: [failed together 0, failed together 1, failed together 2]\n")
+    plan = plan_file(path, registry, 10)
+    record_batch(plan, store, board)
+    for index, job in enumerate(plan.jobs):  # as a worker records a failure
+        store.put_json(failed_key(plan.batch_id, job.id), {"job_id": job.id, "index": index, "reason": "NaN"})
+        board.mark_failed(plan.batch_id, index)
+    assert "3 failed jobs enqueued again" in cli(["retry", plan.batch_id], env).stdout
+    messages = [m for m in queued_messages(redis_client, IDLE) if m["batch_id"] == plan.batch_id]
+    assert sorted(len(m["entries"]) for m in messages) == [1, 1, 1]
+
+
+def queued_messages(r: Any, model: str) -> list[dict[str, Any]]:
+    """The chunk messages waiting in a model's queues, decoded as a worker decodes them."""
+    bodies = [json.loads(raw)["body"] for key in r.scan_iter(f"{queue_name(model)}*") for raw in r.lrange(key, 0, -1)]
+    return [json.loads(base64.b64decode(body))[0][0] for body in bodies]
+
+
+def worker_health(workers: list[WorkerProcess], board: ProgressBoard) -> list[tuple[bytes | None, bytes | None]]:
+    return [tuple(board.r.hmget(f"sdfarm:worker:{w.hostname}", "failure_streak", "blocked"))  # type: ignore[misc]
+            for w in workers]
+
+
+def test_a_malformed_message_is_dead_lettered_once_with_its_reason(
+        fault_workers: list[WorkerProcess], store: Store, board: ProgressBoard, celery_app: Any) -> None:
+    garbage = {"schema_version": 999, "batch_id": "not hex", "entries": "garbage"}
+    task_id = f"garbage-{uuid.uuid4().hex}"
+    health = worker_health(fault_workers, board)
+    celery_app.send_task("sdfarm.render_chunk", args=[garbage], queue=queue_name(FAULTS), task_id=task_id)
+    key = dead_letter_key(message_digest(task_id, garbage))
+    record = wait_for(lambda: store.exists(key) and store.get_json(key), 60, "the message to be dead-lettered")
+    assert record["reason"].startswith("malformed chunk message: batch_id: String should match pattern")
+    assert "entries: Input should be a valid tuple" in record["reason"]
+    assert json.loads(record["message"]) == garbage
+    wait_for(lambda: idle(fault_workers, board), 30, "the message to be acknowledged")
+    assert not board.r.exists(f"sdfarm:handbacks:{message_digest(task_id, garbage)}")  # never handed back
+    assert worker_health(fault_workers, board) == health
+
+
+def test_a_newer_schema_message_is_handed_back_at_most_ten_times_then_dead_lettered(
+        tmp_path: Path, fault_workers: list[WorkerProcess], store: Store, board: ProgressBoard,
+        registry: Registry, celery_app: Any) -> None:
+    """Well-formed but for a field this worker does not know, from a producer two versions ahead:
+    handed back for an upgraded worker (none comes), counted per message, never against the workers."""
+    plan = plan_file(write_batch(tmp_path, "from-the-future", ["a message from the future"]), registry, 10)
+    message = next(make_chunks(plan.batch_id, enumerate(plan.jobs), 4)).message()
+    message["schema_version"] = SCHEMA_VERSION + 2
+    message["entries"][0]["job"]["a_field_from_the_future"] = True
+    task_id = f"future-{uuid.uuid4().hex}"
+    health = worker_health(fault_workers, board)
+    celery_app.send_task("sdfarm.render_chunk", args=[message], queue=queue_name(FAULTS), task_id=task_id)
+    key = dead_letter_key(message_digest(task_id, message))
+    record = wait_for(lambda: store.exists(key) and store.get_json(key), 90, "the message to be dead-lettered")
+    assert record["reason"] == (f"handed back 10 times, no worker took it: chunk schema version {SCHEMA_VERSION + 2}"
+                                f" is newer than this worker's {SCHEMA_VERSION}: upgrade it")
+    assert int(board.r.get(f"sdfarm:handbacks:{message_digest(task_id, message)}")) == 11
+    wait_for(lambda: idle(fault_workers, board), 30, "the message to be acknowledged")
+    assert worker_health(fault_workers, board) == health  # no failure counted, nobody blocked
+    assert progress_of(board, plan.batch_id) == (0, 0)

@@ -1,5 +1,5 @@
-"""Redis restarted and S3 gone for 30 s in the middle of a batch: the batch still completes, every
-job once, every object whole."""
+"""Redis restarted or killed, and S3 gone for 30 s, in the middle of a batch: the batch still completes,
+every job once, every object whole; what Redis lost, the scheduler's periodic reconcile sends again."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from sdfarm.batchfile import BatchPlan, plan_file
 from sdfarm.layout import image_key, sidecar_key
 from sdfarm.models import Registry
 from sdfarm.progress import ProgressBoard
+from sdfarm.queue import in_flight, queue_name
 from sdfarm.store import Store
 from tests.conftest import OUTAGE, WorkerProcess, cli, wait_for
+from tests.integration.test_scheduler import Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +94,49 @@ def test_s3_gone_for_thirty_seconds(tmp_path: Path, outage_workers: list[WorkerP
     watched = cli(["watch", plan.batch_id, "--reconcile-after", "30", "--timeout", "400"], env, timeout_s=450)
     assert watched.returncode == 0, watched.stdout + watched.stderr
     assert_complete_once(store, plan)
+
+
+def test_redis_killed_mid_chunk_loses_nothing(tmp_path: Path, outage_workers: list[WorkerProcess],
+                                              stack: EmbeddedStack, env: dict[str, str], store: Store,
+                                              board: ProgressBoard, registry: Registry) -> None:
+    """Redis SIGKILLed while both workers render, back 10 s later: every job is done, with nobody
+    running `watch` or `reconcile`. The chunks in hand were waited out in place, not rendered again
+    (their renders all began before the kill), and acknowledged (nothing left in flight)."""
+    path = write_batch(tmp_path, "redis-killed", 8, steps=60)
+    plan = plan_file(path, registry, 100)
+    assert cli(["submit", str(path)], env).returncode == 0
+    wait_for(lambda: all(w.busy_with() for w in outage_workers), 120, "both workers to render")
+    stack.kill_redis()
+    killed_at = time.time()
+    wait_for(lambda: time.time() - killed_at > 10, 15, "10 s of outage", interval_s=0.5)
+    stack.start_redis()
+    wait_for(lambda: done_count(board, plan.batch_id) == len(plan.jobs), 120, "every job to be done")
+    metas = assert_complete_once(store, plan)
+    assert all(m["timings"]["render_started_at"] < killed_at for m in metas)  # type: ignore[index]
+    wait_for(lambda: in_flight(board.r, plan.batch_id) is False, 30, "both chunks to be acknowledged")
+
+
+def test_the_scheduler_reconciles_a_batch_whose_queued_chunk_redis_lost(
+        tmp_path: Path, outage_workers: list[WorkerProcess], stack: EmbeddedStack, env: dict[str, str],
+        store: Store, board: ProgressBoard, registry: Registry) -> None:
+    """Redis SIGKILLed mid-batch comes back without the chunk that was queued (here it is deleted
+    first, while both workers hold theirs, and given a second to reach the AOF). Nobody runs
+    `watch`: the scheduler finds the batch stalled with nothing queued or in flight and reconciles."""
+    scheduler = Scheduler({**env, "SDFARM_SCHEDULER_TICK_S": "1", "SDFARM_RECONCILE_AFTER_S": "3"},
+                          tmp_path / "scheduler.log")
+    try:
+        path = write_batch(tmp_path, "redis-lost", 12, steps=60)
+        plan = plan_file(path, registry, 100)
+        assert cli(["submit", str(path)], env).returncode == 0
+        wait_for(lambda: all(w.busy_with() for w in outage_workers), 120, "both workers to render")
+        assert board.r.delete(*board.r.keys(f"{queue_name(OUTAGE)}*")) == 1  # the third chunk: lost
+        lost_at = time.monotonic()  # the AOF is fsynced once a second
+        wait_for(lambda: time.monotonic() - lost_at > 1.5, 5, "the loss to reach the AOF", interval_s=0.2)
+        stack.kill_redis()
+        stack.start_redis()
+        wait_for(lambda: done_count(board, plan.batch_id) == len(plan.jobs), 120, "the scheduler to reconcile")
+        assert f"batch {plan.batch_id}: nothing moved for 3s" in scheduler.text()
+        assert "reconciled, 4 of 12 jobs re-enqueued (8 done, 0 failed)" in scheduler.text()
+        assert_complete_once(store, plan)
+    finally:
+        scheduler.stop()

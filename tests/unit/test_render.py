@@ -124,3 +124,31 @@ def test_out_of_memory_splits_the_chunk_down_to_single_images(loaded: LoadedMode
 
     with pytest.raises(torch.OutOfMemoryError):
         render_split(loaded, jobs[:2], no_gpu)
+
+
+@pytest.mark.parametrize("hires", [None, {"scale": 2, "steps": 2, "denoising_strength": 0.6, "upscaler": "Lanczos"}],
+                         ids=["plain", "hires-lanczos"])
+def test_a_nan_job_fails_alone_and_its_chunk_mates_render_as_they_would_alone(
+        loaded: LoadedModel, hires: dict[str, object] | None, caplog: pytest.LogCaptureFixture) -> None:
+    """A job queued before weights were bounded (read back as RECORDED): its weight is infinity in
+    float32, its latents NaN. It gets its RenderError; the others their images. With hires and an
+    image upscaler the first pass is decoded whole, so the NaN fails the batched call: the chunk is
+    rendered again in halves down to the job at fault."""
+    from sdfarm.errors import RenderError
+    from sdfarm.jobs import RECORDED
+    from worker.render import render_each
+
+    base = {"model": "tiny-sd15", "model_hash": loaded.identity, "width": 64, "height": 64, "steps": 4,
+            "hires": hires}
+    absurd = RenderJob.model_validate({**base, "prompt": "a (boat:1" + "0" * 45 + ")", "seed": 2}, context=RECORDED)
+    fine = [RenderJob.model_validate({**base, "prompt": p, "seed": s}) for p, s in (("a boat", 1), ("a ship", 3))]
+    with caplog.at_level("WARNING", logger="sdfarm.worker"):
+        images = render_each(loaded, [fine[0], absurd, fine[1]])
+    assert ("rendering them in halves" in caplog.text) == (hires is not None)
+    assert isinstance(images[1], RenderError)
+    assert "NaN or infinite latents" in str(images[1])
+    for image, j in zip((images[0], images[2]), fine, strict=True):
+        assert isinstance(image, Image.Image)
+        assert np.abs(pixels(image) - pixels(render(loaded, [j])[0])).max() <= 2
+    with pytest.raises(RenderError):
+        render(loaded, [fine[0], absurd])  # the all-or-nothing form

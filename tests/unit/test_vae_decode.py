@@ -1,5 +1,6 @@
 """The decode every render ends with: fp16 overflow is redone in fp32 (A1111's "revert VAE to
-32-bit"), a VAE marked force_upcast decodes in fp32, and NaN is never stored as a black image."""
+32-bit"), a VAE marked force_upcast decodes in fp32, and NaN is never stored as a black image: it
+fails its own image, not its chunk-mates."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 
 from sdfarm.errors import RenderError
 from worker.testing import build_tiny_vae
-from worker.vae import decode
+from worker.vae import decode, decode_each
 
 LATENTS = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -59,13 +61,23 @@ def test_an_sdxl_vae_marked_force_upcast_decodes_in_fp32_from_the_start(caplog: 
     assert vae.dtype == torch.float16
 
 
-def test_nan_latents_or_pixels_fail_with_the_reason_instead_of_a_black_image() -> None:
+def test_nan_fails_only_its_own_image_with_the_reason_instead_of_a_black_image() -> None:
     vae = build_tiny_vae().eval()
     bad = LATENTS.clone()
     bad[1, 0, 0, 0] = float("nan")
+    with torch.inference_mode():
+        good, failed = decode_each(pipe_with(vae), bad)
+        alone = decode(pipe_with(vae), LATENTS[:1])[0]
+    assert isinstance(good, Image.Image)
+    # its chunk-mate's NaN did not touch it (within a batch size's float rounding)
+    assert np.abs(np.asarray(good).astype(int) - np.asarray(alone).astype(int)).max() <= 1
+    assert isinstance(failed, RenderError)
+    assert "NaN or infinite latents" in str(failed)
     with torch.inference_mode(), pytest.raises(RenderError, match="NaN or infinite latents"):
-        decode(pipe_with(vae), bad)
+        decode(pipe_with(vae), bad)  # the all-or-nothing form
     with torch.no_grad():
         vae.decoder.conv_out.bias.fill_(float("nan"))
-    with torch.inference_mode(), pytest.raises(RenderError, match="NaN or infinite pixels even in float32"):
-        decode(pipe_with(vae), LATENTS)
+    with torch.inference_mode():
+        images = decode_each(pipe_with(vae), LATENTS)
+    assert [str(i) for i in images] == ["the VAE produced NaN or infinite pixels even in float32; nothing was"
+                                        " stored"] * 2

@@ -79,6 +79,7 @@ class WorkerState:
     counters: dict[str, Any] = field(default_factory=lambda: {"chunks": 0, "images": 0, "failed": 0})
     health: NodeHealth = field(default_factory=NodeHealth)
     retry_until: float = math.inf  # time.monotonic() until which the chunk in hand waits out an outage
+    delivered_at: float = 0.0  # time.monotonic() when the chunk in hand was delivered
 
     def worker_info(self) -> dict[str, Any]:
         return {"hostname": self.hostname, "device": str(self.loaded.device), "device_name": self.loaded.device_name,
@@ -347,8 +348,21 @@ def _render(state: WorkerState, chunk: Chunk, todo: list[ChunkEntry], inputs: In
     finally:
         _set_busy(state, None)
     render_s = time.perf_counter() - t0
+    if warning := visibility_warning(time.monotonic() - state.delivered_at, state.settings.visibility_timeout):
+        log.warning("chunk %s: %s", chunk.id, warning)
     return images, {"render_started_at": started_at, "chunk_render_s": render_s,
                     "render_s_per_image": render_s / len(todo), "chunk_size": len(todo)}
+
+
+def visibility_warning(held_s: float, visibility_timeout: int) -> str | None:
+    """Why a chunk held this long is at risk: past the visibility timeout, Redis hands the unacked
+    message to another worker, which renders the chunk again (storage keeps one copy, but the GPU
+    time is spent twice)."""
+    if held_s <= 0.8 * visibility_timeout:
+        return None
+    verdict = "past" if held_s > visibility_timeout else "close to"
+    return (f"held {held_s:.0f}s before its upload, {verdict} SDFARM_VISIBILITY_TIMEOUT ({visibility_timeout}s):"
+            " Redis may deliver it to another worker too; raise the timeout or lower SDFARM_CHUNK_SIZE")
 
 
 def _store_all(state: WorkerState, batch_id: str, todo: list[ChunkEntry], images: list[Rendered],
@@ -403,7 +417,8 @@ def register_tasks(app: Celery) -> None:
     def render_chunk(self: Task, payload: Any) -> dict[str, int]:
         state = get_state()
         soft_limit = self.app.conf.task_soft_time_limit or state.settings.task_time_limit
-        state.retry_until = time.monotonic() + RETRY_SHARE * soft_limit
+        state.delivered_at = time.monotonic()
+        state.retry_until = state.delivered_at + RETRY_SHARE * soft_limit
         try:
             return run_chunk(self.app, state, payload, message_digest(self.request.id or "", payload))
         except Exception as e:  # an outage outlasted the wait in place: never acknowledged

@@ -131,9 +131,10 @@ def registry(registry_file: Path, cache_dir: Path) -> Registry:
     return Registry.from_settings(Settings(models_file=registry_file, cache_dir=cache_dir))
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
-    s = EmbeddedStack(tmp_path_factory.mktemp("stack"))
+def running_stack(folder: Path) -> Iterator[EmbeddedStack]:
+    """A fixture's embedded stack in `folder`: started, yielded, stopped. When it cannot start, the
+    test fails under CI (CI=true) and is skipped locally, with the reason."""
+    s = EmbeddedStack(folder)
     try:
         s.start()
     except Exception as e:
@@ -143,6 +144,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
         pytest.skip(f"embedded stack did not start: {e}")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+    yield from running_stack(tmp_path_factory.mktemp("stack"))
 
 
 @pytest.fixture(scope="session")
@@ -247,13 +253,13 @@ def start_worker(env: dict[str, str], redis_client: redis.Redis, tmp_path_factor
     started: list[WorkerProcess] = []
     logs = tmp_path_factory.mktemp("worker-logs")
 
-    def start(name: str, model: str = TINY, wait: bool = True, extra_env: dict[str, str] | None = None
-              ) -> WorkerProcess:
+    def start(name: str, model: str = TINY, wait: bool = True, extra_env: dict[str, str] | None = None,
+              device: str = "cpu", ready_s: float = 120) -> WorkerProcess:
         hostname = f"{name}@tests"
         log = logs / f"{name}-{len(started)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "producer", "worker", "--model", model, "--device", "cpu",
+                [sys.executable, "-m", "producer", "worker", "--model", model, "--device", device,
                  "--hostname", hostname],
                 env={**os.environ, **env, **(extra_env or {})}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -261,7 +267,7 @@ def start_worker(env: dict[str, str], redis_client: redis.Redis, tmp_path_factor
         w = WorkerProcess(hostname, proc, log, redis_client)
         started.append(w)
         if wait:
-            wait_for(w.ready, 120, f"worker {hostname} to load its model")
+            wait_for(w.ready, ready_s, f"worker {hostname} to load {model} on {device}")
         return w
 
     yield start

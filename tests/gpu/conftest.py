@@ -9,18 +9,14 @@ only when the session collected a test of this tier.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 from PIL import Image
 
-from tests.conftest import ROOT, WorkerProcess, wait_for
+from tests.conftest import WorkerProcess
 
 HERE = Path(__file__).resolve().parent
 EAGER = "tiny-gpu-eager"  # the tiny model under two names that only this tier's workers serve:
@@ -72,27 +68,12 @@ def gpu_env(env: dict[str, str], tiny_model_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def start_cuda_worker(gpu_env: dict[str, str], redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory
-                      ) -> Iterator[Callable[[str, str, dict[str, str]], WorkerProcess]]:
-    """A real `sdfarm worker --device cuda:0`; stopped when the module ends."""
-    started: list[WorkerProcess] = []
-    logs = tmp_path_factory.mktemp("cuda-worker-logs")
+def start_cuda_worker(gpu_env: dict[str, str], env: dict[str, str], start_worker: Callable[..., WorkerProcess]
+                      ) -> Callable[[str, str, dict[str, str]], WorkerProcess]:
+    """A real `sdfarm worker --device cuda:0` serving one of this tier's models (stopped with the session)."""
+    extra = {k: v for k, v in gpu_env.items() if env.get(k) != v}
 
     def start(name: str, model: str, extra_env: dict[str, str]) -> WorkerProcess:
-        hostname = f"{name}@gpu-tests"
-        log = logs / f"{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "producer", "worker", "--model", model, "--device", "cuda:0",
-                 "--hostname", hostname],
-                env={**os.environ, **gpu_env, **extra_env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        worker = WorkerProcess(hostname, proc, log, redis_client)
-        started.append(worker)
-        wait_for(worker.ready, WORKER_START_S, f"worker {hostname} to load {model} on cuda:0")
-        return worker
+        return start_worker(name, model, extra_env={**extra, **extra_env}, device="cuda:0", ready_s=WORKER_START_S)
 
-    yield start
-    for worker in started:
-        worker.stop()
+    return start

@@ -25,6 +25,7 @@ import pytest
 from infra.stack import EmbeddedStack, StackInfo, find_weed
 from sdfarm.settings import Settings
 from sdfarm.store import Store
+from tests.conftest import running_stack
 
 if not Path("/proc/self/fd").is_dir():  # pragma: no cover - the suite runs on Linux
     pytest.skip("finds the listening sockets through /proc", allow_module_level=True)
@@ -37,16 +38,7 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x0
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
-    stack = EmbeddedStack(tmp_path_factory.mktemp("secured-stack"))
-    try:
-        stack.start()
-    except Exception as e:
-        stack.stop()
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"embedded stack did not start: {e}")
-        pytest.skip(f"embedded stack did not start: {e}")
-    yield stack
-    stack.stop()
+    yield from running_stack(tmp_path_factory.mktemp("secured-stack"))
 
 
 @pytest.fixture(scope="module")

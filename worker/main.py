@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from celery import signals
+from celery import Celery, signals
 
 from sdfarm.errors import SdfarmError, TransientError, WorkerFatal
 from sdfarm.models import Registry
@@ -35,14 +35,17 @@ from .compile import SharedCache
 from .encode import versions
 from .masks import MaskModels
 from .pipeline import check_device, load_model
-from .tasks import WorkerState, get_state, register_tasks, set_state
+from .tasks import WorkerState, get_state, maybe_block, register_tasks, set_state
 
 log = logging.getLogger("sdfarm.worker")
 
 EXIT_FATAL = 3
 
 
-def _heartbeat_loop(state: WorkerState, stop: threading.Event) -> None:
+def _heartbeat_loop(state: WorkerState, stop: threading.Event, app: Celery) -> None:
+    """Publish this worker's heartbeat; and while it is failing, look again whether a peer succeeds
+    (a peer's success shows in its heartbeat only after this worker's last failure, and no further
+    message may come to check it then)."""
     key = worker_key(state.hostname)
     started = time.time()
     while not stop.is_set():
@@ -58,10 +61,15 @@ def _heartbeat_loop(state: WorkerState, stop: threading.Event) -> None:
             pipe.execute()
         except Exception as e:  # Redis blinking must not kill the renderer
             log.warning("heartbeat failed: %s", e)
+        if state.health.streak and not state.health.blocked:
+            try:
+                maybe_block(app, state)
+            except Exception as e:
+                log.warning("health check failed: %s", e)
         stop.wait(state.settings.heartbeat_interval)
 
 
-def _init_child(settings: Settings, model: str, device: str, hostname: str, fail_file: Path) -> None:
+def _init_child(settings: Settings, model: str, device: str, hostname: str, fail_file: Path, app: Celery) -> None:
     try:
         if settings.cpu_threads is not None:
             import torch
@@ -96,7 +104,7 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
     set_state(state)
     with contextlib.suppress(Exception):  # before any task can mark this child busy
         state.board.r.hdel(worker_key(hostname), "current_chunk", "current_batch")  # a killed predecessor's
-    threading.Thread(target=_heartbeat_loop, args=(state, threading.Event()), daemon=True,
+    threading.Thread(target=_heartbeat_loop, args=(state, threading.Event(), app), daemon=True,
                      name="heartbeat").start()
 
 
@@ -157,7 +165,7 @@ def run_worker(settings: Settings, model: str, device: str = "auto", hostname: s
 
     @signals.worker_process_init.connect(weak=False)
     def _on_child(**_: Any) -> None:
-        _init_child(settings, model, device, hostname, fail_file)
+        _init_child(settings, model, device, hostname, fail_file, app)
 
     @signals.worker_process_shutdown.connect(weak=False)
     def _on_child_exit(**_: Any) -> None:

@@ -63,8 +63,7 @@ def render_each(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | Non
 def _render_batch(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None) -> list[Rendered]:
     """render_each without the halving: a RenderError raised for the whole batch propagates (the
     halving is render_each's alone, so a padded static batch is never split)."""
-    first = jobs[0]
-    pipe = loaded.variant(first.mode)
+    pipe = loaded.variant(jobs[0].mode)
     counts = chunk_counts(pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs])
     if len(set(counts)) > 1:  # one call per prompt length: an image must not depend on its chunk-mates
         images_by_index: dict[int, Rendered] = {}
@@ -74,7 +73,16 @@ def _render_batch(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | N
                 images_by_index[i] = image
         return [images_by_index[i] for i in range(len(jobs))]
     if loaded.static_batch is not None and len(jobs) != loaded.static_batch:
-        return _static(loaded, jobs, inputs)
+        images = _static(loaded, jobs, inputs)
+    else:
+        images = _generate(loaded, jobs, inputs)
+    return _finish(loaded, jobs, images, inputs)
+
+
+def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None) -> list[Rendered]:
+    """One pipeline call (and its hires pass) for jobs of one prompt length, decoded image by image."""
+    first = jobs[0]
+    pipe = loaded.variant(first.mode)
     pipe.scheduler = make_scheduler(first.sampler, first.schedule_type, loaded.base_scheduler_config)
     shared: dict[str, Any] = {"guidance_scale": first.guidance_scale}
     call: dict[str, Any] = {"num_inference_steps": first.steps, "generator": generators(jobs)}
@@ -91,7 +99,13 @@ def _render_batch(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | N
         latents = pipe(output_type="latent", **call, **shared).images
         if first.hires is not None:
             latents = second_pass(loaded, jobs, latents, shared, generators(jobs))
-        images = decode_each(pipe, latents)
+        return decode_each(pipe, latents)
+
+
+def _finish(loaded: LoadedModel, jobs: list[RenderJob], images: list[Rendered], inputs: Inputs | None
+            ) -> list[Rendered]:
+    """Per image, after the pipeline: the inpaint overlay and the final upscale (never on padding)."""
+    first = jobs[0]
     if first.mode == "inpaint":  # as A1111: the kept area is the init image itself, not a VAE round trip
         assert inputs is not None
         images = [image if isinstance(image, RenderError) else
@@ -116,7 +130,8 @@ def _upscaled(loaded: LoadedModel, spec: Upscale, image: Rendered) -> Rendered:
 
 def _static(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None) -> list[Rendered]:
     """A compiled pipeline renders exactly static_batch images per call (one graph, no recompile):
-    slices of that size, the last one padded with copies of its last job, whose images are dropped.
+    slices of that size, the last one padded with copies of its last job, whose images are dropped
+    before any per-image work (overlay, upscale).
     Every job then renders in a call of the same size, so its pixels depend neither on its
     chunk-mates nor on the padding."""
     size = loaded.static_batch
@@ -125,7 +140,7 @@ def _static(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None) -
     for start in range(0, len(jobs), size):
         part = jobs[start:start + size]
         padded = part + [part[-1]] * (size - len(part))
-        images += _render_batch(loaded, padded, inputs)[:len(part)]
+        images += _generate(loaded, padded, inputs)[:len(part)]
     return images
 
 

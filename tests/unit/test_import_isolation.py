@@ -4,23 +4,20 @@ import subprocess
 import sys
 
 
-def test_producer_does_not_import_torch_or_worker() -> None:
-    code = (
-        "import sys, producer, producer.cli, producer.fetch, producer.watch, sdfarm.batchfile, sdfarm.queue;"
-        "bad = [m for m in ('torch', 'diffusers', 'transformers', 'worker') if m in sys.modules];"
-        "print(','.join(bad))"
-    )
+def imported(modules: str, watched: tuple[str, ...]) -> list[str]:
+    """Which of `watched` a fresh interpreter has loaded after importing `modules`."""
+    code = f"import sys, {modules}; print(','.join(m for m in {watched!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
+    return [m for m in out.stdout.strip().split(",") if m]
+
+
+def test_producer_does_not_import_torch_or_worker() -> None:
+    assert imported("producer, producer.cli, producer.fetch, producer.watch, sdfarm.batchfile, sdfarm.queue",
+                    ("torch", "diffusers", "transformers", "worker")) == []
 
 
 def test_worker_start_up_modules_do_not_import_diffusers() -> None:
     """The prefork parent imports these; diffusers' and transformers' imports ask torch whether CUDA
     is available, which initialises the driver and leaves the pool child unable to use the GPU."""
-    code = (
-        "import sys, worker.main, worker.tasks, worker.pipeline, worker.render;"
-        "bad = [m for m in ('diffusers', 'transformers', 'peft', 'spandrel') if m in sys.modules];"
-        "print(','.join(bad))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == ""
+    assert imported("worker.main, worker.tasks, worker.pipeline, worker.render",
+                    ("diffusers", "transformers", "peft", "spandrel")) == []

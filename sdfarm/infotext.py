@@ -58,7 +58,7 @@ def job_parameters(job: RenderJob, model_short_hash: str,
     return {
         "Steps": job.steps,
         "Sampler": job.sampler,
-        "Schedule type": job.schedule_type if job.schedule_type != AUTOMATIC else None,
+        "Schedule type": job.schedule_type if job.schedule_type != AUTOMATIC else None,  # resolved by the job
         "CFG scale": _number(job.guidance_scale),
         "Seed": job.seed,
         "Size": f"{job.width}x{job.height}",
@@ -69,7 +69,8 @@ def job_parameters(job: RenderJob, model_short_hash: str,
         "Denoising strength": _number(hires.denoising_strength) if hires else (
             _number(job.strength) if job.init_image else None),
         "Clip skip": job.clip_skip if job.clip_skip > 1 else None,
-        "Mask blur": job.mask_blur if job.mode == "inpaint" else None,
+        "RNG": "CPU",  # each image's noise comes from its own CPU generator: A1111's CPU noise source
+        "Mask blur": job.mask_blur if job.mode == "inpaint" and job.mask_blur else None,
         "Hires upscale": _number(hires.scale) if hires else None,
         "Hires steps": hires.steps if hires and hires.steps else None,
         "Hires upscaler": hires.upscaler if hires else None,

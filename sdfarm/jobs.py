@@ -17,13 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from .extra_networks import lora_tags
 from .prompt_syntax import check_attention_weights, parse_prompt_attention
-from .samplers import AUTOMATIC, SAMPLERS, allowed_sampler_names, split_sampler_name
+from .samplers import AUTOMATIC, SAMPLERS, allowed_sampler_names, resolve_schedule, split_sampler_name
 
-# 1: the first. 2: upscaler models (hires/upscale `upscaler_sha256`). No default has changed since 1.
-SCHEMA_VERSION: Final = 2
+# 1: the first. 2: upscaler models (hires/upscale `upscaler_sha256`). 3: renders as A1111 does:
+# "Automatic" is the sampler's own schedule (and a job states it), the "Uniform" schedule, k-diffusion's
+# sigmas whatever the model folder's spacing, A1111's img2img and hires step counts.
+SCHEMA_VERSION: Final = 3
 # Fields added after version 1, (section of a job, field): the version that added them. A message
-# names the oldest version that reads it: the highest of these that it sets, else 1.
+# names the oldest version that reads it: the highest of these that it sets, else RENDERS_SINCE.
 FIELD_VERSIONS: Final[dict[tuple[str, str], int]] = {("hires", "upscaler_sha256"): 2, ("upscale", "upscaler_sha256"): 2}
+# The oldest version that renders any job as this one does: a worker older than it hands every
+# message back. Versions that changed what a job renders, and how.
+RENDER_CHANGES: Final[dict[int, str]] = {
+    3: "A1111's schedules (Automatic resolved per sampler, Uniform, k-diffusion sigmas) and img2img/hires step counts"}
+RENDERS_SINCE: Final = max(RENDER_CHANGES)
 MAX_PROMPT_CHARS: Final = 4000
 # validation context for jobs read back (task messages, jobs.jsonl): submit-time bounds added later
 # (attention weights) are not applied, so what was accepted before still reads; a job whose weights
@@ -237,17 +244,17 @@ class RenderJob(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _split_legacy_sampler(cls, data: Any) -> Any:
-        """Accept "DPM++ 2M Karras" as sampler "DPM++ 2M" with schedule type "Karras"."""
-        if isinstance(data, dict) and isinstance(data.get("sampler"), str):
-            sampler, schedule = split_sampler_name(data["sampler"])
-            if schedule is not None:
-                given = data.get("schedule_type")
-                if given not in (None, AUTOMATIC, schedule):
-                    raise ValueError(
-                        f"sampler {data['sampler']!r} names schedule type {schedule!r}"
-                        f" but schedule_type is {given!r}"
-                    )
-                data = {**data, "sampler": sampler, "schedule_type": schedule}
+        """Accept "DPM++ 2M Karras" as sampler "DPM++ 2M" with schedule type "Karras", and resolve
+        "Automatic" (or no schedule type) to the sampler's own default, as A1111 does."""
+        if isinstance(data, dict) and isinstance(data.get("sampler", ""), str):
+            sampler, schedule = split_sampler_name(data.get("sampler", cls.model_fields["sampler"].default))
+            given = data.get("schedule_type", AUTOMATIC)
+            if schedule is not None and given not in (AUTOMATIC, schedule):
+                raise ValueError(
+                    f"sampler {data['sampler']!r} names schedule type {schedule!r} but schedule_type is {given!r}"
+                )
+            if sampler in SAMPLERS and isinstance(given, str):
+                data = {**data, "sampler": sampler, "schedule_type": resolve_schedule(sampler, schedule or given)}
         return data
 
     @field_validator("prompt")
@@ -342,9 +349,10 @@ class RenderJob(BaseModel):
     def _schedule(self) -> RenderJob:
         allowed = SAMPLERS[self.sampler]
         if self.schedule_type not in allowed:
+            names = allowed if AUTOMATIC in allowed else (AUTOMATIC, *allowed)
             raise ValueError(
                 f"schedule_type {self.schedule_type!r} does not apply to sampler {self.sampler!r}"
-                f" (allowed: {', '.join(allowed)})"
+                f" (allowed: {', '.join(names)})"
             )
         return self
 
@@ -499,10 +507,10 @@ def _around_seed(fields: dict[str, Any], options: dict[str, Any]) -> tuple[str, 
 
 
 def message_version(wires: Iterable[dict[str, Any]]) -> int:
-    """The oldest schema version that reads jobs in these wire forms: the highest version of the
-    fields they set (FIELD_VERSIONS), else 1."""
-    return max((v for wire in wires for (section, fld), v in FIELD_VERSIONS.items()
-                if fld in wire.get(section, {})), default=1)
+    """The oldest schema version that reads jobs in these wire forms and renders them as this one
+    does: the highest version of the fields they set (FIELD_VERSIONS), at least RENDERS_SINCE."""
+    return max([RENDERS_SINCE, *(v for wire in wires for (section, fld), v in FIELD_VERSIONS.items()
+                                 if fld in wire.get(section, {}))])
 
 
 class ChunkEntry(BaseModel):

@@ -2,6 +2,12 @@
 
 The mapping to diffusers scheduler classes lives in worker/samplers.py; this table is what the
 producer validates against and what the infotext records.
+
+"Automatic" means what it means in A1111 (v1.10, modules/sd_samplers_kdiffusion.py, the
+`scheduler` option of each k-diffusion sampler): the sampler's own default schedule. A job states
+the resolved type, so "DPM++ 2M" and "DPM++ 2M Karras" are one job, and the infotext always
+records the schedule that ran. Samplers outside k-diffusion (DDIM, UniPC, PLMS, LCM) keep
+"Automatic": their schedule is their own.
 """
 
 from __future__ import annotations
@@ -9,28 +15,35 @@ from __future__ import annotations
 from typing import Final
 
 AUTOMATIC: Final = "Automatic"
+UNIFORM: Final = "Uniform"  # k-diffusion's own discretisation: t evenly from 999 to 0, sigma(t) interpolated
 KARRAS: Final = "Karras"
 EXPONENTIAL: Final = "Exponential"
-SCHEDULE_TYPES: Final = (AUTOMATIC, KARRAS, EXPONENTIAL)
+SCHEDULE_TYPES: Final = (AUTOMATIC, UNIFORM, KARRAS, EXPONENTIAL)
 
-_SIGMA_SCHEDULES = (AUTOMATIC, KARRAS, EXPONENTIAL)
+_SIGMA_SCHEDULES = (UNIFORM, KARRAS, EXPONENTIAL)
 
-# sampler -> schedule types it can run with (what worker/samplers.py can build)
+# sampler -> schedule types it can run with (what worker/samplers.py can build); the first is what
+# "Automatic" resolves to
 SAMPLERS: Final[dict[str, tuple[str, ...]]] = {
     "Euler": _SIGMA_SCHEDULES,
-    "Euler a": (AUTOMATIC,),
-    "DPM++ 2M": _SIGMA_SCHEDULES,
-    "DPM++ 2M SDE": _SIGMA_SCHEDULES,
-    "DPM++ SDE": _SIGMA_SCHEDULES,
+    "Euler a": (UNIFORM,),
+    "DPM++ 2M": (KARRAS, EXPONENTIAL),
+    "DPM++ 2M SDE": (EXPONENTIAL, KARRAS),
+    "DPM++ SDE": (KARRAS, EXPONENTIAL),
     "DDIM": (AUTOMATIC,),
-    "UniPC": _SIGMA_SCHEDULES,
-    "LMS": (AUTOMATIC,),
+    "UniPC": (AUTOMATIC, KARRAS, EXPONENTIAL),
+    "LMS": (UNIFORM,),
     "Heun": _SIGMA_SCHEDULES,
-    "DPM2": _SIGMA_SCHEDULES,
-    "DPM2 a": _SIGMA_SCHEDULES,
+    "DPM2": (KARRAS, UNIFORM, EXPONENTIAL),
+    "DPM2 a": (KARRAS, UNIFORM, EXPONENTIAL),
     "PLMS": (AUTOMATIC,),
     "LCM": (AUTOMATIC,),
 }
+
+
+def resolve_schedule(sampler: str, schedule_type: str) -> str:
+    """The schedule a sampler runs when asked for `schedule_type` ("Automatic": its default)."""
+    return SAMPLERS[sampler][0] if schedule_type == AUTOMATIC else schedule_type
 
 
 def split_sampler_name(name: str) -> tuple[str, str | None]:
@@ -50,5 +63,5 @@ def allowed_sampler_names() -> list[str]:
     names: list[str] = []
     for sampler, schedules in SAMPLERS.items():
         names.append(sampler)
-        names.extend(f"{sampler} {s}" for s in schedules if s != AUTOMATIC)
+        names.extend(f"{sampler} {s}" for s in schedules if s in (KARRAS, EXPONENTIAL))
     return names

@@ -3,13 +3,12 @@
 The first pass stops at latents; they are resized (a "Latent" upscaler) or decoded, resized as
 pixels (Lanczos, Nearest, or an upscaler model) and encoded again; then an img2img pass at the
 denoising strength adds detail at the new size. As in A1111, the second pass runs exactly
-`hires.steps` denoising steps (the first pass's count when 0) and draws its noise from the job's
-own seed.
+`hires.steps` denoising steps (the first pass's count when 0), the last of a schedule of
+int(steps / denoising_strength), and draws its noise from the job's own seed.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -18,17 +17,8 @@ import torch.nn.functional as F
 from sdfarm.jobs import LATENT_UPSCALERS, RenderJob
 
 from .pipeline import LoadedModel
-from .samplers import make_scheduler
+from .samplers import hires_call, make_scheduler
 from .vae import decode
-
-
-def scheduled_steps(steps: int, strength: float) -> int:
-    """num_inference_steps for diffusers img2img so that exactly `steps` denoising steps run
-    (diffusers runs int(n * strength) of n)."""
-    n = max(steps, math.ceil(steps / strength) - 1)
-    while int(n * strength) < steps:  # float rounding: step up until diffusers' own count is reached
-        n += 1
-    return n
 
 
 def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Tensor, kwargs: dict[str, Any],
@@ -48,9 +38,9 @@ def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Te
         image = [loaded.upscalers.resize(img, (width, height), hires.upscaler, hires.upscaler_sha256)
                  for img in decode(pipe, first_pass)]
     pipe.scheduler = make_scheduler(job.sampler, job.schedule_type, loaded.base_scheduler_config)
-    steps = hires.steps or job.steps
-    out = pipe(image=image, strength=hires.denoising_strength,
-               num_inference_steps=scheduled_steps(steps, hires.denoising_strength),
-               generator=generators, output_type="latent", **kwargs)
+    n, strength = hires_call(hires.steps or job.steps, hires.denoising_strength,
+                             loaded.base_scheduler_config["num_train_timesteps"])
+    out = pipe(image=image, strength=strength, num_inference_steps=n, generator=generators, output_type="latent",
+               **kwargs)
     latents: torch.Tensor = out.images
     return latents

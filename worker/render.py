@@ -21,7 +21,7 @@ from .hires import second_pass
 from .masks import Inputs
 from .pipeline import LoadedModel
 from .prompts import chunk_counts, encode_prompts
-from .samplers import make_scheduler
+from .samplers import img2img_call, make_scheduler
 from .vae import decode_each, or_raise
 
 log = logging.getLogger("sdfarm.worker")
@@ -90,7 +90,8 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
         call.update(width=first.width, height=first.height)
     else:
         assert inputs is not None, "img2img and inpaint jobs need their inputs"
-        call.update(image=[inputs[j.id][0] for j in jobs], strength=first.strength)
+        steps, strength = img2img_call(first.steps, first.strength)
+        call.update(image=[inputs[j.id][0] for j in jobs], strength=strength, num_inference_steps=steps)
         if first.mode == "inpaint":
             call.update(mask_image=[inputs[j.id][1] for j in jobs], width=first.width, height=first.height)
     with torch.inference_mode():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdfarm.samplers import EXPONENTIAL, KARRAS, SAMPLERS
+from sdfarm.samplers import EXPONENTIAL, KARRAS, SAMPLERS, resolve_schedule
 
 # sampler -> (diffusers scheduler class name, extra config)
 _TABLE: dict[str, tuple[str, dict[str, Any]]] = {
@@ -29,15 +29,45 @@ _TABLE: dict[str, tuple[str, dict[str, Any]]] = {
 }
 assert set(_TABLE) == set(SAMPLERS), "worker and contract disagree on sampler names"
 
+# A1111 runs these through k-diffusion, on k-diffusion's sigmas
+K_DIFFUSION = frozenset({"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "LMS", "Heun", "DPM2", "DPM2 a"})
+
 
 def make_scheduler(sampler: str, schedule_type: str, base_config: Any) -> Any:
-    """A new scheduler (they keep per-run state) for one chunk."""
+    """A new scheduler (they keep per-run state) for one chunk. The k-diffusion samplers' sigmas
+    span k-diffusion's whole range (14.61 down to 0 on SD's betas) whatever the model folder's
+    `timestep_spacing` says: "linspace" is k-diffusion's uniform discretisation, and the Karras and
+    exponential conversions take their ends from it."""
     import diffusers
 
     class_name, extra = _TABLE[sampler]
     kwargs = dict(extra)
-    if schedule_type == KARRAS:
+    if sampler in K_DIFFUSION:
+        kwargs["timestep_spacing"] = "linspace"
+    schedule = resolve_schedule(sampler, schedule_type)
+    if schedule == KARRAS:
         kwargs["use_karras_sigmas"] = True
-    elif schedule_type == EXPONENTIAL:
+    elif schedule == EXPONENTIAL:
         kwargs["use_exponential_sigmas"] = True
     return getattr(diffusers, class_name).from_config(base_config, **kwargs)
+
+
+def img2img_call(steps: int, strength: float) -> tuple[int, float]:
+    """(num_inference_steps, strength) for a diffusers img2img or inpaint call that runs what A1111's
+    img2img runs (modules/sd_samplers_common.py, setup_img2img_steps, default options): a schedule of
+    `steps`, of which the last int(min(strength, 0.999) * steps) + 1."""
+    return steps, _last(steps, int(min(strength, 0.999) * steps) + 1)
+
+
+def hires_call(steps: int, denoise: float, train_steps: int = 1000) -> tuple[int, float]:
+    """(num_inference_steps, strength) for A1111's hires pass (setup_img2img_steps with the pass's
+    steps given): a schedule of int(steps / min(denoise, 0.999)), of which the last `steps`. diffusers
+    builds no schedule longer than the model's training timesteps: a longer one is capped there."""
+    n = min(int(steps / min(denoise, 0.999)), train_steps)
+    return n, _last(n, min(steps, n))
+
+
+def _last(n: int, run: int) -> float:
+    """The strength at which diffusers' img2img runs the last `run` steps of `n` (it runs
+    int(n * strength); the half step keeps float rounding off the boundary)."""
+    return min(1.0, (run + 0.5) / n)

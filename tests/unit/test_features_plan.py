@@ -246,8 +246,9 @@ items:
     assert text == (
         "a cat <lora:add_detail:0.6> <lora:FilmGrain:0.4>\n"
         "Negative prompt: EasyNegative\n"
-        "Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 7, Size: 512x512, Model hash: 9999999999,"
-        " Model: tiny-sd15, Denoising strength: 0.55, Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent,"
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 7, Size: 512x512,"
+        " Model hash: 9999999999, Model: tiny-sd15, Denoising strength: 0.55, RNG: CPU, Hires upscale: 2,"
+        " Hires steps: 10, Hires upscaler: Latent,"
         f' Lora hashes: "FilmGrain: {grain}, add_detail: {detail}", TI hashes: "EasyNegative: {easy}",'
         f" Version: sdfarm {__version__}"
     )
@@ -301,7 +302,7 @@ mask_models: {{clipseg: {{path: clipseg}}}}
     assert {j.upscale.upscaler for j in jobs if j.upscale} == {"Lanczos", "tiny-esrgan"}
     assert any("BREAK" in j.prompt and "(red:1.3)" in j.prompt for j in jobs)
     assert max(len(j.prompt) for j in jobs) > 300  # well past 77 tokens
-    assert {j.schedule_type for j in jobs} == {"Automatic", "Karras", "Exponential"}
+    assert {j.schedule_type for j in jobs} == {"Uniform", "Karras", "Exponential"}
     assert any(j.clip_skip == 2 for j in jobs)
 
 

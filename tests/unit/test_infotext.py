@@ -19,14 +19,14 @@ def test_exact_a1111_layout() -> None:
         "a cat\n"
         "Negative prompt: ugly\n"
         "Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x512, "
-        f"Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: sdfarm {__version__}"
+        f"Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, RNG: CPU, Version: sdfarm {__version__}"
     )
 
 
 def test_negative_line_omitted_when_empty_and_clip_skip_only_above_one() -> None:
     text = job_infotext(make(sampler="Euler a"), HASH[:10])
     assert "Negative prompt" not in text
-    assert "Schedule type" not in text
+    assert "Schedule type: Uniform" in text  # A1111's Automatic for Euler a, stated
     assert "Clip skip" not in text
     assert "Clip skip: 2" in job_infotext(make(clip_skip=2), HASH[:10])
 

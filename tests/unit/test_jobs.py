@@ -7,7 +7,17 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from sdfarm.jobs import FIELD_VERSIONS, SCHEMA_VERSION, Chunk, ChunkEntry, HiresFix, RenderJob, Upscale, make_chunks
+from sdfarm.jobs import (
+    FIELD_VERSIONS,
+    RENDER_CHANGES,
+    SCHEMA_VERSION,
+    Chunk,
+    ChunkEntry,
+    HiresFix,
+    RenderJob,
+    Upscale,
+    make_chunks,
+)
 
 HASH = "ab" * 32
 BASE = {"model": "tiny-sd15", "model_hash": HASH, "prompt": "a red fox", "seed": 7, "width": 64, "height": 64,
@@ -24,7 +34,7 @@ PIXEL_CHANGES = {
     "steps": 9,
     "guidance_scale": 6.5,
     "sampler": "Euler a",
-    "schedule_type": "Karras",
+    "schedule_type": "Exponential",
     "clip_skip": 2,
     "loras": [{"name": "add_detail", "weight": 0.5, "sha256": "ab" * 32}],
     "embeddings": [{"name": "EasyNegative", "sha256": "ef" * 32}],
@@ -130,14 +140,14 @@ def test_a_chunk_message_leaves_defaults_out_and_gives_back_the_same_jobs(change
     back = Chunk.model_validate(sent)
     assert (back.batch_id, back.entries) == (chunk.batch_id, chunk.entries)
     assert back.entries[0].job.id == chunk.entries[0].job.id
-    # the oldest version that reads it: 2 only where a job uses an upscaler model (added in 2)
-    uses_model = "upscaler_sha256" in json.dumps(changes)
-    assert sent["schema_version"] == (2 if uses_model else 1)
-    assert set(sent["entries"][0]["job"]) <= {*BASE, *changes}  # only what the job sets travels
+    # the oldest version that renders it as this one does: 3 (RENDERS_SINCE)
+    assert sent["schema_version"] == 3
+    # only what the job sets travels, and the schedule it resolved
+    assert set(sent["entries"][0]["job"]) <= {*BASE, *changes, "schedule_type"}
 
 
 def test_every_schema_version_after_the_first_declares_the_fields_it_added() -> None:
-    assert set(FIELD_VERSIONS.values()) == set(range(2, SCHEMA_VERSION + 1))
+    assert set(FIELD_VERSIONS.values()) | set(RENDER_CHANGES) == set(range(2, SCHEMA_VERSION + 1))
     sections = {"hires": HiresFix, "upscale": Upscale}
     for (section, fld) in FIELD_VERSIONS:
         assert fld in sections[section].model_fields

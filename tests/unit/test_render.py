@@ -63,8 +63,8 @@ def test_every_sampler_renders(loaded: LoadedModel, sampler: str) -> None:
 
 
 def test_schedule_type_and_clip_skip_change_the_image(loaded: LoadedModel) -> None:
-    base = pixels(render(loaded, [job(loaded, sampler="DPM++ 2M")])[0])
-    karras = pixels(render(loaded, [job(loaded, sampler="DPM++ 2M Karras")])[0])
+    base = pixels(render(loaded, [job(loaded, sampler="DPM++ 2M")])[0])  # Automatic: Karras
+    karras = pixels(render(loaded, [job(loaded, sampler="DPM++ 2M Exponential")])[0])
     skip = pixels(render(loaded, [job(loaded, sampler="DPM++ 2M", clip_skip=2)])[0])
     assert np.abs(base - karras).max() > 0
     assert np.abs(base - skip).max() > 0

@@ -22,7 +22,7 @@ from .masks import Inputs
 from .pipeline import LoadedModel
 from .prompts import chunk_counts, encode_prompts
 from .samplers import img2img_call, make_scheduler
-from .vae import decode_each, or_raise
+from .vae import decode_each, encode, or_raise
 
 log = logging.getLogger("sdfarm.worker")
 
@@ -91,9 +91,12 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
     else:
         assert inputs is not None, "img2img and inpaint jobs need their inputs"
         steps, strength = img2img_call(first.steps, first.strength)
-        call.update(image=[inputs[j.id][0] for j in jobs], strength=strength, num_inference_steps=steps)
-        if first.mode == "inpaint":
-            call.update(mask_image=[inputs[j.id][1] for j in jobs], width=first.width, height=first.height)
+        with torch.inference_mode():
+            init = encode(pipe, [inputs[j.id][0] for j in jobs], first.width, first.height)
+        call.update(image=init, strength=strength, num_inference_steps=steps)
+        if first.mode == "inpaint":  # the masked image's latents only feed 9-channel inpainting UNets
+            call.update(mask_image=[inputs[j.id][1] for j in jobs], masked_image_latents=init, width=first.width,
+                        height=first.height)
     with torch.inference_mode():
         shared.update(encode_prompts(pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs],
                                      first.clip_skip).kwargs())

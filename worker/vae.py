@@ -118,6 +118,37 @@ def or_raise(image: Image.Image | RenderError) -> Image.Image:
     return image
 
 
+def encode(pipe: Any, images: list[Image.Image], width: int, height: int) -> torch.Tensor:
+    """Init images (resized to width x height, A1111's "Just resize") -> the latents img2img and
+    inpainting start from: the VAE posterior's mean, scaled as the pipeline's own encode scales.
+    diffusers' own encode samples the posterior with the job's generator, which spends the seed's
+    first draw there; A1111's init noise is the seed's first draw. Handed to the pipeline as its
+    `image`, these latents leave that draw to the noise. Upcast as decode_each does."""
+    vae = pipe.vae
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    upcast = vae.dtype != torch.float32 and sdxl and bool(getattr(vae.config, "force_upcast", False))
+    dtype = vae.dtype
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        pixels = pipe.image_processor.preprocess(images, height=height, width=width)
+        work = torch.float32 if upcast else dtype
+        mean = vae.encode(pixels.to(device=vae.device, dtype=work)).latent_dist.mode()
+        config = vae.config
+        means, stds = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if means is not None and stds is not None:
+            shape = (1, mean.shape[1], 1, 1)
+            latents = (mean - torch.tensor(means, dtype=work, device=vae.device).view(shape)) * config.scaling_factor \
+                / torch.tensor(stds, dtype=work, device=vae.device).view(shape)
+        else:
+            latents = mean * config.scaling_factor
+        out: torch.Tensor = latents.to(dtype=dtype)
+        return out
+    finally:
+        if upcast:
+            vae.to(dtype=dtype)
+
+
 def _decode(vae: Any, latents: torch.Tensor, upcast: bool) -> torch.Tensor:
     dtype = vae.dtype
     if upcast:

@@ -97,3 +97,36 @@ def test_dilation_grows_the_mask(loaded: LoadedModel) -> None:
     grown = make(loaded, picture(1), mask_image=ref(raw), mask_blur=0, mask_dilate=4)
     assert (np.asarray(finish_mask(raw, base)) > 127).sum() == 16
     assert (np.asarray(finish_mask(raw, grown)) > 127).sum() == 144
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_init_noise_is_the_seeds_first_draw_and_the_init_latents_the_posterior_mean(
+        loaded: LoadedModel, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A1111 (modules/processing.py, StableDiffusionProcessingImg2Img.sample) noises the init latents
+    with the seed's first draw. diffusers' own VAE encode would spend that draw on the posterior."""
+    import diffusers
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = diffusers.DPMSolverMultistepScheduler.add_noise
+
+    def spy(self: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        seen.append((latents.clone(), noise.clone()))
+        return original(self, latents, noise, timesteps)
+
+    monkeypatch.setattr(diffusers.DPMSolverMultistepScheduler, "add_noise", spy)
+    a, b = picture(5), picture(6)
+    mask = Image.new("L", (64, 64), 255) if mode == "inpaint" else None
+    changes: dict[str, Any] = {"strength": 0.5}
+    if mask is not None:
+        changes.update(mask_image=ref(mask), mask_blur=0)
+    jobs = [make(loaded, a, seed=3, **changes), make(loaded, b, seed=4, **changes)]
+    render(loaded, jobs, {jobs[0].id: (a, mask), jobs[1].id: (b, mask)})
+    latents, noise = seen[0]
+    pipe = loaded.variant(mode)
+    with torch.inference_mode():
+        pixels_in = pipe.image_processor.preprocess([a, b], height=64, width=64)
+        mean = pipe.vae.encode(pixels_in).latent_dist.mean * pipe.vae.config.scaling_factor
+    assert torch.allclose(latents, mean, atol=1e-5)
+    for i, seed in enumerate((3, 4)):
+        first_draw = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(seed))
+        assert torch.equal(noise[i : i + 1], first_draw)

@@ -39,9 +39,28 @@ def format_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) -
 
 
 def _hashes(refs: Any, short: Mapping[str, str] | None = None) -> str | None:
-    """A1111's "Lora hashes"/"TI hashes": name: short hash. TI: the file's sha256[:12]; LoRA: A1111's
-    addnet hash when the worker gives it (`short`, by sha256), else the sha256[:12]."""
+    """A1111's "Lora hashes"/"TI hashes": name: short hash, in the order given. TI: the file's
+    sha256[:12]; LoRA: A1111's short hash when the worker gives it (`short`, by sha256; the file's
+    `sshs_model_hash` metadata, else its addnet hash), else the sha256[:12]."""
     return ", ".join(f"{r.name}: {(short or {}).get(r.sha256, r.sha256[:12])}" for r in refs) or None
+
+
+def _loras_in_prompt_order(job: RenderJob) -> list[Any]:
+    """The job's LoRAs in the order of the recorded prompt's <lora:...> tags, as A1111 lists them."""
+    order = {name: i for i, (name, _) in reversed(list(enumerate(lora_tags(infotext_prompt(job)))))}
+    return sorted(job.loras, key=lambda lora: order.get(lora.name, len(order)))
+
+
+def _embeddings_in_prompt_order(job: RenderJob) -> list[Any]:
+    """The job's embeddings by where their names first appear, at word boundaries, in the prompt and
+    then the negative prompt (the order A1111 lists TI hashes in)."""
+    joined = f"{job.prompt}\n{job.negative_prompt}"
+
+    def first_use(ref: Any) -> int:
+        found = re.search(rf"(?<![\w-]){re.escape(ref.name)}(?![\w-])", joined)
+        return found.start() if found else len(joined)
+
+    return sorted(job.embeddings, key=first_use)
 
 
 def infotext_prompt(job: RenderJob) -> str:
@@ -51,9 +70,11 @@ def infotext_prompt(job: RenderJob) -> str:
     return " ".join([job.prompt, *extra])
 
 
-def job_parameters(job: RenderJob, model_short_hash: str,
-                   lora_hashes: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The last line's parameters, in A1111's order."""
+def job_parameters(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[str, str] | None = None, *,
+                   model_name: str | None = None, vae_name: str | None = None) -> dict[str, Any]:
+    """The last line's parameters, in A1111's order. model_name: the checkpoint's file stem, as A1111
+    names a model (default: the registry name); vae_name: the VAE's file name with its extension
+    (default: the registry name)."""
     hires, upscale = job.hires, job.upscale
     return {
         "Steps": job.steps,
@@ -63,9 +84,9 @@ def job_parameters(job: RenderJob, model_short_hash: str,
         "Seed": job.seed,
         "Size": f"{job.width}x{job.height}",
         "Model hash": model_short_hash,
-        "Model": job.model,
+        "Model": model_name or job.model,
         "VAE hash": job.vae.sha256[:10] if job.vae else None,
-        "VAE": job.vae.name if job.vae else None,
+        "VAE": (vae_name or job.vae.name) if job.vae else None,
         "Denoising strength": _number(hires.denoising_strength) if hires else (
             _number(job.strength) if job.init_image else None),
         "Clip skip": job.clip_skip if job.clip_skip > 1 else None,
@@ -74,17 +95,19 @@ def job_parameters(job: RenderJob, model_short_hash: str,
         "Hires upscale": _number(hires.scale) if hires else None,
         "Hires steps": hires.steps if hires and hires.steps else None,
         "Hires upscaler": hires.upscaler if hires else None,
-        "Lora hashes": _hashes(job.loras, lora_hashes),
-        "TI hashes": _hashes(job.embeddings),
+        "Lora hashes": _hashes(_loras_in_prompt_order(job), lora_hashes),
+        "TI hashes": _hashes(_embeddings_in_prompt_order(job)),
         "Postprocess upscale by": _number(upscale.factor) if upscale else None,
         "Postprocess upscaler": upscale.upscaler if upscale else None,
         "Version": f"sdfarm {__version__}",
     }
 
 
-def job_infotext(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[str, str] | None = None) -> str:
+def job_infotext(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[str, str] | None = None, *,
+                 model_name: str | None = None, vae_name: str | None = None) -> str:
     return format_infotext(infotext_prompt(job), job.negative_prompt,
-                           job_parameters(job, model_short_hash, lora_hashes))
+                           job_parameters(job, model_short_hash, lora_hashes, model_name=model_name,
+                                          vae_name=vae_name))
 
 
 def parse_infotext(text: str) -> dict[str, Any]:
@@ -98,6 +121,7 @@ def parse_infotext(text: str) -> dict[str, Any]:
     negative: list[str] = []
     in_negative = False
     for line in lines:
+        line = line.strip()  # as A1111's parse_generation_parameters
         if line.startswith("Negative prompt:"):
             in_negative = True
             line = line[len("Negative prompt:") :].strip()

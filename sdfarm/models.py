@@ -64,6 +64,7 @@ from .jobs import ASSET_NAME_PATTERN, HIRES_UPSCALERS, MODEL_NAME_PATTERN, SHA25
 from .settings import Settings
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+SAFETENSORS_HEADER_MAX: Final = 100_000_000  # the safetensors format's own bound on its JSON header
 ASSET_KEY_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$"
 ASSETS_PREFIX: Final = "models/"  # where s3: sources live in the bucket
 AssetKind = Literal["lora", "embedding", "vae", "upscaler", "mask_model"]
@@ -130,6 +131,12 @@ class ModelEntry(BaseModel):
     def short_hash(self, cache: HashCache) -> str:
         """A1111's "Model hash": the first 10 hex digits of the checkpoint's sha256."""
         return self.identity(cache)[:10]
+
+    @property
+    def infotext_name(self) -> str:
+        """A1111's "Model": the checkpoint file's stem; the registry name where there is no file."""
+        single = self.file if self.file is not None else self.s3
+        return Path(single).stem if single is not None else self.name
 
 
 def _check_weights_file(file: Path | str, allow_pickle: bool) -> None:
@@ -234,6 +241,19 @@ class HashCache:
             tmp.replace(self.path)
         except OSError:
             pass  # a cache that cannot be written only costs time
+
+
+def a1111_lora_hash(path: Path) -> str:
+    """The short hash A1111 records for a LoRA (extensions-builtin/Lora/network.py, NetworkOnDisk):
+    the file's `sshs_model_hash` metadata when it has one, else its addnet hash; 12 hex digits."""
+    if path.suffix.lower() == ".safetensors":
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size <= SAFETENSORS_HEADER_MAX else {}
+        given = header.get("__metadata__", {}).get("sshs_model_hash") if isinstance(header, dict) else None
+        if isinstance(given, str) and given:
+            return given[:12]
+    return addnet_hash(path)[:12]
 
 
 def addnet_hash(path: Path) -> str:

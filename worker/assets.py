@@ -21,7 +21,7 @@ from PIL import Image
 from sdfarm.errors import AssetError, InvalidInput
 from sdfarm.inputs import open_image
 from sdfarm.jobs import ImageRef, RenderJob
-from sdfarm.models import AssetEntry, AssetKind, ModelEntry, Registry, addnet_hash
+from sdfarm.models import AssetEntry, AssetKind, ModelEntry, Registry, a1111_lora_hash
 from sdfarm.store import MissingObject, Store
 
 log = logging.getLogger("sdfarm.worker")
@@ -43,7 +43,7 @@ class AssetFiles:
         self.store = store
         self.folder = cache_dir / "assets"
         self._verified: dict[str, Path] = {}  # sha256 -> fetched file, checked in this process
-        self.lora_hashes: dict[str, str] = {}  # sha256 -> A1111's short LoRA hash (addnet), for infotexts
+        self.lora_hashes: dict[str, str] = {}  # sha256 -> A1111's short LoRA hash, for infotexts
 
     def path(self, kind: AssetKind, name: str, sha256: str) -> Path:
         """The verified file (or folder, for path: sources) of a registered asset."""
@@ -59,6 +59,12 @@ class AssetFiles:
             raise AssetError(f"{entry.kind} {entry.name!r}: this worker's registry says sha256 "
                              f"{(entry.sha256 or '?')[:12]}…, the job was planned with {sha256[:12]}…")
         return self.fetch(f"{entry.kind} {entry.name!r}", entry.s3_key, sha256)
+
+    def file_name(self, kind: AssetKind, name: str) -> str:
+        """The registered file's name with its extension (a folder's name), as A1111 records a VAE."""
+        entry = self.registry.asset(kind, name)
+        source = entry.file if entry.file is not None else entry.path if entry.path is not None else entry.s3
+        return Path(str(source)).name
 
     def checkpoint(self, entry: ModelEntry) -> Path:
         """A model's single-file checkpoint from the bucket (an s3: entry), fetched and verified."""
@@ -81,7 +87,7 @@ class AssetFiles:
             for lora in job.loras:
                 files[lora.sha256] = self.path("lora", lora.name, lora.sha256)
                 if lora.sha256 not in self.lora_hashes:
-                    self.lora_hashes[lora.sha256] = addnet_hash(files[lora.sha256])[:12]
+                    self.lora_hashes[lora.sha256] = a1111_lora_hash(files[lora.sha256])
             for emb in job.embeddings:
                 files[emb.sha256] = self.path("embedding", emb.name, emb.sha256)
             for spec in (job.hires, job.upscale):

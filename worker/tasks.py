@@ -149,7 +149,10 @@ def _record_failure(state: WorkerState, batch_id: str, entry: ChunkEntry, record
 
 def _store_one(state: WorkerState, batch_id: str, entry: ChunkEntry, image: Any, timings: dict[str, float]) -> None:
     t0 = time.perf_counter()
-    encoded = encode_png(image, entry.job, state.loaded.short_hash, state.assets.lora_hashes)  # 5. encode
+    job = entry.job
+    encoded = encode_png(image, job, state.loaded.short_hash, state.assets.lora_hashes,  # 5. encode
+                         model_name=state.loaded.entry.infotext_name,
+                         vae_name=state.assets.file_name("vae", job.vae.name) if job.vae else None)
     until_back(state, f"storing job {entry.job.id}", partial(_put_one, state, batch_id, entry, encoded,
                                                              {**timings, "encode_s": time.perf_counter() - t0}))
 

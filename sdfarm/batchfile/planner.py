@@ -149,10 +149,6 @@ class _Planner:
                 family = self.registry.get(model).family
             except InvalidInput as e:
                 self.problem(raw, "model", str(e))
-        if family == "sdxl" and values.get("clip_skip", 1) not in (1, "1"):
-            self.problem(raw, "clip_skip", f"does not apply to SDXL (model {model!r} always uses the penultimate"
-                                           " layer, as A1111 does); leave it out")
-            return None
         values, assets_ok = self.assets(raw, values, family)
         try:  # check the other fields even when the model is bad: report everything at once
             job = RenderJob.model_validate({**values, "model": "unknown", "model_hash": "0" * 64}

@@ -58,3 +58,24 @@ def test_reads_back_through_a1111_rules() -> None:
 
 def test_missing_clip_skip_reads_as_one() -> None:
     assert parse_infotext(job_infotext(make(), HASH[:10]))["Clip skip"] == "1"
+
+
+def test_lines_are_stripped_when_read_back_as_a1111_does() -> None:
+    parsed = parse_infotext("  a cat  \n  on a mat\n  Negative prompt:  ugly  \n Steps: 20, Sampler: Euler, Seed: 1")
+    assert (parsed["Prompt"], parsed["Negative prompt"]) == ("a cat\non a mat", "ugly")
+
+
+def test_hashes_follow_the_prompt_and_names_are_file_names() -> None:
+    ref = {"sha256": "ab" * 32}
+    job = make(prompt="zeta <lora:beta:0.5> then alpha-ish and alpha", negative_prompt="gamma",
+               loras=[{"name": "gamma", "weight": 1, "sha256": "cd" * 32}, {"name": "beta", "weight": 0.5, **ref}],
+               embeddings=[{"name": "gamma", "sha256": "ef" * 32}, {"name": "alpha", "sha256": "12" * 32},
+                           {"name": "zeta", "sha256": "34" * 32}],
+               vae={"name": "clear", "sha256": "56" * 32})
+    parsed = parse_infotext(job_infotext(job, HASH[:10], {"ab" * 32: "0123456789ab"}, model_name="v1-5-pruned",
+                                         vae_name="clear-vae.safetensors"))
+    # extensions-builtin/Lora: networks in the order of the prompt's tags (fields' LoRAs are appended)
+    assert parsed["Lora hashes"] == f"beta: 0123456789ab, gamma: {'cd' * 6}"
+    # embeddings where the prompt, then the negative prompt, first uses them, at word boundaries only
+    assert parsed["TI hashes"] == f"zeta: {'34' * 6}, alpha: {'12' * 6}, gamma: {'ef' * 6}"
+    assert (parsed["Model"], parsed["VAE"], parsed["VAE hash"]) == ("v1-5-pruned", "clear-vae.safetensors", "56" * 5)

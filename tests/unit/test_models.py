@@ -100,3 +100,17 @@ def test_a1111_lora_hash_skips_the_safetensors_header(tmp_path: Path) -> None:
     data = a.read_bytes()
     header = int.from_bytes(data[:8], "little")
     assert addnet_hash(a) == hashlib.sha256(data[8 + header:]).hexdigest()
+
+
+def test_a1111_lora_hash_is_the_sshs_metadata_else_the_addnet_hash(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from sdfarm.models import a1111_lora_hash, addnet_hash
+
+    tensors = {"w": torch.ones(2)}
+    plain, tagged = tmp_path / "plain.safetensors", tmp_path / "tagged.safetensors"
+    save_file(tensors, str(plain))
+    save_file(tensors, str(tagged), metadata={"sshs_model_hash": "f" * 64})
+    assert a1111_lora_hash(plain) == addnet_hash(plain)[:12]
+    assert a1111_lora_hash(tagged) == "f" * 12

@@ -108,6 +108,8 @@ def test_sdxl_renders_with_its_size_conditioning_the_same_on_two_runs(loaded: Lo
     _, inside = run(loaded, assets, make(loaded, assets, seed=3, prompt="a lighthouse"), job)
     assert diff(first, second) == 0
     assert diff(first, inside) <= 2  # a job's image does not depend on its chunk
+    skipped, = run(loaded, assets, make(loaded, assets, clip_skip=2))
+    assert diff(first, skipped) == 0  # SDXL ignores clip skip, as A1111 does
 
 
 def test_an_sdxl_single_file_checkpoint_loads_offline_and_renders_the_same(

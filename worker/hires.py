@@ -37,7 +37,8 @@ def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Te
     else:
         image = [loaded.upscalers.resize(img, (width, height), hires.upscaler, hires.upscaler_sha256)
                  for img in decode(pipe, first_pass)]
-    pipe.scheduler = make_scheduler(job.sampler, job.schedule_type, loaded.base_scheduler_config)
+    pipe.scheduler = make_scheduler(job.sampler, job.schedule_type, loaded.base_scheduler_config,
+                                    [j.seed for j in jobs])
     n, strength = hires_call(hires.steps or job.steps, hires.denoising_strength,
                              loaded.base_scheduler_config["num_train_timesteps"])
     out = pipe(image=image, strength=strength, num_inference_steps=n, generator=generators, output_type="latent",

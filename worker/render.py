@@ -83,7 +83,8 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
     """One pipeline call (and its hires pass) for jobs of one prompt length, decoded image by image."""
     first = jobs[0]
     pipe = loaded.variant(first.mode)
-    pipe.scheduler = make_scheduler(first.sampler, first.schedule_type, loaded.base_scheduler_config)
+    pipe.scheduler = make_scheduler(first.sampler, first.schedule_type, loaded.base_scheduler_config,
+                                    [j.seed for j in jobs])
     shared: dict[str, Any] = {"guidance_scale": first.guidance_scale}
     call: dict[str, Any] = {"num_inference_steps": first.steps, "generator": generators(jobs)}
     if first.mode == "txt2img":

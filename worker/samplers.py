@@ -17,7 +17,7 @@ _TABLE: dict[str, tuple[str, dict[str, Any]]] = {
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),
     "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "DPM++ SDE": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "lower_order_final": True}),
+    "DPM++ SDE": ("DPMSolverSDEScheduler", {}),  # stochastic, on a Brownian tree per image (torchsde)
     "DDIM": ("DDIMScheduler", {}),
     "UniPC": ("UniPCMultistepScheduler", {}),
     "LMS": ("LMSDiscreteScheduler", {}),
@@ -33,17 +33,23 @@ assert set(_TABLE) == set(SAMPLERS), "worker and contract disagree on sampler na
 K_DIFFUSION = frozenset({"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "LMS", "Heun", "DPM2", "DPM2 a"})
 
 
-def make_scheduler(sampler: str, schedule_type: str, base_config: Any) -> Any:
+def make_scheduler(sampler: str, schedule_type: str, base_config: Any, seeds: list[int] | None = None) -> Any:
     """A new scheduler (they keep per-run state) for one chunk. The k-diffusion samplers' sigmas
     span k-diffusion's whole range (14.61 down to 0 on SD's betas) whatever the model folder's
     `timestep_spacing` says: "linspace" is k-diffusion's uniform discretisation, and the Karras and
-    exponential conversions take their ends from it."""
+    exponential conversions take their ends from it. seeds: the chunk's, one per image: DPM++ SDE's
+    Brownian noise comes from one tree per image seeded with it, as A1111 seeds them
+    (sd_samplers_kdiffusion.py, create_noise_sampler), so an image does not depend on its chunk."""
     import diffusers
 
     class_name, extra = _TABLE[sampler]
     kwargs = dict(extra)
     if sampler in K_DIFFUSION:
         kwargs["timestep_spacing"] = "linspace"
+    if class_name == "DPMSolverSDEScheduler":
+        if not seeds:
+            raise ValueError("DPM++ SDE needs the images' seeds for its Brownian noise")
+        kwargs["noise_sampler_seed"] = list(seeds)
     schedule = resolve_schedule(sampler, schedule_type)
     if schedule == KARRAS:
         kwargs["use_karras_sigmas"] = True

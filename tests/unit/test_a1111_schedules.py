@@ -102,13 +102,27 @@ EXPECTED = {"Uniform": uniform, "Karras": karras, "Exponential": exponential}
 @pytest.mark.parametrize("steps", [7, 20, 30])
 def test_sigmas_are_k_diffusions_whatever_the_folder_says(sampler: str, schedule: str, steps: int) -> None:
     assert SD_SCHEDULER["timestep_spacing"] == "leading"  # the tiny model's folder says "leading", as SDXL's does
-    scheduler = make_scheduler(sampler, job(sampler=sampler, schedule_type=schedule).schedule_type, SD_SCHEDULER)
+    scheduler = make_scheduler(sampler, job(sampler=sampler, schedule_type=schedule).schedule_type, SD_SCHEDULER,
+                               [1])
     scheduler.set_timesteps(steps)
     got = torch.unique_consecutive(scheduler.sigmas.double())  # second-order samplers list inner sigmas twice
     want = EXPECTED[job(sampler=sampler, schedule_type=schedule).schedule_type](steps)
     assert got.shape == want.shape
     assert torch.allclose(got, want, rtol=5e-5, atol=0)  # float32 in diffusers
     assert abs(float(got[0]) - 14.6146) < 1e-3  # not "leading"'s ~11
+
+
+def test_dpmpp_sde_is_stochastic_on_one_brownian_tree_per_image_seeded_with_its_seed() -> None:
+    # A1111 (sd_samplers_kdiffusion.py, create_noise_sampler): BrownianTreeNoiseSampler(x, sigma_min,
+    # sigma_max, seed=the batch's seeds): one tree per image, so an image's noise is its seed's alone
+    scheduler = make_scheduler("DPM++ SDE", "Karras", SD_SCHEDULER, [7, 9])
+    scheduler.set_timesteps(6)
+    sample = torch.zeros((2, 4, 8, 8))
+    scheduler.step(torch.zeros_like(sample), scheduler.timesteps[0], sample)
+    trees = scheduler.noise_sampler.tree.trees
+    assert [t._entropy for t in trees] == [7, 9]
+    with pytest.raises(ValueError, match="DPM\\+\\+ SDE needs the images' seeds"):
+        make_scheduler("DPM++ SDE", "Karras", SD_SCHEDULER)
 
 
 # --- step counts: modules/sd_samplers_common.py, setup_img2img_steps, and sd_samplers_kdiffusion.py,
@@ -158,7 +172,7 @@ def unet_timesteps(loaded: LoadedModel, jobs: list[RenderJob], inputs: Any = Non
 
 
 def timesteps(sampler: str, n: int) -> list[float]:
-    s = make_scheduler(sampler, job(sampler=sampler).schedule_type, SD_SCHEDULER)
+    s = make_scheduler(sampler, job(sampler=sampler).schedule_type, SD_SCHEDULER, [1])
     s.set_timesteps(n)
     return [float(t) for t in s.timesteps]
 

@@ -35,15 +35,21 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB")).astype(np.int16)
 
 
-def test_same_job_same_image(loaded: LoadedModel) -> None:
-    a, b = render(loaded, [job(loaded)])[0], render(loaded, [job(loaded)])[0]
+STOCHASTIC = ["DPM++ 2M", "Euler a", "DPM++ SDE", "DPM++ 2M SDE"]  # the default, and those that add noise
+
+
+@pytest.mark.parametrize("sampler", STOCHASTIC)
+def test_same_job_same_image(loaded: LoadedModel, sampler: str) -> None:
+    a, b = render(loaded, [job(loaded, sampler=sampler)])[0], render(loaded, [job(loaded, sampler=sampler)])[0]
     assert np.array_equal(pixels(a), pixels(b))
 
 
-def test_alone_and_inside_a_chunk_of_four_give_the_same_image(loaded: LoadedModel) -> None:
-    target = job(loaded, seed=5, prompt="a lighthouse")
-    chunk = [job(loaded, seed=1, prompt="x"), target, job(loaded, seed=2, prompt="y", negative_prompt="z"),
-             job(loaded, seed=3)]
+@pytest.mark.parametrize("sampler", STOCHASTIC)
+def test_alone_and_inside_a_chunk_of_four_give_the_same_image(loaded: LoadedModel, sampler: str) -> None:
+    target = job(loaded, seed=5, prompt="a lighthouse", sampler=sampler)
+    chunk = [job(loaded, seed=1, prompt="x", sampler=sampler), target,
+             job(loaded, seed=2, prompt="y", negative_prompt="z", sampler=sampler),
+             job(loaded, seed=3, sampler=sampler)]
     alone = pixels(render(loaded, [target])[0])
     inside = pixels(render(loaded, chunk)[1])
     assert np.abs(alone - inside).max() <= 2

@@ -2,6 +2,12 @@
 
 White (255) is repainted, black is kept. A text mask is computed from the job's own init image:
 CLIPSeg's probability for the text at each pixel, above `mask_threshold`, counts as masked.
+
+As A1111 v1.10 (modules/processing.py, StableDiffusionProcessingImg2Img.init, and
+modules/images.py, create_binary_mask): an RGBA mask that is not fully opaque is its alpha channel,
+rounded; any other mask is read as grey levels, not binarised; the blur is OpenCV's Gaussian at the
+mask's own resolution (kernel 2*int(2.5 sigma + 0.5) + 1, reflected border), then the mask is
+resized to the job's size; the result is composited through clip(mask x 2).
 """
 
 from __future__ import annotations
@@ -9,8 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 from sdfarm.jobs import RenderJob
 
@@ -49,14 +56,45 @@ class MaskModels:
 
 
 def finish_mask(mask: Image.Image, job: RenderJob) -> Image.Image:
-    """Binarise, grow by mask_dilate pixels, blur by mask_blur (A1111's "Mask blur"), at the job's size."""
-    mask = mask.convert("L").point(lambda v: 255 if v >= 128 else 0)
+    """The mask as A1111 reads it (alpha of a translucent RGBA mask, else grey levels), grown by
+    mask_dilate pixels (sdfarm's own), blurred by mask_blur at its own resolution, resized to the
+    job's size."""
+    if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
+        mask = mask.getchannel("A").point(lambda v: 255 if v > 128 else 0)
+    else:
+        mask = mask.convert("L")
     if job.mask_dilate:
         mask = mask.filter(ImageFilter.MaxFilter(2 * job.mask_dilate + 1))
-    mask = mask.resize((job.width, job.height), Image.Resampling.LANCZOS)
     if job.mask_blur:
-        mask = mask.filter(ImageFilter.GaussianBlur(job.mask_blur))
-    return mask
+        mask = gaussian_blur(mask, job.mask_blur)
+    return mask.resize((job.width, job.height), Image.Resampling.LANCZOS)
+
+
+def gaussian_blur(mask: Image.Image, sigma: float) -> Image.Image:
+    """cv2.GaussianBlur of an 8-bit mask as A1111 calls it: a separable kernel of
+    2*int(2.5 sigma + 0.5) + 1 taps, OpenCV's default border (reflect without repeating the edge)."""
+    size = 2 * int(2.5 * sigma + 0.5) + 1
+    taps = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma * sigma))
+    taps /= taps.sum()
+    out = np.asarray(mask, dtype=np.float64)
+    for axis in (1, 0):  # x, then y
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (size // 2, size // 2)
+        padded = np.pad(out, pad, mode="reflect")
+        out = sum(w * np.take(padded, range(i, i + out.shape[axis]), axis=axis) for i, w in enumerate(taps))
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="L")
+
+
+def overlay(init: Image.Image, rendered: Image.Image, mask: Image.Image) -> Image.Image:
+    """The inpainted image as A1111 keeps it: the init image over the render wherever the mask is
+    below half, through A1111's overlay mask clip(mask x 2) (the kept area is the init image itself,
+    not a VAE round trip)."""
+    doubled = mask.point(lambda v: min(2 * v, 255))
+    kept = Image.new("RGBa", init.size)
+    kept.paste(init.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(doubled))
+    out = rendered.convert("RGBA")
+    out.alpha_composite(kept.convert("RGBA"))
+    return out.convert("RGB")
 
 
 Inputs = dict[str, tuple[Image.Image, Image.Image | None]]  # job id -> (init image, mask)

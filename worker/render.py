@@ -18,7 +18,7 @@ from sdfarm.extra_networks import strip_tags
 from sdfarm.jobs import RenderJob, Upscale
 
 from .hires import second_pass
-from .masks import Inputs
+from .masks import Inputs, overlay
 from .pipeline import LoadedModel
 from .prompts import chunk_counts, encode_prompts
 from .samplers import img2img_call, make_scheduler
@@ -111,14 +111,18 @@ def _finish(loaded: LoadedModel, jobs: list[RenderJob], images: list[Rendered], 
             ) -> list[Rendered]:
     """Per image, after the pipeline: the inpaint overlay and the final upscale (never on padding)."""
     first = jobs[0]
-    if first.mode == "inpaint":  # as A1111: the kept area is the init image itself, not a VAE round trip
+    if first.mode == "inpaint":
         assert inputs is not None
-        images = [image if isinstance(image, RenderError) else
-                  loaded.pipe.image_processor.apply_overlay(inputs[j.id][1], inputs[j.id][0], image)
+        images = [image if isinstance(image, RenderError) else _overlaid(image, *inputs[j.id])
                   for j, image in zip(jobs, images, strict=True)]
     if (spec := first.upscale) is not None:
         images = [_upscaled(loaded, spec, image) for image in images]
     return images
+
+
+def _overlaid(image: Image.Image, init: Image.Image, mask: Image.Image | None) -> Image.Image:
+    assert mask is not None, "an inpaint job has its mask (masks.job_inputs)"
+    return overlay(init, image, mask)
 
 
 def _upscaled(loaded: LoadedModel, spec: Upscale, image: Rendered) -> Rendered:

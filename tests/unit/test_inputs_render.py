@@ -13,7 +13,7 @@ from PIL import Image
 
 from sdfarm.jobs import RenderJob
 from sdfarm.models import Registry
-from worker.masks import MaskModels, finish_mask
+from worker.masks import MaskModels, finish_mask, overlay
 from worker.pipeline import LoadedModel, load_model
 from worker.render import render
 from worker.testing import write_tiny_clipseg
@@ -130,3 +130,53 @@ def test_init_noise_is_the_seeds_first_draw_and_the_init_latents_the_posterior_m
     for i, seed in enumerate((3, 4)):
         first_draw = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(seed))
         assert torch.equal(noise[i : i + 1], first_draw)
+
+
+# --- masks as A1111 v1.10 reads them: modules/images.py create_binary_mask, and
+# modules/processing.py StableDiffusionProcessingImg2Img.init (cv2.GaussianBlur with kernel size
+# 2 * int(2.5 * blur + 0.5) + 1 at the mask's own resolution, then "Just resize", then
+# mask_for_overlay = clip(mask * 2)) ---
+
+def opencv_gaussian(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """cv2.GaussianBlur(mask, (k, 1), sigma) then (1, k): OpenCV's kernel (getGaussianKernel's
+    formula) and default border BORDER_REFLECT_101, which scipy calls "mirror"."""
+    from scipy.ndimage import correlate
+
+    k = 2 * int(2.5 * sigma + 0.5) + 1
+    g = np.exp(-((np.arange(k) - (k - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g /= g.sum()
+    return np.clip(np.rint(correlate(mask.astype(np.float64), np.outer(g, g), mode="mirror")), 0, 255)
+
+
+def test_a_mask_is_blurred_at_its_own_resolution_with_opencvs_kernel_then_resized(loaded: LoadedModel) -> None:
+    raw = np.zeros((96, 96), np.uint8)
+    raw[20:60, 30:80] = 255
+    raw[70:90, 10:40] = 100  # grey levels are kept: not binarised
+    job = make(loaded, picture(1, 96), mask_image=ref(Image.fromarray(raw)), mask_blur=4)
+    want = Image.fromarray(opencv_gaussian(raw, 4).astype(np.uint8)).resize((64, 64), Image.Resampling.LANCZOS)
+    got = finish_mask(Image.fromarray(raw), job)
+    assert np.abs(pixels(got.convert("RGB")) - pixels(want.convert("RGB"))).max() <= 1  # OpenCV's fixed point
+    sharp = finish_mask(Image.fromarray(raw), make(loaded, picture(1, 96), mask_image=ref(Image.fromarray(raw)),
+                                                   mask_blur=0, width=96, height=96))
+    assert np.array_equal(np.asarray(sharp), raw)
+
+
+def test_a_translucent_rgba_mask_is_its_alpha_channel_rounded(loaded: LoadedModel) -> None:
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., :3] = 255  # white everywhere: the colour is not what counts
+    rgba[:, :32, 3], rgba[:, 32:, 3] = 200, 100
+    job = make(loaded, picture(1), mask_image=ref(Image.fromarray(rgba, "RGBA")), mask_blur=0)
+    got = np.asarray(finish_mask(Image.fromarray(rgba, "RGBA"), job))
+    assert (got[:, :32] == 255).all()
+    assert (got[:, 32:] == 0).all()
+    opaque = rgba.copy()
+    opaque[..., 3] = 255  # fully opaque RGBA: read as grey levels
+    assert (np.asarray(finish_mask(Image.fromarray(opaque, "RGBA"), job)) == 255).all()
+
+
+def test_the_render_shows_through_twice_the_mask() -> None:
+    init, rendered = Image.new("RGB", (256, 1), "black"), Image.new("RGB", (256, 1), "white")
+    mask = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(1, 256), "L")
+    got = np.asarray(overlay(init, rendered, mask))[0, :, 0].astype(int)
+    want = np.minimum(2 * np.arange(256), 255)  # A1111's mask_for_overlay
+    assert np.abs(got - want).max() <= 1

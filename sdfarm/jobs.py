@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from .extra_networks import lora_tags
 from .prompt_syntax import check_attention_weights, parse_prompt_attention
-from .samplers import AUTOMATIC, SAMPLERS, allowed_sampler_names, resolve_schedule, split_sampler_name
+from .samplers import AUTOMATIC, SAMPLERS, SCHEDULE_TYPES, allowed_sampler_names, resolve_schedule, split_sampler_name
 
 # 1: the first. 2: upscaler models (hires/upscale `upscaler_sha256`). 3: renders as A1111 does:
 # "Automatic" is the sampler's own schedule (and a job states it), the "Uniform" schedule, k-diffusion's
@@ -253,7 +253,7 @@ class RenderJob(BaseModel):
                 raise ValueError(
                     f"sampler {data['sampler']!r} names schedule type {schedule!r} but schedule_type is {given!r}"
                 )
-            if sampler in SAMPLERS and isinstance(given, str):
+            if sampler in SAMPLERS and isinstance(given, str) and (schedule or given) in SCHEDULE_TYPES:
                 data = {**data, "sampler": sampler, "schedule_type": resolve_schedule(sampler, schedule or given)}
         return data
 

@@ -31,7 +31,7 @@ SAMPLERS: Final[dict[str, tuple[str, ...]]] = {
     "DPM++ 2M SDE": (EXPONENTIAL, KARRAS),
     "DPM++ SDE": (KARRAS, EXPONENTIAL),
     "DDIM": (AUTOMATIC,),
-    "UniPC": (AUTOMATIC, KARRAS, EXPONENTIAL),
+    "UniPC": (AUTOMATIC,),
     "LMS": (UNIFORM,),
     "Heun": _SIGMA_SCHEDULES,
     "DPM2": (KARRAS, UNIFORM, EXPONENTIAL),
@@ -41,8 +41,15 @@ SAMPLERS: Final[dict[str, tuple[str, ...]]] = {
 }
 
 
+# samplers outside k-diffusion: A1111 ignores the schedule type they are given
+OWN_SCHEDULE: Final = frozenset(s for s, schedules in SAMPLERS.items() if schedules == (AUTOMATIC,))
+
+
 def resolve_schedule(sampler: str, schedule_type: str) -> str:
-    """The schedule a sampler runs when asked for `schedule_type` ("Automatic": its default)."""
+    """The schedule a sampler runs when asked for `schedule_type` ("Automatic": its default; any
+    schedule type, for a sampler with its own: Automatic, as A1111 ignores it)."""
+    if sampler in OWN_SCHEDULE and schedule_type in SCHEDULE_TYPES:
+        return AUTOMATIC
     return SAMPLERS[sampler][0] if schedule_type == AUTOMATIC else schedule_type
 
 
@@ -63,5 +70,5 @@ def allowed_sampler_names() -> list[str]:
     names: list[str] = []
     for sampler, schedules in SAMPLERS.items():
         names.append(sampler)
-        names.extend(f"{sampler} {s}" for s in schedules if s in (KARRAS, EXPONENTIAL))
+        names.extend(f"{sampler} {s}" for s in (KARRAS, EXPONENTIAL) if s in schedules or sampler in OWN_SCHEDULE)
     return names

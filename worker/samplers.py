@@ -19,7 +19,10 @@ _TABLE: dict[str, tuple[str, dict[str, Any]]] = {
     "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "DPM++ SDE": ("DPMSolverSDEScheduler", {}),  # stochastic, on a Brownian tree per image (torchsde)
     "DDIM": ("DDIMScheduler", {}),
-    "UniPC": ("UniPCMultistepScheduler", {}),
+    # A1111's UniPC options' defaults: variant bh1, order 3, lower order final, time-uniform steps
+    # ending at discrete timestep 0 (sigma_min), not at sigma 0 (where bh1 divides by zero)
+    "UniPC": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3, "lower_order_final": True,
+                                          "timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"}),
     "LMS": ("LMSDiscreteScheduler", {}),
     "Heun": ("HeunDiscreteScheduler", {}),
     "DPM2": ("KDPM2DiscreteScheduler", {}),

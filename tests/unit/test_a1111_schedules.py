@@ -60,6 +60,26 @@ def test_every_infotext_says_rng_cpu_where_a1111_puts_it() -> None:
     assert parse_infotext(text)["RNG"] == "CPU"
 
 
+@pytest.mark.parametrize("sampler", ["DDIM", "UniPC", "PLMS", "LCM"])
+def test_a_schedule_type_given_to_a_sampler_with_its_own_is_ignored(sampler: str) -> None:
+    for given in ({"schedule_type": "Karras"}, {"schedule_type": "Exponential"}, {"sampler": f"{sampler} Karras"}):
+        assert job(**{"sampler": sampler, **given}).id == job(sampler=sampler).id
+    with pytest.raises(ValueError, match="schedule_type 'Bogus' does not apply"):
+        job(sampler=sampler, schedule_type="Bogus")
+
+
+def test_unipc_runs_a1111s_defaults() -> None:
+    # modules/shared_options.py: uni_pc_variant bh1, uni_pc_order 3, uni_pc_lower_order_final, skip type
+    # time_uniform (modules/models/diffusion/uni_pc: t evenly from 1 to 1/1000, the model at
+    # (t - 1/1000) * 1000, the last point not evaluated)
+    scheduler = make_scheduler("UniPC", "Automatic", SD_SCHEDULER, [1])
+    assert (scheduler.config.solver_type, scheduler.config.solver_order) == ("bh1", 3)
+    assert scheduler.config.final_sigmas_type == "sigma_min"  # uni_pc ends at t_0 = 1/N, not at sigma 0
+    assert scheduler.config.lower_order_final
+    scheduler.set_timesteps(10)
+    assert [int(t) for t in scheduler.timesteps] == [round(float(t)) for t in torch.linspace(999, 0, 11)[:-1]]
+
+
 # --- sigma arrays: k_diffusion/external.py (DiscreteSchedule.get_sigmas, t_to_sigma) and
 # k_diffusion/sampling.py (get_sigmas_karras, get_sigmas_exponential); A1111 takes sigma_min and
 # sigma_max from the model's own sigmas (sd_samplers_kdiffusion.py, KDiffusionSampler.get_sigmas) ---

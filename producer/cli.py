@@ -106,16 +106,19 @@ def cli() -> None:
 @click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE", help="A default for every item (repeatable).")
 @click.option("--name", help="Batch name (default: the file's name field, else its stem).")
 @click.option("--watch", "then_watch", is_flag=True, help="Watch the batch after submitting.")
+@click.option("--cpu-noise", is_flag=True,
+              help="A1111 images in: render images whose noise A1111 drew on the GPU with CPU noise.")
 def submit(file: Path, dry_run: bool, priority: int, model: str | None, sets: tuple[str, ...], name: str | None,
-           then_watch: bool) -> None:
-    """Validate FILE (yaml, json, jsonl, csv, txt) and enqueue its jobs. All or nothing."""
+           then_watch: bool, cpu_noise: bool) -> None:
+    """Validate FILE (yaml, json, jsonl, csv, txt; or A1111 images: a .png or a folder of them, one job
+    per image from its infotext) and enqueue its jobs. All or nothing."""
     settings = _settings()
     overrides = _parse_sets(sets)
     if model:
         overrides["model"] = model
     store = Store.from_settings(settings)
     stream = stream_file(file, Registry.from_settings(settings), settings.max_jobs_per_batch, overrides, name,
-                         Inputs(store, settings.inputs_dir))
+                         Inputs(store, settings.inputs_dir), cpu_noise)
     if dry_run:
         console.print(describe_stream(stream, settings.chunk_size), highlight=False)
         console.print("dry run: nothing enqueued")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..a1111 import read_images
 from ..errors import MAX_PROBLEMS, BatchInvalid, InvalidInput, Problem, brief
 from ..inputs import Inputs, open_regular
 from ..jobs import MAX_SEED, RenderJob, SeedSweep
@@ -313,11 +314,17 @@ def stream_file(
     overrides: Mapping[str, Any] | None = None,
     name: str | None = None,
     inputs: Inputs | None = None,
+    cpu_noise: bool = False,
 ) -> BatchStream:
     """Read a batch file (format from its suffix); its jobs are planned as the stream is read.
     Only a regular file is read (not a FIFO, not /dev/zero through a symlink), at most
-    MAX_FILE_BYTES; .jsonl, .csv and .txt line by line, never whole."""
+    MAX_FILE_BYTES; .jsonl, .csv and .txt line by line, never whole. A .png, or a folder of them, is
+    A1111 images in (sdfarm.a1111): one job per image, from its infotext; cpu_noise accepts images
+    whose noise A1111 drew on the GPU."""
     source = str(path)
+    if path.suffix.lower() == ".png" or (path.is_dir() and path.suffix.lower() not in FORMATS):
+        items = [RawItem(data, i) for i, data in enumerate(read_images(path, registry, max_jobs, cpu_noise), 1)]
+        return BatchStream({"name": path.stem}, items, source, "a1111", registry, max_jobs, overrides, name, inputs)
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         allowed = ", ".join(FORMATS)

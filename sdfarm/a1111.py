@@ -1,0 +1,197 @@
+"""A1111 images in: the `parameters` text that A1111 (or sdfarm) wrote into PNGs, read back as batch
+items, one job per image, with its own seed. `sdfarm submit` takes one such PNG or a folder of them.
+
+A field sdfarm cannot render as A1111 did is refused, naming the image and the field; nothing is
+dropped silently. `Version` is ignored (who rendered, not how). Hashes are checked: `Model hash`
+picks the registered model, `VAE hash` the registered VAE, `TI hashes` and (for LoRAs in local
+files) `Lora hashes` must be the registered files'. A1111 draws noise on the GPU unless the infotext
+says `RNG: CPU`; sdfarm draws it on the CPU, so such images are refused unless the caller accepts CPU
+noise (same settings and seeds, other noise).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import BatchInvalid, InvalidInput, Problem, brief
+from .infotext import parse_infotext
+from .inputs import open_regular
+from .models import Registry, a1111_lora_hash
+
+MAX_PNG_BYTES: Final = 64 * 1024 * 1024
+IGNORED: Final = frozenset({"Version", "User"})
+_SCALARS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
+    "Steps": ("steps", int), "Sampler": ("sampler", str), "Schedule type": ("schedule_type", str),
+    "CFG scale": ("guidance_scale", float), "Seed": ("seed", int), "Size-1": ("width", int),
+    "Size-2": ("height", int), "Clip skip": ("clip_skip", int)}
+_HIRES: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
+    "Hires upscale": ("scale", float), "Hires steps": ("steps", int), "Hires upscaler": ("upscaler", str),
+    "Denoising strength": ("denoising_strength", float)}
+_UPSCALE: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
+    "Postprocess upscale by": ("factor", float), "Postprocess upscaler": ("upscaler", str)}
+_HANDLED: Final = frozenset({"Prompt", "Negative prompt", "Model", "Model hash", "VAE", "VAE hash", "RNG",
+                             "Lora hashes", "TI hashes", "Emphasis", *_SCALARS, *_HIRES, *_UPSCALE, *IGNORED})
+
+
+def png_paths(path: Path) -> list[Path]:
+    """The PNGs a submit of `path` reads: the file itself, or a folder's *.png in name order."""
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
+    return [path]
+
+
+def read_images(path: Path, registry: Registry, max_jobs: int, cpu_noise: bool) -> list[dict[str, Any]]:
+    """One batch item per PNG under `path`. Raises BatchInvalid naming each image and field that
+    cannot be read or rendered as A1111 did."""
+    source = str(path)
+    pngs = png_paths(path)
+    if not pngs:
+        raise BatchInvalid([Problem(source, None, None, "", "holds no .png files")])
+    if len(pngs) > max_jobs:
+        raise BatchInvalid([Problem(source, None, None, "", f"holds {len(pngs)} PNGs (allowed: at most {max_jobs};"
+                                                            " the cap is SDFARM_MAX_JOBS_PER_BATCH)")])
+    items, problems = [], []
+    for png in pngs:
+        try:
+            item = item_from_infotext(_parameters(png), registry, cpu_noise)
+        except InvalidInput as e:
+            problems.append(Problem(str(png), None, None, "", str(e)))
+            continue
+        except _Refused as e:
+            problems.extend(Problem(str(png), None, None, fld, message) for fld, message in e.problems)
+            continue
+        items.append(item)
+    if problems:
+        raise BatchInvalid(problems)
+    return items
+
+
+def _parameters(png: Path) -> str:
+    """The image's `parameters` text (Pillow bounds the size of text chunks it reads)."""
+    with open_regular(png, MAX_PNG_BYTES) as f:
+        try:
+            with Image.open(f, formats=["PNG"]) as image:
+                text = getattr(image, "text", {}).get("parameters")
+        except UnidentifiedImageError:
+            raise InvalidInput("is not a PNG image") from None
+        except (OSError, ValueError, SyntaxError) as e:  # a damaged PNG, a text chunk over Pillow's bounds
+            raise InvalidInput(f"is not a readable PNG: {type(e).__name__}: {brief(str(e), 200)}") from None
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInput("holds no A1111 `parameters` text (an image A1111 or sdfarm saved, with its infotext)")
+    return text
+
+
+class _Refused(Exception):
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+
+def item_from_infotext(text: str, registry: Registry, cpu_noise: bool = False) -> dict[str, Any]:
+    """A batch item that renders what the infotext describes. Raises _Refused with (field, why) for
+    each field sdfarm cannot honour."""
+    info = parse_infotext(text)
+    problems: list[tuple[str, str]] = []
+    item: dict[str, Any] = {"prompt": info["Prompt"], "negative_prompt": info["Negative prompt"]}
+    for key, (fld, kind) in _SCALARS.items():
+        if key in info:
+            item[fld] = _value(info, key, kind, problems)
+    hires = {fld: _value(info, key, kind, problems) for key, (fld, kind) in _HIRES.items() if key in info}
+    if "Hires upscale" in info:
+        item["hires"] = hires
+    elif "Denoising strength" in info:
+        problems.append(("Denoising strength", "an img2img or inpainting image (no hires fields): its init image is"
+                                               " not in the infotext; submit it as a batch item with init_image"))
+    upscale = {fld: _value(info, key, kind, problems) for key, (fld, kind) in _UPSCALE.items() if key in info}
+    if upscale:
+        item["upscale"] = upscale
+    for key, message in _checks(info, registry, item, cpu_noise):
+        problems.append((key, message))
+    problems.extend((key, f"{brief(info[key])}: sdfarm cannot render this as A1111 did (not supported)")
+                    for key in info if key not in _HANDLED)
+    if problems:
+        raise _Refused(problems)
+    return item
+
+
+def _value(info: dict[str, Any], key: str, kind: Callable[[str], Any], problems: list[tuple[str, str]]) -> Any:
+    try:
+        return kind(info[key])
+    except ValueError:
+        problems.append((key, f"{brief(info[key])} is not a {'number' if kind is not str else 'text'}"))
+        return None
+
+
+def _checks(info: dict[str, Any], registry: Registry, item: dict[str, Any], cpu_noise: bool
+            ) -> Iterator[tuple[str, str]]:
+    rng = info.get("RNG", "GPU")
+    if rng != "CPU" and not cpu_noise:
+        said = f"RNG: {rng}" if "RNG" in info else "no RNG field, which A1111 reads as GPU"
+        yield "RNG", (f"{said}: sdfarm draws each image's noise on the CPU (A1111's RNG: CPU); pass"
+                      " --cpu-noise to render it with CPU noise (same settings and seed, other noise)")
+    if info.get("Emphasis", "Original") != "Original":
+        yield "Emphasis", f"{brief(info['Emphasis'])}: sdfarm weights prompts as A1111's Original"
+    model = _model(info, registry)
+    if isinstance(model, str):
+        item["model"] = model
+    else:
+        yield model
+    if "VAE" in info or "VAE hash" in info:
+        vae = _asset(registry, "vae", info.get("VAE hash"), info.get("VAE"), 10)
+        if vae is None:
+            yield "VAE", f"{brief(info.get('VAE'))} [{info.get('VAE hash', '?')}] is no registered VAE"
+        else:
+            item["vae"] = vae
+    yield from _check_hashes(info, registry)
+
+
+def _model(info: dict[str, Any], registry: Registry) -> str | tuple[str, str]:
+    """The registered model the image names: by `Model hash` (sha256[:10]) when given, else by
+    `Model` (registry name, or the checkpoint file's stem)."""
+    wanted_hash, wanted_name = info.get("Model hash"), info.get("Model")
+    names = registry.names()
+    named = [n for n in names if wanted_name in (n, registry.get(n).infotext_name)]
+    if wanted_hash:
+        hashed = [n for n in names if registry.identity(n)[:10] == wanted_hash]
+        if hashed:
+            return next((n for n in hashed if n in named), hashed[0])
+        return "Model hash", (f"{brief(wanted_hash)} ({brief(wanted_name)}) is no registered model's"
+                              f" (registered: {', '.join(names) or 'none'})")
+    if named:
+        return named[0]
+    return "Model", f"{brief(wanted_name)} is no registered model (registered: {', '.join(names) or 'none'})"
+
+
+def _asset(registry: Registry, kind: Any, short: str | None, name: str | None, digits: int) -> str | None:
+    for n in registry.asset_names(kind):
+        entry = registry.asset(kind, n)
+        source = entry.file if entry.file is not None else entry.path if entry.path is not None else entry.s3
+        if short and registry.asset_identity(kind, n)[:digits] == short:
+            return n
+        if not short and name in (n, Path(str(source)).name):
+            return n
+    return None
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    pairs = [part.rsplit(":", 1) for part in text.split(",") if part.strip()]
+    return [(p[0].strip(), p[1].strip()) if len(p) == 2 else (p[0].strip(), "") for p in pairs]
+
+
+def _check_hashes(info: dict[str, Any], registry: Registry) -> Iterator[tuple[str, str]]:
+    for name, short in _pairs(info.get("TI hashes", "")):
+        if name not in registry.asset_names("embedding"):
+            yield "TI hashes", f"embedding {brief(name)} is not registered"
+        elif registry.asset_identity("embedding", name)[:len(short) or 12] != short:
+            yield "TI hashes", f"embedding {brief(name)}: the image's {brief(short)} is not the registered file's"
+    for name, short in _pairs(info.get("Lora hashes", "")):
+        if name not in registry.asset_names("lora"):
+            yield "Lora hashes", f"lora {brief(name)} is not registered"
+            continue
+        entry = registry.asset("lora", name)
+        if entry.file is not None and a1111_lora_hash(entry.file) != short:
+            yield "Lora hashes", f"lora {brief(name)}: the image's {brief(short)} is not the registered file's"

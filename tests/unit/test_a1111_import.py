@@ -1,0 +1,125 @@
+"""A1111 images in: PNGs whose infotext A1111 or sdfarm wrote submit as jobs; a job survives the round
+trip job -> PNG -> infotext -> job with its id; what cannot be rendered as A1111 did is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from sdfarm.batchfile import plan_batch, stream_file
+from sdfarm.errors import BatchInvalid
+from sdfarm.models import Registry, a1111_lora_hash
+from worker.encode import encode_png
+
+TINY = "tiny-sd15"
+
+
+def png(path: Path, parameters: str | None) -> Path:
+    info = PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    Image.new("RGB", (8, 8), "gray").save(path, pnginfo=info)
+    return path
+
+
+def refused(path: Path, registry: Registry, cpu_noise: bool = False) -> list[str]:
+    with pytest.raises(BatchInvalid) as e:
+        stream_file(path, registry, 100, cpu_noise=cpu_noise).plan()
+    return [str(p) for p in e.value.problems]
+
+
+def test_a_png_in_a1111s_own_format_submits_as_its_job(tmp_path: Path, registry: Registry) -> None:
+    short = registry.identity(TINY)[:10]
+    text = ("a lighthouse at dusk, (storm:1.2)\n"
+            "Negative prompt: blurry\n"
+            f"Steps: 12, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 64x96, "
+            f"Model hash: {short}, Model: {TINY}, Denoising strength: 0.45, Clip skip: 2, RNG: CPU, Hires upscale: 2, "
+            "Hires steps: 5, Hires upscaler: Latent, Version: v1.10.1")
+    job, = stream_file(png(tmp_path / "00001-1234.png", text), registry, 100).plan().jobs
+    assert (job.prompt, job.negative_prompt, job.steps, job.sampler, job.schedule_type) == (
+        "a lighthouse at dusk, (storm:1.2)", "blurry", 12, "DPM++ 2M", "Karras")
+    assert (job.guidance_scale, job.seed, job.width, job.height, job.clip_skip, job.model) == (
+        6.5, 1234, 64, 96, 2, TINY)
+    assert job.hires is not None
+    assert (job.hires.scale, job.hires.steps, job.hires.upscaler, job.hires.denoising_strength) == (
+        2, 5, "Latent", 0.45)
+
+
+def test_a_job_survives_the_round_trip_through_its_png(tmp_path: Path, registry: Registry) -> None:
+    batch = f"""
+items:
+  - model: {TINY}
+    prompt: "a (red:1.3) fox, tiny-sparkle <lora:tiny-grain:0.7>"
+    negative_prompt: "snow, [blurry]"
+    seed: 77
+    steps: 9
+    guidance_scale: 5.5
+    width: 64
+    height: 80
+    sampler: Euler
+    schedule_type: Exponential
+    clip_skip: 2
+    hires: {{scale: 1.5, steps: 3, denoising_strength: 0.6, upscaler: "Latent (bicubic)"}}
+    upscale: {{factor: 2, upscaler: tiny-esrgan}}
+"""
+    job, = plan_batch(batch, "b.yaml", "yaml", registry, 10).jobs
+    lora_file = registry.asset("lora", "tiny-grain").file
+    assert lora_file is not None
+    encoded = encode_png(Image.new("RGB", (64, 80)), job, registry.identity(TINY)[:10],
+                         {job.loras[0].sha256: a1111_lora_hash(lora_file)})
+    (tmp_path / "out.png").write_bytes(encoded.png)
+    back, = stream_file(tmp_path / "out.png", registry, 10).plan().jobs
+    assert back == job
+    assert back.id == job.id
+
+
+def test_a_folder_is_one_job_per_png_and_every_refusal_names_its_image_and_field(
+        tmp_path: Path, registry: Registry) -> None:
+    short = registry.identity(TINY)[:10]
+    line = f"Steps: 4, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Model hash: {short}, Model: {TINY}"
+    folder = tmp_path / "from-a1111"
+    folder.mkdir()
+    png(folder / "a.png", f"a cat\n{line}, RNG: CPU")
+    png(folder / "b.png", f"a dog\n{line}")  # no RNG: A1111's GPU noise
+    png(folder / "c.png", "a bird\nSteps: 4, Sampler: Euler, Seed: 2, Size: 64x64, Model hash: 0123456789,"
+        " Model: other, Variation seed: 5, Variation seed strength: 0.3, Denoising strength: 0.5, RNG: CPU")
+    png(folder / "d.png", None)
+    (folder / "e.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("not an image: not read")
+    assert refused(folder, registry) == [
+        f"{folder}/b.png: RNG: no RNG field, which A1111 reads as GPU: sdfarm draws each image's noise on the CPU"
+        " (A1111's RNG: CPU); pass --cpu-noise to render it with CPU noise (same settings and seed, other noise)",
+        f"{folder}/c.png: Denoising strength: an img2img or inpainting image (no hires fields): its init image is"
+        " not in the infotext; submit it as a batch item with init_image",
+        f"{folder}/c.png: Model hash: '0123456789' ('other') is no registered model's (registered: "
+        + ", ".join(registry.names()) + ")",
+        f"{folder}/c.png: Variation seed: '5': sdfarm cannot render this as A1111 did (not supported)",
+        f"{folder}/c.png: Variation seed strength: '0.3': sdfarm cannot render this as A1111 did (not supported)",
+        f"{folder}/d.png: holds no A1111 `parameters` text (an image A1111 or sdfarm saved, with its infotext)",
+        f"{folder}/e.png: is not a PNG image",
+    ]
+    for bad in ("c.png", "d.png", "e.png"):
+        (folder / bad).unlink()
+    plan = stream_file(folder, registry, 100, cpu_noise=True).plan()
+    assert [j.prompt for j in plan.jobs] == ["a cat", "a dog"]
+    assert plan.name == "from-a1111"
+
+
+def test_hashes_must_be_the_registered_files(tmp_path: Path, registry: Registry) -> None:
+    short = registry.identity(TINY)[:10]
+    text = (f"a fox tiny-sparkle <lora:tiny-grain:1>\nSteps: 4, Sampler: Euler, Seed: 1, Size: 64x64, "
+            f"Model hash: {short}, Model: {TINY}, RNG: CPU, Lora hashes: \"tiny-grain: 000000000000\", "
+            "TI hashes: \"tiny-sparkle: 111111111111, nobody: 222222222222\"")
+    path = png(tmp_path / "x.png", text)
+    assert refused(path, registry) == [
+        f"{path}: TI hashes: embedding 'tiny-sparkle': the image's '111111111111' is not the registered file's",
+        f"{path}: TI hashes: embedding 'nobody' is not registered",
+        f"{path}: Lora hashes: lora 'tiny-grain': the image's '000000000000' is not the registered file's",
+    ]
+
+
+def test_an_empty_folder_is_refused(tmp_path: Path, registry: Registry) -> None:
+    assert refused(tmp_path, registry) == [f"{tmp_path}: holds no .png files"]

@@ -154,7 +154,7 @@ def run_scheduler(settings: Settings, loglevel: str = "INFO") -> int:
         redbeat_key_prefix="sdfarm:redbeat:",
         redbeat_lock_timeout=max(int(settings.scheduler_tick_s * 5), 30),
         beat_max_loop_interval=max(int(settings.scheduler_tick_s), 1),
-        beat_scheduler="redbeat.RedBeatScheduler",
+        beat_scheduler="producer.beat:ResilientRedBeat",
     )
     register_control_tasks(app, settings)
     tick = schedule(dt.timedelta(seconds=settings.scheduler_tick_s))

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from infra.stack import EmbeddedStack
 from producer.webhook import SIGNATURE_HEADER, sign
 from sdfarm.store import Store
 from tests.conftest import IDLE, ROOT, TINY, WorkerProcess, cli, wait_for
@@ -142,3 +143,20 @@ webhook: {{url: "{receiver}"}}
         assert len(_Receiver.calls) == 2  # one notice delivered, not more
     finally:
         worker.stop()
+
+
+def test_the_beat_ticks_on_after_a_redis_outage(schedulers: Callable[[dict[str, str]], Scheduler],
+                                                stack: EmbeddedStack) -> None:
+    """Redis down for several ticks: RedBeat's own tick would end the beat process while the
+    scheduler lived on without ticks (no dataset run, no reconcile, ever again)."""
+    scheduler = schedulers({})
+    wait_for(lambda: "Sending due task dataset-tick" in scheduler.text(), 60, "the beat to tick")
+    stack.kill_redis()
+    down_at = time.monotonic()
+    wait_for(lambda: "beat: Redis unreachable" in scheduler.text(), 30, "a tick while Redis is down")
+    wait_for(lambda: time.monotonic() - down_at > 3, 10, "three ticks' worth of outage", interval_s=0.5)
+    stack.start_redis()
+    before = scheduler.text().count("Sending due task dataset-tick")
+    wait_for(lambda: scheduler.text().count("Sending due task dataset-tick") > before + 2, 60,
+             "the beat to tick again after the outage")
+    assert "Process Beat" not in scheduler.text()  # the beat process never died

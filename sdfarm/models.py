@@ -249,8 +249,12 @@ def a1111_lora_hash(path: Path) -> str:
     if path.suffix.lower() == ".safetensors":
         with path.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size)) if 0 < size <= SAFETENSORS_HEADER_MAX else {}
-        given = header.get("__metadata__", {}).get("sshs_model_hash") if isinstance(header, dict) else None
+            try:  # a damaged file is refused where it is loaded, with its reason: here it only has no metadata
+                header = json.loads(f.read(size)) if 0 < size <= SAFETENSORS_HEADER_MAX else {}
+            except ValueError:
+                header = {}
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        given = metadata.get("sshs_model_hash") if isinstance(metadata, dict) else None
         if isinstance(given, str) and given:
             return given[:12]
     return addnet_hash(path)[:12]

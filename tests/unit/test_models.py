@@ -114,3 +114,6 @@ def test_a1111_lora_hash_is_the_sshs_metadata_else_the_addnet_hash(tmp_path: Pat
     save_file(tensors, str(tagged), metadata={"sshs_model_hash": "f" * 64})
     assert a1111_lora_hash(plain) == addnet_hash(plain)[:12]
     assert a1111_lora_hash(tagged) == "f" * 12
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes((2).to_bytes(8, "little") + b"{}garbage")
+    assert a1111_lora_hash(damaged) == addnet_hash(damaged)[:12]  # refused where it loads, not here

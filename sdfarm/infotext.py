@@ -47,7 +47,7 @@ def _hashes(refs: Any, short: Mapping[str, str] | None = None) -> str | None:
 
 def _loras_in_prompt_order(job: RenderJob) -> list[Any]:
     """The job's LoRAs in the order of the recorded prompt's <lora:...> tags, as A1111 lists them."""
-    order = {name: i for i, (name, _) in reversed(list(enumerate(lora_tags(infotext_prompt(job)))))}
+    order = {tag.name: i for i, tag in reversed(list(enumerate(lora_tags(infotext_prompt(job)))))}
     return sorted(job.loras, key=lambda lora: order.get(lora.name, len(order)))
 
 
@@ -65,8 +65,8 @@ def _embeddings_in_prompt_order(job: RenderJob) -> list[Any]:
 
 def infotext_prompt(job: RenderJob) -> str:
     """The prompt as A1111 records it: LoRAs given in the loras field are added as <lora:...> tags."""
-    tagged = {name for name, _ in lora_tags(job.prompt)}
-    extra = [lora_tag(lora.name, lora.weight) for lora in job.loras if lora.name not in tagged]
+    tagged = {tag.name for tag in lora_tags(job.prompt)}
+    extra = [lora_tag(lora.name, lora.weight, lora.unet_weight) for lora in job.loras if lora.name not in tagged]
     return " ".join([job.prompt, *extra])
 
 

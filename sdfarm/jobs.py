@@ -15,13 +15,14 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from .extra_networks import lora_tags
+from .extra_networks import lora_tag, lora_tags
 from .prompt_syntax import check_attention_weights, parse_prompt_attention
 from .samplers import AUTOMATIC, SAMPLERS, SCHEDULE_TYPES, allowed_sampler_names, resolve_schedule, split_sampler_name
 
 # 1: the first. 2: upscaler models (hires/upscale `upscaler_sha256`). 3: renders as A1111 does:
 # "Automatic" is the sampler's own schedule (and a job states it), the "Uniform" schedule, k-diffusion's
-# sigmas whatever the model folder's spacing, A1111's img2img and hires step counts.
+# sigmas whatever the model folder's spacing, A1111's img2img and hires step counts; a LoRA's
+# `unet_weight` (A1111's <lora:name:te:unet>).
 SCHEMA_VERSION: Final = 3
 # Fields added after version 1, (section of a job, field): the version that added them. A message
 # names the oldest version that reads it: the highest of these that it sets, else RENDERS_SINCE.
@@ -113,7 +114,8 @@ def _id_payload(wire: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_loras(value: Any) -> Any:
-    """Accept `[{name, weight}]`, `["name:0.8", ...]` or one string "a:0.8, b" (a CSV cell)."""
+    """Accept `[{name, weight}]`, `["name:0.8", ...]` or one string "a:0.8, b" (a CSV cell); a string
+    may give the UNet's weight too, as A1111's tag does: "name:te:unet"."""
     if isinstance(value, str):
         value = [part for part in value.split(",") if part.strip()]
     if not isinstance(value, list | tuple):
@@ -121,8 +123,14 @@ def parse_loras(value: Any) -> Any:
     items = []
     for item in value:
         if isinstance(item, str):
-            name, _, weight = item.strip().partition(":")
-            items.append({"name": name.strip(), "weight": weight.strip() or 1.0})
+            name, *weights = item.strip().split(":")
+            entry: dict[str, Any] = {"name": name.strip(), "weight": weights[0].strip() if weights else ""}
+            if len(weights) == 2 and weights[1].strip():
+                entry["unet_weight"] = weights[1].strip()
+            elif len(weights) > 2:
+                entry["weight"] = ":".join(weights)  # reported as not a number
+            entry["weight"] = entry["weight"] or 1.0
+            items.append(entry)
         else:
             items.append(item)
     return items
@@ -134,8 +142,23 @@ class LoraRef(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=ASSET_NAME_PATTERN)
-    weight: float = Field(default=1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT)
+    weight: float = Field(default=1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT)  # text encoder (and UNet)
     sha256: str = Field(pattern=SHA256_PATTERN)
+    # the UNet's multiplier where it differs from the text encoder's (A1111's <lora:name:te:unet>)
+    unet_weight: float | None = Field(default=None, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_weight(cls, data: Any) -> Any:
+        """A UNet weight equal to the weight is no second weight: one job, one id."""
+        if isinstance(data, dict) and data.get("unet_weight") is not None:
+            try:
+                same = float(data["unet_weight"]) == float(data.get("weight", 1.0))
+            except (TypeError, ValueError):
+                return data  # the field's own validation says what is wrong
+            if same:
+                return {k: v for k, v in data.items() if k != "unet_weight"}
+        return data
 
 
 class AssetRef(BaseModel):
@@ -358,10 +381,10 @@ class RenderJob(BaseModel):
 
     @model_validator(mode="after")
     def _tags_match_loras(self) -> RenderJob:
-        weights = {lora.name: lora.weight for lora in self.loras}
-        for name, weight in lora_tags(self.prompt):
-            if weights.get(name) != weight:
-                raise ValueError(f"the prompt's tag <lora:{name}:{weight:g}> is not in loras at that weight")
+        weights = {lora.name: (lora.weight, lora.unet_weight) for lora in self.loras}
+        for tag in lora_tags(self.prompt):
+            if weights.get(tag.name) != (tag.weight, tag.unet_weight):
+                raise ValueError(f"the prompt's tag {lora_tag(*tag)} is not in loras at that weight")
         return self
 
     @model_validator(mode="after")

@@ -39,14 +39,14 @@ class Adapters:
         self.keep = keep
         self.loras: OrderedDict[str, str] = OrderedDict()  # sha256 -> adapter name, oldest use first
         self.embeddings: dict[str, str] = {}  # token -> sha256
-        self._active: tuple[tuple[str, float], ...] | None = ()  # None: unknown (a switch failed midway)
+        self._active: tuple[tuple[str, float, float | None], ...] | None = ()  # None: unknown (a switch failed)
 
     def activate(self, loras: tuple[LoraRef, ...], embeddings: tuple[AssetRef, ...],
                  files: dict[str, Path]) -> None:
         """Make the pipeline render with exactly these LoRAs and have these embeddings' tokens."""
         for emb in embeddings:
             self._embedding(emb, files[emb.sha256])
-        wanted = tuple((lora.sha256, lora.weight) for lora in loras)
+        wanted = tuple((lora.sha256, lora.weight, lora.unet_weight) for lora in loras)
         if wanted == self._active:
             return
         self._active = None  # unknown until the switch below has fully succeeded
@@ -59,9 +59,18 @@ class Adapters:
             self._load(lora, files[lora.sha256])
         self._evict({lora.sha256 for lora in loras})
         self.pipe.enable_lora()
-        self.pipe.set_adapters([self.loras[lora.sha256] for lora in loras],
-                               adapter_weights=[lora.weight for lora in loras])
+        names = [self.loras[lora.sha256] for lora in loras]
+        self.pipe.set_adapters(names, adapter_weights=[self._weights(n, lora)
+                                                       for n, lora in zip(names, loras, strict=True)])
         self._active = wanted
+
+    def _weights(self, adapter: str, lora: LoraRef) -> float | dict[str, float]:
+        """One weight, or per component where the UNet's differs from the text encoders' (A1111's
+        <lora:name:te:unet>), for the components this adapter has layers in."""
+        if lora.unet_weight is None:
+            return lora.weight
+        has = [part for part, adapters in self.pipe.get_list_adapters().items() if adapter in adapters]
+        return {part: lora.unet_weight if part == "unet" else lora.weight for part in has}
 
     def _load(self, lora: LoraRef, path: Path) -> None:
         if lora.sha256 in self.loras:

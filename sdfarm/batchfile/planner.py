@@ -212,9 +212,10 @@ class _Planner:
         if isinstance(given, list) and len(given) <= MAX_LORAS \
                 and all(isinstance(x, dict) and isinstance(x.get("name"), str) for x in given):
             loras = [dict(x) for x in given]  # a name given twice is RenderJob's to report
-            for name, weight in tags:
-                if all(x["name"] != name for x in loras):
-                    loras.append({"name": name, "weight": weight})
+            for tag in tags:
+                if all(x["name"] != tag.name for x in loras):
+                    loras.append({"name": tag.name, "weight": tag.weight}
+                                 | ({"unet_weight": tag.unet_weight} if tag.unet_weight is not None else {}))
             for i, item in enumerate(loras):
                 try:
                     item["sha256"] = self.registry.asset_identity("lora", item["name"], family)

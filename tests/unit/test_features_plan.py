@@ -100,7 +100,9 @@ items:
   - {prompt: "a cat <hypernet:x:1>"}
   - {prompt: "a cat <lora:add_detail:lots>"}
   - {prompt: "a (cat:1.2.3)"}
-  - {prompt: "a cat <lora:add_detail:1:0.5>"}
+  - {prompt: "a cat <lora:add_detail:1:0.5:8>"}
+  - {prompt: "a cat <lora:add_detail:te=1:dyn=8>"}
+  - {prompt: "a cat <lora:add_detail:te=1:boost=2>"}
 """, registry)
     assert found[0] == ("b.yaml:4: item 1: loras.0.name: unknown lora 'nope'"
                         " (allowed: FilmGrain, add_detail, remote)")
@@ -111,7 +113,29 @@ items:
     assert "item 5: prompt: extra network tag '<hypernet:x:1>' is not supported" in found[4]
     assert "item 6: prompt: tag '<lora:add_detail:lots>': weight 'lots' is not a number" in found[5]
     assert "item 7: prompt: bad attention weight '1.2.3' in prompt 'a (cat:1.2.3)'" in found[6]
-    assert "item 8: prompt: tag '<lora:add_detail:1:0.5>': separate text-encoder/UNet weights" in found[7]
+    assert "item 8: prompt: tag '<lora:add_detail:1:0.5:8>': a dynamic dimension (dyn) is not supported" in found[7]
+    assert "item 9: prompt: tag '<lora:add_detail:te=1:dyn=8>': a dynamic dimension (dyn) is not" in found[8]
+    assert "item 10: prompt: tag '<lora:add_detail:te=1:boost=2>': unknown parameter 'boost'" in found[9]
+
+
+def test_a_loras_text_encoder_and_unet_weights_as_a1111s_tag_gives_them(registry: Registry) -> None:
+    # extensions-builtin/Lora/extra_networks_lora.py: te is the first number (default 1), unet the
+    # second (default te); te= and unet= name them; <lyco:...> is the same tag
+    jobs = plan("""
+defaults: {model: tiny-sd15, seed: 1}
+items:
+  - {prompt: "a cat <lora:add_detail:0.8:0.3>"}
+  - {prompt: "a cat <lyco:add_detail:unet=0.3:te=0.8>"}
+  - {prompt: "a cat", loras: ["add_detail:0.8:0.3"]}
+  - {prompt: "a cat", loras: [{name: add_detail, weight: 0.8, unet_weight: 0.3}]}
+  - {prompt: "a cat <lora:add_detail:0.8:0.8>"}
+  - {prompt: "a cat <lora:add_detail:0.8>"}
+""", registry)
+    assert [(j.loras[0].weight, j.loras[0].unet_weight) for j in jobs] == [(0.8, 0.3)] * 4 + [(0.8, None)] * 2
+    assert jobs[0].id != jobs[1].id  # the prompts differ as text
+    assert jobs[2].id == jobs[3].id
+    assert jobs[4].loras == jobs[5].loras  # a UNet weight equal to the text encoder's is none
+    assert job_infotext(jobs[2], SHA[:10]).startswith("a cat <lora:add_detail:0.8:0.3>\n")
 
 
 # ------------------------------------------------------------------ embeddings

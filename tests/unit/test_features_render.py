@@ -93,6 +93,24 @@ def test_lora_weight_zero_is_no_lora_weight_one_changes_two_combine(loaded: Load
     assert diff(again, none) == 0  # switching back off leaves no trace
 
 
+def test_text_encoder_and_unet_weights_apply_to_their_own_parts(loaded: LoadedModel, assets: AssetFiles,
+                                                                  files: dict[str, Path]) -> None:
+    def with_weights(te: float, unet: float) -> np.ndarray:
+        lora = {"name": "l0", "weight": te, "unet_weight": unet, "sha256": sha(files["l0"])}
+        image, = run(loaded, assets, RenderJob.model_validate({**make(loaded, files).model_dump(), "loras": [lora]}))
+        return image
+
+    none, = run(loaded, assets, make(loaded, files))
+    full, = run(loaded, assets, make(loaded, files, {"l0": 1.0}))
+    te_only, unet_only = with_weights(1.0, 0.0), with_weights(0.0, 1.0)
+    assert diff(with_weights(1.0, 1.0), full) == 0  # one weight for both is the plain tag
+    assert diff(with_weights(0.0, 0.0), none) == 0
+    assert diff(te_only, none) > 0  # the text encoder's layers alone change the image
+    assert diff(unet_only, none) > 10
+    assert diff(te_only, full) > 10
+    assert diff(unet_only, full) > 0
+
+
 def test_a_kohya_layout_lora_from_a1111_loads_and_applies(loaded: LoadedModel, assets: AssetFiles,
                                                           files: dict[str, Path]) -> None:
     none, = run(loaded, assets, make(loaded, files))

@@ -27,14 +27,16 @@ IGNORED: Final = frozenset({"Version", "User"})
 _SCALARS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "Steps": ("steps", int), "Sampler": ("sampler", str), "Schedule type": ("schedule_type", str),
     "CFG scale": ("guidance_scale", float), "Seed": ("seed", int), "Size-1": ("width", int),
-    "Size-2": ("height", int), "Clip skip": ("clip_skip", int)}
+    "Size-2": ("height", int), "Clip skip": ("clip_skip", int), "Variation seed": ("subseed", int),
+    "Variation seed strength": ("subseed_strength", float)}
 _HIRES: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "Hires upscale": ("scale", float), "Hires steps": ("steps", int), "Hires upscaler": ("upscaler", str),
     "Denoising strength": ("denoising_strength", float)}
 _UPSCALE: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "Postprocess upscale by": ("factor", float), "Postprocess upscaler": ("upscaler", str)}
 _HANDLED: Final = frozenset({"Prompt", "Negative prompt", "Model", "Model hash", "VAE", "VAE hash", "RNG",
-                             "Lora hashes", "TI hashes", "Emphasis", *_SCALARS, *_HIRES, *_UPSCALE, *IGNORED})
+                             "Lora hashes", "TI hashes", "Emphasis", "Seed resize from-1", "Seed resize from-2",
+                             *_SCALARS, *_HIRES, *_UPSCALE, *IGNORED})
 
 
 def png_paths(path: Path) -> list[Path]:
@@ -100,6 +102,8 @@ def item_from_infotext(text: str, registry: Registry, cpu_noise: bool = False) -
     for key, (fld, kind) in _SCALARS.items():
         if key in info:
             item[fld] = _value(info, key, kind, problems)
+    if "Seed resize from-1" in info:
+        item["seed_resize_from"] = [_value(info, f"Seed resize from-{i}", int, problems) for i in (1, 2)]
     hires = {fld: _value(info, key, kind, problems) for key, (fld, kind) in _HIRES.items() if key in info}
     if "Hires upscale" in info:
         item["hires"] = hires

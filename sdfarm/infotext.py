@@ -87,6 +87,9 @@ def job_parameters(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[s
         "Model": model_name or job.model,
         "VAE hash": job.vae.sha256[:10] if job.vae else None,
         "VAE": (vae_name or job.vae.name) if job.vae else None,
+        "Variation seed": job.subseed if job.subseed_strength else None,
+        "Variation seed strength": _number(job.subseed_strength) if job.subseed_strength else None,
+        "Seed resize from": "x".join(map(str, job.seed_resize_from)) if job.seed_resize_from else None,
         "Denoising strength": _number(hires.denoising_strength) if hires else (
             _number(job.strength) if job.init_image else None),
         "Clip skip": job.clip_skip if job.clip_skip > 1 else None,

@@ -87,6 +87,9 @@ USER_FIELDS: Final = (
     "mask_threshold",
     "mask_dilate",
     "mask_blur",
+    "subseed",
+    "subseed_strength",
+    "seed_resize_from",
 )
 MASK_FIELDS: Final = ("mask_threshold", "mask_dilate", "mask_blur")
 _ID_LABELS: Final = ("model", "schema_version")  # recorded, not hashed: a name, and the format
@@ -263,6 +266,11 @@ class RenderJob(BaseModel):
     mask_threshold: float = Field(default=0.4, ge=0.0, le=1.0)  # CLIPSeg probability that counts as masked
     mask_dilate: int = Field(default=0, ge=0, le=128)  # grow the mask by this many pixels
     mask_blur: int = Field(default=4, ge=0, le=64)  # A1111's "Mask blur"
+    # A1111's variation seed: the start noise is the seed's, slerped toward the subseed's by strength
+    subseed: int | None = None
+    subseed_strength: float = Field(default=0.0, ge=0.0, le=1.0)
+    # A1111's "resize seed from width/height": the noise of a (width, height) image, centred
+    seed_resize_from: tuple[int, int] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -312,6 +320,50 @@ class RenderJob(BaseModel):
         if not 0 <= v <= MAX_SEED:
             raise ValueError(f"{v} is out of range (allowed: 0..{MAX_SEED})")
         return v
+
+    @field_validator("subseed")
+    @classmethod
+    def _subseed(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_SEED:
+            raise ValueError(f"{v} is out of range (allowed: 0..{MAX_SEED})")
+        return v
+
+    @field_validator("seed_resize_from")
+    @classmethod
+    def _seed_resize_from(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not all(MIN_SIZE <= side <= MAX_SIZE and side % 8 == 0 for side in v):
+            raise ValueError(f"{v[0]}x{v[1]} is not allowed (allowed: width and height, multiples of 8 from"
+                             f" {MIN_SIZE} to {MAX_SIZE})")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _variation_off(cls, data: Any) -> Any:
+        """A variation seed at strength 0, or noise "resized" from the job's own size, changes nothing:
+        left out, so the job is the one without it (one render, one id)."""
+        if not isinstance(data, dict):
+            return data
+        out = data
+        if data.get("subseed_strength", 0.0) in (0, 0.0, None) and "subseed" in data:
+            out = {k: v for k, v in out.items() if k not in ("subseed", "subseed_strength")}
+        given = out.get("seed_resize_from")
+        if isinstance(given, list | tuple) and list(given) == [out.get("width", 512), out.get("height", 512)]:
+            out = {k: v for k, v in out.items() if k != "seed_resize_from"}
+        return out
+
+    @model_validator(mode="after")
+    def _variation(self) -> RenderJob:
+        if self.subseed_strength > 0 and self.subseed is None:
+            raise ValueError("subseed_strength needs subseed (the variation seed), 0..4294967295")
+        if self.varied and (self.hires is not None or self.init_image is not None):
+            raise ValueError("a variation seed or seed_resize_from with hires fix, img2img or inpainting is not"
+                             " supported yet (allowed: txt2img without hires)")
+        return self
+
+    @property
+    def varied(self) -> bool:
+        """Whether the start noise is A1111's variation noise rather than the seed's plain draw."""
+        return self.subseed_strength > 0 or self.seed_resize_from is not None
 
     @field_validator("width", "height")
     @classmethod
@@ -482,6 +534,7 @@ class RenderJob(BaseModel):
             self.upscale,
             self.mode,
             self.strength if self.init_image else None,
+            self.varied,  # varied noise is drawn by the worker, plain noise by the pipeline
         )
 
 

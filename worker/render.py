@@ -19,6 +19,7 @@ from sdfarm.jobs import RenderJob, Upscale
 
 from .hires import second_pass
 from .masks import Inputs, overlay
+from .noise import start_noise
 from .pipeline import LoadedModel
 from .prompts import chunk_counts, encode_prompts
 from .samplers import img2img_call, make_scheduler
@@ -86,9 +87,13 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
     pipe.scheduler = make_scheduler(first.sampler, first.schedule_type, loaded.base_scheduler_config,
                                     [j.seed for j in jobs])
     shared: dict[str, Any] = {"guidance_scale": first.guidance_scale}
-    call: dict[str, Any] = {"num_inference_steps": first.steps, "generator": generators(jobs)}
+    gens = generators(jobs)
+    call: dict[str, Any] = {"num_inference_steps": first.steps, "generator": gens}
     if first.mode == "txt2img":
         call.update(width=first.width, height=first.height)
+        if first.varied:  # A1111's variation noise, drawn from the generators the pipeline goes on with
+            noise = start_noise(jobs, gens, pipe.unet.config.in_channels, pipe.vae_scale_factor)
+            call.update(latents=noise.to(device=pipe.unet.device, dtype=pipe.unet.dtype))
     else:
         assert inputs is not None, "img2img and inpaint jobs need their inputs"
         steps, strength = img2img_call(first.steps, first.strength)

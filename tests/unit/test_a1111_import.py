@@ -85,7 +85,7 @@ def test_a_folder_is_one_job_per_png_and_every_refusal_names_its_image_and_field
     png(folder / "a.png", f"a cat\n{line}, RNG: CPU")
     png(folder / "b.png", f"a dog\n{line}")  # no RNG: A1111's GPU noise
     png(folder / "c.png", "a bird\nSteps: 4, Sampler: Euler, Seed: 2, Size: 64x64, Model hash: 0123456789,"
-        " Model: other, Variation seed: 5, Variation seed strength: 0.3, Denoising strength: 0.5, RNG: CPU")
+        " Model: other, Hires sampler: Euler, Hires CFG Scale: 5, Denoising strength: 0.5, RNG: CPU")
     png(folder / "d.png", None)
     (folder / "e.png").write_bytes(b"not a png")
     (folder / "notes.txt").write_text("not an image: not read")
@@ -96,8 +96,8 @@ def test_a_folder_is_one_job_per_png_and_every_refusal_names_its_image_and_field
         " not in the infotext; submit it as a batch item with init_image",
         f"{folder}/c.png: Model hash: '0123456789' ('other') is no registered model's (registered: "
         + ", ".join(registry.names()) + ")",
-        f"{folder}/c.png: Variation seed: '5': sdfarm cannot render this as A1111 did (not supported)",
-        f"{folder}/c.png: Variation seed strength: '0.3': sdfarm cannot render this as A1111 did (not supported)",
+        f"{folder}/c.png: Hires sampler: 'Euler': sdfarm cannot render this as A1111 did (not supported)",
+        f"{folder}/c.png: Hires CFG Scale: '5': sdfarm cannot render this as A1111 did (not supported)",
         f"{folder}/d.png: holds no A1111 `parameters` text (an image A1111 or sdfarm saved, with its infotext)",
         f"{folder}/e.png: is not a PNG image",
     ]

@@ -54,6 +54,9 @@ IMG2IMG_CHANGES = {
     "mask_dilate": 4,
     "mask_blur": 8,
 }
+# the same for variation seeds, over a job that has one
+VARIATION = {"subseed": 9, "subseed_strength": 0.5}
+VARIATION_CHANGES = {"subseed": 10, "subseed_strength": 0.4, "seed_resize_from": [128, 64]}
 
 
 def job(**changes: object) -> RenderJob:
@@ -92,7 +95,13 @@ def test_every_img2img_field_changes_the_id(field: str, value: object) -> None:
 
 def test_every_field_is_classified() -> None:
     labels = {"model", "schema_version"}
-    assert set(RenderJob.model_fields) == set(PIXEL_CHANGES) | set(IMG2IMG_CHANGES) | labels | {"prompt", "seed"}
+    assert set(RenderJob.model_fields) == set(PIXEL_CHANGES) | set(IMG2IMG_CHANGES) | set(VARIATION_CHANGES) \
+        | labels | {"prompt", "seed"}
+
+
+@pytest.mark.parametrize(("field", "value"), VARIATION_CHANGES.items())
+def test_every_variation_field_changes_the_id(field: str, value: object) -> None:
+    assert job(**{**VARIATION, field: value}).id != job(**VARIATION).id
 
 
 def test_legacy_sampler_name_is_split_and_same_job() -> None:

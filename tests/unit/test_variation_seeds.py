@@ -1,0 +1,110 @@
+"""Variation seeds and seed resizing as A1111 draws them (modules/rng.py: ImageRNG.first, slerp)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdfarm.batchfile import stream_file
+from sdfarm.infotext import job_infotext, parse_infotext
+from sdfarm.jobs import RenderJob
+from sdfarm.models import Registry
+from worker.encode import encode_png
+from worker.noise import job_noise
+from worker.pipeline import LoadedModel, load_model
+from worker.render import render
+
+BASE = {"model": "tiny-sd15", "model_hash": "0" * 64, "prompt": "a lighthouse", "seed": 5, "width": 64, "height": 64}
+
+
+def job(**changes: Any) -> RenderJob:
+    return RenderJob.model_validate({**BASE, **changes})
+
+
+def draw(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def noise(j: RenderJob) -> torch.Tensor:
+    return job_noise(j, torch.Generator("cpu").manual_seed(j.seed), 4, 8)
+
+
+def test_the_variation_slerps_from_the_seeds_noise_to_the_subseeds() -> None:
+    seed_noise, sub_noise = draw(5, (4, 8, 8)), draw(9, (4, 8, 8))
+    assert torch.equal(noise(job(seed_resize_from=[128, 64], width=128, height=64)),
+                       draw(5, (4, 8, 16)))  # resized from its own size: the plain draw
+    assert torch.allclose(noise(job(subseed=9, subseed_strength=1.0)), sub_noise, atol=1e-5)
+    half = noise(job(subseed=9, subseed_strength=0.5))
+    # A1111's slerp runs along dimension 1 of the (C, H, W) noise, per (channel, column); halfway it
+    # is (a + b) * sin(omega / 2) / sin(omega), omega the angle between the two columns
+    cos = (seed_noise / seed_noise.norm(dim=1, keepdim=True) * sub_noise / sub_noise.norm(dim=1, keepdim=True)).sum(1)
+    omega = torch.acos(cos)
+    assert torch.allclose(half, (torch.sin(omega / 2) / torch.sin(omega)).unsqueeze(1) * (seed_noise + sub_noise),
+                          atol=1e-5)
+
+
+def test_noise_resized_from_another_size_is_centred_in_the_seeds_own() -> None:
+    # a 64x64 job with the noise of a 128x128 one: the centre 8x8 of the seed's 16x16 draw
+    small = noise(job(seed_resize_from=[128, 128]))
+    assert torch.equal(small, draw(5, (4, 16, 16))[:, 4:12, 4:12])
+    # a 128x128 job with the noise of a 64x64 one: the seed's own draw around it, the 8x8 in the centre
+    big = noise(job(width=128, height=128, seed_resize_from=[64, 64]))
+    generator = torch.Generator("cpu").manual_seed(5)
+    around = torch.randn((4, 16, 16), generator=generator)
+    assert torch.equal(big[:, 4:12, 4:12], draw(5, (4, 8, 8)))
+    assert torch.equal(big[:, :4], around[:, :4])
+
+
+def test_what_changes_nothing_is_left_out_and_what_cannot_render_is_refused() -> None:
+    assert job(subseed=9).id == job().id  # no strength: no variation
+    assert job(subseed=9, subseed_strength=0).id == job().id
+    assert job(seed_resize_from=[64, 64]).id == job().id
+    with pytest.raises(ValueError, match="subseed_strength needs subseed"):
+        job(subseed_strength=0.5)
+    with pytest.raises(ValueError, match="with hires fix, img2img or inpainting is not supported yet"):
+        job(subseed=9, subseed_strength=0.5, hires={"scale": 2, "denoising_strength": 0.5})
+    with pytest.raises(ValueError, match="100x64 is not allowed"):
+        job(seed_resize_from=[100, 64])
+
+
+@pytest.fixture(scope="module")
+def loaded(registry: Registry) -> LoadedModel:
+    return load_model(registry, "tiny-sd15", "cpu")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+def test_a_variation_renders_between_its_seeds_and_alone_as_in_a_chunk(loaded: LoadedModel) -> None:
+    def at(**changes: Any) -> RenderJob:
+        return job(model_hash=loaded.identity, steps=6, **changes)
+
+    plain_5, plain_9 = (pixels(render(loaded, [at(seed=s)])[0]) for s in (5, 9))
+    full = pixels(render(loaded, [at(subseed=9, subseed_strength=1.0)])[0])
+    assert np.abs(full - plain_9).max() <= 1  # DPM++ 2M adds no noise: the subseed's noise is the image
+    half_job = at(subseed=9, subseed_strength=0.5)
+    half = pixels(render(loaded, [half_job])[0])
+    assert np.abs(half - plain_5).max() > 0
+    assert np.abs(half - plain_9).max() > 0
+    _, inside = render(loaded, [at(seed=7, subseed=3, subseed_strength=0.2), half_job])
+    assert np.abs(pixels(inside) - half).max() <= 2
+
+
+def test_the_infotext_records_it_and_reads_back_as_the_same_job(tmp_path: Path, registry: Registry,
+                                                                  loaded: LoadedModel) -> None:
+    j = job(model_hash=registry.identity("tiny-sd15"), subseed=9, subseed_strength=0.25,
+            seed_resize_from=[128, 96])
+    text = job_infotext(j, j.model_hash[:10])
+    assert "VAE" not in text
+    info = parse_infotext(text)
+    assert (info["Variation seed"], info["Variation seed strength"], info["Seed resize from-1"],
+            info["Seed resize from-2"]) == ("9", "0.25", "128", "96")
+    (tmp_path / "v.png").write_bytes(encode_png(Image.new("RGB", (64, 64)), j, j.model_hash[:10]).png)
+    back, = stream_file(tmp_path / "v.png", registry, 10).plan().jobs
+    assert back.id == j.id

@@ -1,0 +1,60 @@
+"""A1111's start noise for variation seeds (modules/rng.py, ImageRNG.first; modules/rng.py, slerp).
+
+Plain jobs leave their noise to the pipeline, which draws it from the job's generator as A1111 does.
+A job with a variation seed (`subseed`, `subseed_strength`) or `seed_resize_from` gets its noise
+here, drawn as A1111 draws it, from the same generator the pipeline then keeps drawing from (an
+ancestral sampler's step noise comes after it, as in A1111):
+
+- the noise is the seed's draw at the job's latent shape, or at `seed_resize_from`'s;
+- with a variation seed it is slerped toward the subseed's draw by `subseed_strength`;
+- noise of another size is pasted, centred, into the seed's draw at the job's shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sdfarm.jobs import RenderJob
+
+
+def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """A1111's slerp of two (C, H, W) noises, along their dimension 1, as A1111 computes it."""
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * val + high * (1 - val)  # A1111's own (reversed) weights for nearly equal noises
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
+
+
+def _draw(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+
+
+def job_noise(job: RenderJob, generator: torch.Generator, channels: int, scale: int) -> torch.Tensor:
+    """One job's (C, H, W) start noise in float32 on the CPU; `generator` is the job's own, and has
+    drawn it."""
+    shape = (channels, job.height // scale, job.width // scale)
+    resized = job.seed_resize_from
+    noise_shape = shape if resized is None else (channels, resized[1] // scale, resized[0] // scale)
+    sub = _draw(noise_shape, job.subseed) if job.subseed is not None and job.subseed_strength > 0 else None
+    noise = _draw(noise_shape, job.seed) if noise_shape != shape else torch.randn(shape, generator=generator)
+    if sub is not None:
+        noise = slerp(job.subseed_strength, noise, sub)
+    if noise_shape == shape:
+        return noise
+    x = torch.randn(shape, generator=generator)
+    dx, dy = (shape[2] - noise_shape[2]) // 2, (shape[1] - noise_shape[1]) // 2
+    w = noise_shape[2] if dx >= 0 else noise_shape[2] + 2 * dx
+    h = noise_shape[1] if dy >= 0 else noise_shape[1] + 2 * dy
+    tx, ty, sx, sy = max(dx, 0), max(dy, 0), max(-dx, 0), max(-dy, 0)
+    x[:, ty:ty + h, tx:tx + w] = noise[:, sy:sy + h, sx:sx + w]
+    return x
+
+
+def start_noise(jobs: list[RenderJob], generators: list[torch.Generator], channels: int, scale: int
+                ) -> torch.Tensor:
+    """The chunk's (N, C, H, W) start noise, float32 on the CPU: the pipeline's `latents`."""
+    return torch.stack([job_noise(j, g, channels, scale) for j, g in zip(jobs, generators, strict=True)])

@@ -309,8 +309,10 @@ mask_models: {{clipseg: {{path: clipseg}}}}
     examples = Path(__file__).resolve().parents[2] / "examples"
     path = examples / "features.yaml"
     jobs = plan_batch(path.read_text(), str(path), "yaml", reg, 1000, inputs=Inputs(None, examples / "inputs")).jobs
-    assert len(jobs) == 15
-    sd, xl = jobs[:13], jobs[13:]
+    assert len(jobs) == 16
+    sd, xl = jobs[:14], jobs[14:]
+    assert any(j.subseed_strength == 0.5 and j.subseed == 7 for j in sd)
+    assert any(lora.unet_weight == 0.3 for j in sd for lora in j.loras)
     assert all(j.embeddings for j in sd)
     assert [j.mode for j in sd[-3:]] == ["img2img", "inpaint", "inpaint"]
     assert sd[-1].mask_prompt == "sky"

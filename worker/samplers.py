@@ -7,6 +7,7 @@ parent imports this module. A parent that touched CUDA leaves its pool child una
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from sdfarm.samplers import EXPONENTIAL, KARRAS, SAMPLERS, resolve_schedule
@@ -18,7 +19,8 @@ _TABLE: dict[str, tuple[str, dict[str, Any]]] = {
     "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "DPM++ SDE": ("DPMSolverSDEScheduler", {}),  # stochastic, on a Brownian tree per image (torchsde)
-    "DDIM": ("DDIMScheduler", {}),
+    # A1111's DDIM timesteps: steps_offset 1, "leading" (1, 1 + c, ... with c = 1000 // steps)
+    "DDIM": ("DDIMScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
     # A1111's UniPC options' defaults: variant bh1, order 3, lower order final, time-uniform steps
     # ending at discrete timestep 0 (sigma_min), not at sigma 0 (where bh1 divides by zero)
     "UniPC": ("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3, "lower_order_final": True,
@@ -58,7 +60,31 @@ def make_scheduler(sampler: str, schedule_type: str, base_config: Any, seeds: li
         kwargs["use_karras_sigmas"] = True
     elif schedule == EXPONENTIAL:
         kwargs["use_exponential_sigmas"] = True
-    return getattr(diffusers, class_name).from_config(base_config, **kwargs)
+    cls = _a1111_ddim() if sampler == "DDIM" else getattr(diffusers, class_name)
+    return cls.from_config(base_config, **kwargs)
+
+
+@functools.cache
+def _a1111_ddim() -> Any:
+    """DDIM as A1111 runs it (modules/sd_samplers_timesteps.py, get_timesteps, and
+    sd_samplers_timesteps_impl.py, ddim): over T = range(0, 1000, 1000 // steps) + 1 it calls the
+    UNet at every T but the first, from the last down, each step going to the one below; the last
+    goes to T[0] = 1. That is len(T) - 1 calls (19 for 20 steps, 30 for 30), where diffusers' own
+    makes `steps` calls and ends past t = 1."""
+    import diffusers
+
+    ddim: Any = diffusers.DDIMScheduler
+
+    class A1111DDIMScheduler(ddim):  # type: ignore[misc]
+        def set_timesteps(self, num_inference_steps: int, device: Any = None) -> None:
+            import torch
+
+            super().set_timesteps(num_inference_steps, device)  # its step goes from t to t - 1000 // steps
+            stride = self.config.num_train_timesteps // num_inference_steps
+            t = torch.arange(0, self.config.num_train_timesteps, stride).add(1).clamp(0, 999)
+            self.timesteps = t[1:].flip(0).to(device=device)
+
+    return A1111DDIMScheduler
 
 
 def img2img_call(steps: int, strength: float) -> tuple[int, float]:

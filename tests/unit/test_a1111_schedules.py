@@ -197,6 +197,16 @@ def timesteps(sampler: str, n: int) -> list[float]:
     return [float(t) for t in s.timesteps]
 
 
+@pytest.mark.parametrize("steps", [20, 30])
+def test_ddim_calls_the_unet_where_a1111s_does(loaded: LoadedModel, steps: int) -> None:
+    # modules/sd_samplers_timesteps.py get_timesteps: T = range(0, 1000, 1000 // steps) + 1;
+    # sd_samplers_timesteps_impl.py ddim: the UNet at T[len - 1] down to T[1], never at T[0]
+    t = [x + 1 for x in range(0, 1000, 1000 // steps)]
+    seen = unet_timesteps(loaded, [job(model_hash=loaded.identity, steps=steps, sampler="DDIM")])
+    assert seen == [float(x) for x in reversed(t[1:])]
+    assert len(seen) == {20: 19, 30: 30}[steps]
+
+
 def test_img2img_renders_int_strength_times_steps_plus_one_steps_from_a1111s_sigma(loaded: LoadedModel) -> None:
     init = Image.new("RGB", (64, 64), (200, 40, 40))
     ref = {"key": "inputs/red.png", "sha256": hashlib.sha256(init.tobytes()).hexdigest(), "width": 64, "height": 64}

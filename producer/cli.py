@@ -318,6 +318,23 @@ def scheduler(loglevel: str) -> None:
     sys.exit(run_scheduler(_settings(), loglevel))
 
 
+@cli.command("reproduce")
+@click.argument("key")
+@click.option("--device", default="cpu", show_default=True, help="Where to render: cpu, cuda, cuda:N.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Write the new render here (PNG).")
+def reproduce_cmd(key: str, device: str, out: Path | None) -> None:
+    """Render a stored image again from its sidecar alone (KEY: a job id or renders/<id>.png) and
+    print how far the new pixels are from the stored ones."""
+    from worker.reproduce import reproduce  # the worker's dependencies: only this command needs them
+
+    r = reproduce(_settings(), key, device)
+    if out is not None:
+        r.image.save(out)
+    same = "identical" if r.max_diff == 0 else f"{r.pixels_differing} of {r.pixels} pixels differ"
+    console.print(f"job {r.job_id}: rendered again on {device} (stored by {r.rendered_by}): max difference"
+                  f" {r.max_diff}/255, mean {r.mean_diff:.3f}; {same}", highlight=False)
+
+
 @cli.command()
 def models() -> None:
     """The model registry: models, LoRAs, embeddings, VAEs, upscalers and mask models with sources and

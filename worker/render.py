@@ -17,8 +17,9 @@ from sdfarm.errors import RenderError
 from sdfarm.extra_networks import strip_tags
 from sdfarm.jobs import RenderJob, Upscale
 
+from .assets import AssetFiles
 from .hires import second_pass
-from .masks import Inputs, overlay
+from .masks import Inputs, MaskModels, job_inputs, overlay
 from .noise import start_noise
 from .pipeline import LoadedModel
 from .prompts import chunk_counts, encode_prompts
@@ -36,6 +37,18 @@ def generators(jobs: list[RenderJob]) -> list[torch.Generator]:
     """One CPU generator per image, seeded with the job's seed: a job's noise does not depend on
     its chunk, its position in the chunk, or the worker's device."""
     return [torch.Generator("cpu").manual_seed(job.seed) for job in jobs]
+
+
+def prepare(loaded: LoadedModel, assets: AssetFiles, masks: MaskModels, jobs: list[RenderJob]) -> Inputs:
+    """Put in place what render_each needs for compatible jobs: their files fetched and verified,
+    their LoRAs and embeddings active, their VAE and upscalers loaded; returns their init images and
+    masks."""
+    first = jobs[0]
+    files = assets.for_jobs(jobs)
+    loaded.adapters.activate(first.loras, tuple({e for j in jobs for e in j.embeddings}), files)
+    loaded.use_vae(first.vae, files)
+    loaded.upscalers.prepare(first, files)
+    return job_inputs(assets, masks, jobs)
 
 
 def render(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None = None) -> list[Image.Image]:

@@ -51,9 +51,9 @@ from sdfarm.store import Store
 from .assets import AssetFiles
 from .encode import Encoded, encode_png, sidecar
 from .health import NodeHealth, succeeding_peer
-from .masks import Inputs, MaskModels, job_inputs
+from .masks import Inputs, MaskModels
 from .pipeline import LoadedModel
-from .render import Rendered, render_each, render_split
+from .render import Rendered, prepare, render_each, render_split
 
 log = logging.getLogger("sdfarm.worker")
 
@@ -315,14 +315,8 @@ def _attempts_kept_on_transient(state: WorkerState, batch_id: str, todo: list[Ch
 def _prepare(state: WorkerState, chunk: Chunk, todo: list[ChunkEntry]) -> Inputs:
     """LoRAs, embeddings, VAE and upscalers switched between chunks; input images and masks; all
     verified. A failure here is the jobs' files, not this node: the jobs fail, the worker serves on."""
-    jobs = [e.job for e in todo]
-    first = jobs[0]
     try:
-        files = state.assets.for_jobs(jobs)
-        state.loaded.adapters.activate(first.loras, tuple({e for j in jobs for e in j.embeddings}), files)
-        state.loaded.use_vae(first.vae, files)
-        state.loaded.upscalers.prepare(first, files)
-        return job_inputs(state.assets, state.masks, jobs)
+        return prepare(state.loaded, state.assets, state.masks, [e.job for e in todo])
     except Exception as e:
         if is_transient(e):
             raise  # S3 blinked: retried, not failed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -148,6 +149,28 @@ def test_a_job_gives_the_same_image_alone_and_in_a_chunk(
         from_farm = np.asarray(img.convert("RGB")).astype(np.int16)
     alone = render(load_model(registry, TINY, "cpu"), [target])[0]  # this process, chunk of one
     assert np.abs(from_farm - np.asarray(alone).astype(np.int16)).max() <= 2
+
+
+def test_reproduce_renders_a_stored_image_again_from_its_sidecar(
+        tmp_path: Path, two_workers: list[WorkerProcess], env: dict[str, str], registry: Registry) -> None:
+    path = batch_file(tmp_path, "again-from-sidecar", TINY, ["a weathered signpost in fog"])
+    job = plan_file(path, registry, 100).jobs[0]
+    assert cli(["submit", str(path), "--watch"], env).returncode == 0
+    out = tmp_path / "again.png"
+    result = cli(["reproduce", image_key(job.id), "--out", str(out)], env, timeout_s=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = re.search(r"max difference (\d+)/255", result.stdout)
+    assert found is not None, result.stdout
+    assert int(found.group(1)) <= 2  # this machine's CPU, as the workers' (tests/unit: same image alone or in a chunk)
+    assert f"job {job.id}: rendered again on cpu (stored by farm-" in result.stdout
+    with Image.open(out) as again:
+        assert again.size == (64, 64)
+    missing = cli(["reproduce", "0" * 32], env)
+    assert missing.returncode == 2
+    assert "does not exist" in missing.stderr
+    nonsense = cli(["reproduce", "renders/not-a-job.png"], env)
+    assert (nonsense.returncode, nonsense.stderr.strip()) == (
+        2, "error: 'renders/not-a-job.png' names no job (expected a job id, or renders/<job id>.png)")
 
 
 def test_a_worker_killed_mid_chunk_loses_nothing(

@@ -36,6 +36,7 @@ _UPSCALE: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "Postprocess upscale by": ("factor", float), "Postprocess upscaler": ("upscaler", str)}
 _HANDLED: Final = frozenset({"Prompt", "Negative prompt", "Model", "Model hash", "VAE", "VAE hash", "RNG",
                              "Lora hashes", "TI hashes", "Emphasis", "Seed resize from-1", "Seed resize from-2",
+                             "Hires resize-1", "Hires resize-2",
                              *_SCALARS, *_HIRES, *_UPSCALE, *IGNORED})
 
 
@@ -105,7 +106,10 @@ def item_from_infotext(text: str, registry: Registry, cpu_noise: bool = False) -
     if "Seed resize from-1" in info:
         item["seed_resize_from"] = [_value(info, f"Seed resize from-{i}", int, problems) for i in (1, 2)]
     hires = {fld: _value(info, key, kind, problems) for key, (fld, kind) in _HIRES.items() if key in info}
-    if "Hires upscale" in info:
+    if "Hires resize-1" in info:
+        hires.update(resize_x=_value(info, "Hires resize-1", int, problems),
+                     resize_y=_value(info, "Hires resize-2", int, problems))
+    if "Hires upscale" in info or "Hires resize-1" in info:
         item["hires"] = hires
     elif "Denoising strength" in info:
         problems.append(("Denoising strength", "an img2img or inpainting image (no hires fields): its init image is"

@@ -95,7 +95,8 @@ def job_parameters(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[s
         "Clip skip": job.clip_skip if job.clip_skip > 1 else None,
         "RNG": "CPU",  # each image's noise comes from its own CPU generator: A1111's CPU noise source
         "Mask blur": job.mask_blur if job.mode == "inpaint" and job.mask_blur else None,
-        "Hires upscale": _number(hires.scale) if hires else None,
+        "Hires upscale": _number(hires.scale) if hires and not (hires.resize_x or hires.resize_y) else None,
+        "Hires resize": f"{hires.resize_x}x{hires.resize_y}" if hires and (hires.resize_x or hires.resize_y) else None,
         "Hires steps": hires.steps if hires and hires.steps else None,
         "Hires upscaler": hires.upscaler if hires else None,
         "Lora hashes": _hashes(_loras_in_prompt_order(job), lora_hashes),

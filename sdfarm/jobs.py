@@ -205,15 +205,45 @@ class HiresFix(BaseModel):
     denoising_strength: float = Field(default=0.7, gt=0.0, le=1.0)
     upscaler: str = "Latent"
     upscaler_sha256: str | None = Field(default=None, pattern=SHA256_PATTERN)  # a registered upscaler model's
+    # A1111's "Resize width/height to" (0: from the other side, or from scale when both are 0)
+    resize_x: int = Field(default=0, ge=0, le=MAX_HIRES_SIZE)
+    resize_y: int = Field(default=0, ge=0, le=MAX_HIRES_SIZE)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resize_or_scale(cls, data: Any) -> Any:
+        """With a resize size, A1111 ignores the scale: left out, so it does not make another job."""
+        if isinstance(data, dict) and (data.get("resize_x") or data.get("resize_y")):
+            return {k: v for k, v in data.items() if k != "scale"}
+        return data
 
     @model_validator(mode="after")
     def _upscaler(self) -> HiresFix:
         _check_upscaler(self.upscaler, self.upscaler_sha256, HIRES_UPSCALERS)
         return self
 
+    def upscale_to(self, width: int, height: int) -> tuple[int, int]:
+        """What the first pass is upscaled to (modules/processing.py, StableDiffusionProcessingTxt2Img.init):
+        scaled; or resized to resize_x/resize_y keeping the aspect, covering both when both are given."""
+        rx, ry = self.resize_x, self.resize_y
+        if not rx and not ry:
+            return int(width * self.scale), int(height * self.scale)
+        if not ry or (rx and width / height < rx / ry):
+            return rx, rx * height // width
+        return ry * width // height, ry
+
+    def truncation(self, width: int, height: int) -> tuple[int, int]:
+        """Latent columns and rows cut off the upscaled first pass (half each side) so that it is
+        resize_x x resize_y: A1111's truncate_x, truncate_y."""
+        if not (self.resize_x and self.resize_y):
+            return 0, 0
+        ux, uy = self.upscale_to(width, height)
+        return (ux - self.resize_x) // 8, (uy - self.resize_y) // 8
+
     def target(self, width: int, height: int) -> tuple[int, int]:
-        """The second pass's size: the scaled size, rounded down to a multiple of 8."""
-        return int(width * self.scale) // 8 * 8, int(height * self.scale) // 8 * 8
+        """The second pass's size: the upscaled size in whole latents, less the truncation."""
+        (ux, uy), (tx, ty) = self.upscale_to(width, height), self.truncation(width, height)
+        return (ux // 8 - tx) * 8, (uy // 8 - ty) * 8
 
 
 class Upscale(BaseModel):

@@ -18,7 +18,7 @@ from sdfarm.jobs import LATENT_UPSCALERS, RenderJob
 
 from .pipeline import LoadedModel
 from .samplers import hires_call, make_scheduler
-from .vae import decode
+from .vae import decode, encode
 
 
 def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Tensor, kwargs: dict[str, Any],
@@ -28,15 +28,18 @@ def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Te
     job = jobs[0]
     hires = job.hires
     assert hires is not None
-    width, height = hires.target(job.width, job.height)
+    width, height = hires.upscale_to(job.width, job.height)
     pipe = loaded.variant("img2img")
+    scale = pipe.vae_scale_factor
     if hires.upscaler in LATENT_UPSCALERS:
         mode, antialias = LATENT_UPSCALERS[hires.upscaler]
-        scale = pipe.vae_scale_factor
-        image: Any = F.interpolate(first_pass, size=(height // scale, width // scale), mode=mode, antialias=antialias)
-    else:
-        image = [loaded.upscalers.resize(img, (width, height), hires.upscaler, hires.upscaler_sha256)
-                 for img in decode(pipe, first_pass)]
+        image = F.interpolate(first_pass, size=(height // scale, width // scale), mode=mode, antialias=antialias)
+    else:  # encoded here (the posterior's mean), so the pass's noise is the seed's first draw, as in A1111
+        pixels = [loaded.upscalers.resize(img, (width, height), hires.upscaler, hires.upscaler_sha256)
+                  for img in decode(pipe, first_pass)]
+        image = encode(pipe, pixels, width // scale * scale, height // scale * scale)
+    tx, ty = hires.truncation(job.width, job.height)
+    image = image[:, :, ty // 2:image.shape[2] - (ty + 1) // 2, tx // 2:image.shape[3] - (tx + 1) // 2]
     pipe.scheduler = make_scheduler(job.sampler, job.schedule_type, loaded.base_scheduler_config,
                                     [j.seed for j in jobs])
     n, strength = hires_call(hires.steps or job.steps, hires.denoising_strength,

@@ -123,3 +123,12 @@ def test_hashes_must_be_the_registered_files(tmp_path: Path, registry: Registry)
 
 def test_an_empty_folder_is_refused(tmp_path: Path, registry: Registry) -> None:
     assert refused(tmp_path, registry) == [f"{tmp_path}: holds no .png files"]
+
+
+def test_a_hires_resize_size_comes_back_as_it_was(tmp_path: Path, registry: Registry) -> None:
+    short = registry.identity(TINY)[:10]
+    text = (f"a fox\nSteps: 4, Sampler: Euler, Seed: 3, Size: 64x64, Model hash: {short}, Model: {TINY},"
+            " Denoising strength: 0.5, RNG: CPU, Hires resize: 128x96, Hires steps: 2, Hires upscaler: Latent")
+    job, = stream_file(png(tmp_path / "r.png", text), registry, 10).plan().jobs
+    assert job.hires is not None
+    assert (job.hires.resize_x, job.hires.resize_y, job.hires.target(64, 64)) == (128, 96, (128, 96))

@@ -223,3 +223,33 @@ def test_the_hires_pass_runs_its_steps_at_the_end_of_a1111s_longer_schedule(load
     n = int(10 / 0.7)  # 14
     assert len(seen) == 3 + 10
     assert seen[3:] == pytest.approx(timesteps("Euler", n)[n - 10:], abs=1e-3)
+
+
+# --- hires "Resize width/height to": modules/processing.py, StableDiffusionProcessingTxt2Img.init
+# (hr_upscale_to_x/y, truncate_x/y) and sample_hr_pass (the latents cut by truncate // 2 each side) ---
+
+@pytest.mark.parametrize(("size", "resize", "upscale_to", "truncate", "target"), [
+    ((512, 768), (1024, 1024), (1024, 1536), (0, 64), (1024, 1024)),  # taller than wide: cut rows
+    ((768, 512), (1024, 1024), (1536, 1024), (64, 0), (1024, 1024)),
+    ((512, 512), (1024, 0), (1024, 1024), (0, 0), (1024, 1024)),  # one side: the other keeps the aspect
+    ((512, 768), (0, 1152), (768, 1152), (0, 0), (768, 1152)),
+    ((64, 64), (128, 96), (128, 128), (0, 4), (128, 96)),
+])
+def test_hires_resize_to_is_a1111s(size: tuple[int, int], resize: tuple[int, int], upscale_to: tuple[int, int],
+                                   truncate: tuple[int, int], target: tuple[int, int]) -> None:
+    w, h = size
+    hires = job(width=w, height=h, hires={"resize_x": resize[0], "resize_y": resize[1], "scale": 3}).hires
+    assert hires is not None
+    assert (hires.upscale_to(w, h), hires.truncation(w, h), hires.target(w, h)) == (upscale_to, truncate, target)
+    assert hires.scale == 2  # ignored with a resize size, as A1111 does: not part of the job
+
+
+def test_a_hires_pass_resized_to_a_size_renders_that_size_and_records_it(loaded: LoadedModel) -> None:
+    for upscaler in ("Latent", "Lanczos"):
+        j = job(model_hash=loaded.identity, steps=3, hires={"resize_x": 128, "resize_y": 96, "steps": 2,
+                                                            "denoising_strength": 0.5, "upscaler": upscaler})
+        image, = render(loaded, [j])
+        assert image.size == (128, 96)
+    info = parse_infotext(job_infotext(j, "0" * 10))
+    assert (info["Hires resize-1"], info["Hires resize-2"]) == ("128", "96")
+    assert "Hires upscale" not in info

@@ -351,11 +351,14 @@ class RenderJob(BaseModel):
             raise ValueError(f"{v} is out of range (allowed: 0..{MAX_SEED})")
         return v
 
-    @field_validator("subseed")
+    @field_validator("subseed", mode="before")
     @classmethod
-    def _subseed(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v <= MAX_SEED:
-            raise ValueError(f"{v} is out of range (allowed: 0..{MAX_SEED})")
+    def _subseed(cls, v: Any) -> Any:
+        """An integer as a seed is one: not true/false, not 9.5 (digits from a CSV cell are)."""
+        if v is None:
+            return v
+        if isinstance(v, bool | float) or (isinstance(v, int) and not 0 <= v <= MAX_SEED):
+            raise ValueError(f"{v!r} is not allowed (allowed: an integer 0..{MAX_SEED})")
         return v
 
     @field_validator("seed_resize_from")
@@ -374,7 +377,11 @@ class RenderJob(BaseModel):
         if not isinstance(data, dict):
             return data
         out = data
-        if data.get("subseed_strength", 0.0) in (0, 0.0, None) and "subseed" in data:
+        try:
+            off = float(data.get("subseed_strength") or 0.0) == 0.0
+        except (TypeError, ValueError):
+            off = False  # the field's own validation says what is wrong
+        if off and "subseed" in data:
             out = {k: v for k, v in out.items() if k not in ("subseed", "subseed_strength")}
         given = out.get("seed_resize_from")
         if isinstance(given, list | tuple) and list(given) == [out.get("width", 512), out.get("height", 512)]:

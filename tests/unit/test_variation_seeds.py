@@ -63,11 +63,15 @@ def test_noise_resized_from_another_size_is_centred_in_the_seeds_own() -> None:
 def test_what_changes_nothing_is_left_out_and_what_cannot_render_is_refused() -> None:
     assert job(subseed=9).id == job().id  # no strength: no variation
     assert job(subseed=9, subseed_strength=0).id == job().id
+    assert job(subseed="9", subseed_strength="0").id == job().id  # as a CSV cell gives them
     assert job(seed_resize_from=[64, 64]).id == job().id
     with pytest.raises(ValueError, match="subseed_strength needs subseed"):
         job(subseed_strength=0.5)
     with pytest.raises(ValueError, match="with hires fix, img2img or inpainting is not supported yet"):
         job(subseed=9, subseed_strength=0.5, hires={"scale": 2, "denoising_strength": 0.5})
+    for bad in (True, 9.5, -1, 2**32):
+        with pytest.raises(ValueError, match=r"is not allowed \(allowed: an integer 0\.\.4294967295\)"):
+            job(subseed=bad, subseed_strength=0.5)
     with pytest.raises(ValueError, match="100x64 is not allowed"):
         job(seed_resize_from=[100, 64])
 

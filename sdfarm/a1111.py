@@ -31,7 +31,8 @@ _SCALARS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "Variation seed strength": ("subseed_strength", float)}
 _HIRES: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "Hires upscale": ("scale", float), "Hires steps": ("steps", int), "Hires upscaler": ("upscaler", str),
-    "Denoising strength": ("denoising_strength", float)}
+    "Denoising strength": ("denoising_strength", float), "Hires sampler": ("sampler", str),
+    "Hires schedule type": ("schedule_type", str), "Hires CFG Scale": ("guidance_scale", float)}
 _UPSCALE: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "Postprocess upscale by": ("factor", float), "Postprocess upscaler": ("upscaler", str)}
 _HANDLED: Final = frozenset({"Prompt", "Negative prompt", "Model", "Model hash", "VAE", "VAE hash", "RNG",
@@ -111,7 +112,10 @@ def item_from_infotext(text: str, registry: Registry, cpu_noise: bool = False) -
                      resize_y=_value(info, "Hires resize-2", int, problems))
     if "Hires upscale" in info or "Hires resize-1" in info:
         item["hires"] = hires
-    elif "Denoising strength" in info:
+    else:
+        problems.extend((key, "a hires field without `Hires upscale` or `Hires resize`") for key in info
+                        if key in _HIRES and key != "Denoising strength")
+    if "Denoising strength" in info and "hires" not in item:
         problems.append(("Denoising strength", "an img2img or inpainting image (no hires fields): its init image is"
                                                " not in the infotext; submit it as a batch item with init_image"))
     upscale = {fld: _value(info, key, kind, problems) for key, (fld, kind) in _UPSCALE.items() if key in info}

@@ -208,6 +208,21 @@ class HiresFix(BaseModel):
     # A1111's "Resize width/height to" (0: from the other side, or from scale when both are 0)
     resize_x: int = Field(default=0, ge=0, le=MAX_HIRES_SIZE)
     resize_y: int = Field(default=0, ge=0, le=MAX_HIRES_SIZE)
+    # the pass's own sampler (its schedule type resolved as a job's), and CFG scale; none: the first pass's
+    sampler: str | None = None
+    schedule_type: str | None = None
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_sampler(cls, data: Any) -> Any:
+        """A sampler of its own is resolved as a job's: "X Karras" split, Automatic its default."""
+        if isinstance(data, dict) and isinstance(data.get("sampler"), str):
+            sampler, named = split_sampler_name(data["sampler"])
+            given = data.get("schedule_type") or AUTOMATIC
+            if sampler in SAMPLERS and isinstance(given, str) and (named or given) in SCHEDULE_TYPES:
+                data = {**data, "sampler": sampler, "schedule_type": resolve_schedule(sampler, named or given)}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -220,6 +235,16 @@ class HiresFix(BaseModel):
     @model_validator(mode="after")
     def _upscaler(self) -> HiresFix:
         _check_upscaler(self.upscaler, self.upscaler_sha256, HIRES_UPSCALERS)
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r} (allowed: {', '.join(allowed_sampler_names())})")
+        if self.sampler is None and self.schedule_type is not None:
+            raise ValueError("schedule_type goes with a hires sampler of its own; without one the pass runs the"
+                             " first pass's sampler and schedule")
+        if self.sampler is not None and self.schedule_type not in SAMPLERS[self.sampler]:
+            allowed = SAMPLERS[self.sampler]
+            names = allowed if AUTOMATIC in allowed else (AUTOMATIC, *allowed)
+            raise ValueError(f"schedule_type {self.schedule_type!r} does not apply to sampler {self.sampler!r}"
+                             f" (allowed: {', '.join(names)})")
         return self
 
     def upscale_to(self, width: int, height: int) -> tuple[int, int]:

@@ -40,8 +40,11 @@ def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Te
         image = encode(pipe, pixels, width // scale * scale, height // scale * scale)
     tx, ty = hires.truncation(job.width, job.height)
     image = image[:, :, ty // 2:image.shape[2] - (ty + 1) // 2, tx // 2:image.shape[3] - (tx + 1) // 2]
-    pipe.scheduler = make_scheduler(job.sampler, job.schedule_type, loaded.base_scheduler_config,
-                                    [j.seed for j in jobs])
+    sampler, schedule = (hires.sampler, hires.schedule_type) if hires.sampler else (job.sampler, job.schedule_type)
+    assert schedule is not None
+    pipe.scheduler = make_scheduler(sampler, schedule, loaded.base_scheduler_config, [j.seed for j in jobs])
+    if hires.guidance_scale is not None:
+        kwargs = {**kwargs, "guidance_scale": hires.guidance_scale}
     n, strength = hires_call(hires.steps or job.steps, hires.denoising_strength,
                              loaded.base_scheduler_config["num_train_timesteps"])
     out = pipe(image=image, strength=strength, num_inference_steps=n, generator=generators, output_type="latent",

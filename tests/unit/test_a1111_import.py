@@ -85,19 +85,19 @@ def test_a_folder_is_one_job_per_png_and_every_refusal_names_its_image_and_field
     png(folder / "a.png", f"a cat\n{line}, RNG: CPU")
     png(folder / "b.png", f"a dog\n{line}")  # no RNG: A1111's GPU noise
     png(folder / "c.png", "a bird\nSteps: 4, Sampler: Euler, Seed: 2, Size: 64x64, Model hash: 0123456789,"
-        " Model: other, Hires sampler: Euler, Hires CFG Scale: 5, Denoising strength: 0.5, RNG: CPU")
+        " Model: other, Hires prompt: a hawk, Hires steps: 5, Denoising strength: 0.5, RNG: CPU")
     png(folder / "d.png", None)
     (folder / "e.png").write_bytes(b"not a png")
     (folder / "notes.txt").write_text("not an image: not read")
     assert refused(folder, registry) == [
         f"{folder}/b.png: RNG: no RNG field, which A1111 reads as GPU: sdfarm draws each image's noise on the CPU"
         " (A1111's RNG: CPU); pass --cpu-noise to render it with CPU noise (same settings and seed, other noise)",
+        f"{folder}/c.png: Hires steps: a hires field without `Hires upscale` or `Hires resize`",
         f"{folder}/c.png: Denoising strength: an img2img or inpainting image (no hires fields): its init image is"
         " not in the infotext; submit it as a batch item with init_image",
         f"{folder}/c.png: Model hash: '0123456789' ('other') is no registered model's (registered: "
         + ", ".join(registry.names()) + ")",
-        f"{folder}/c.png: Hires sampler: 'Euler': sdfarm cannot render this as A1111 did (not supported)",
-        f"{folder}/c.png: Hires CFG Scale: '5': sdfarm cannot render this as A1111 did (not supported)",
+        f"{folder}/c.png: Hires prompt: 'a hawk': sdfarm cannot render this as A1111 did (not supported)",
         f"{folder}/d.png: holds no A1111 `parameters` text (an image A1111 or sdfarm saved, with its infotext)",
         f"{folder}/e.png: is not a PNG image",
     ]
@@ -125,10 +125,12 @@ def test_an_empty_folder_is_refused(tmp_path: Path, registry: Registry) -> None:
     assert refused(tmp_path, registry) == [f"{tmp_path}: holds no .png files"]
 
 
-def test_a_hires_resize_size_comes_back_as_it_was(tmp_path: Path, registry: Registry) -> None:
+def test_a_hires_resize_size_and_sampler_come_back_as_they_were(tmp_path: Path, registry: Registry) -> None:
     short = registry.identity(TINY)[:10]
     text = (f"a fox\nSteps: 4, Sampler: Euler, Seed: 3, Size: 64x64, Model hash: {short}, Model: {TINY},"
-            " Denoising strength: 0.5, RNG: CPU, Hires resize: 128x96, Hires steps: 2, Hires upscaler: Latent")
+            " Denoising strength: 0.5, RNG: CPU, Hires resize: 128x96, Hires steps: 2, Hires upscaler: Latent,"
+            " Hires sampler: DPM++ 2M, Hires schedule type: Exponential, Hires CFG Scale: 4.5")
     job, = stream_file(png(tmp_path / "r.png", text), registry, 10).plan().jobs
     assert job.hires is not None
     assert (job.hires.resize_x, job.hires.resize_y, job.hires.target(64, 64)) == (128, 96, (128, 96))
+    assert (job.hires.sampler, job.hires.schedule_type, job.hires.guidance_scale) == ("DPM++ 2M", "Exponential", 4.5)

@@ -8,6 +8,7 @@ import hashlib
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -253,3 +254,24 @@ def test_a_hires_pass_resized_to_a_size_renders_that_size_and_records_it(loaded:
     info = parse_infotext(job_infotext(j, "0" * 10))
     assert (info["Hires resize-1"], info["Hires resize-2"]) == ("128", "96")
     assert "Hires upscale" not in info
+
+
+def test_the_hires_pass_runs_its_own_sampler_and_cfg_and_records_them(loaded: LoadedModel) -> None:
+    base = {"scale": 2, "steps": 3, "denoising_strength": 0.5}
+    plain = job(model_hash=loaded.identity, steps=3, sampler="Euler", hires=base)
+    own = job(model_hash=loaded.identity, steps=3, sampler="Euler",
+              hires={**base, "sampler": "DPM++ 2M", "guidance_scale": 3.5})
+    assert own.hires is not None
+    assert (own.hires.sampler, own.hires.schedule_type) == ("DPM++ 2M", "Karras")  # Automatic, resolved
+    seen = unet_timesteps(loaded, [own])
+    n = int(3 / 0.5)
+    assert seen[3:] == pytest.approx(timesteps("DPM++ 2M", n)[n - 3:], abs=1e-3)  # the pass's sampler's schedule
+    a, b = (np.asarray(render(loaded, [j])[0], dtype=np.int16) for j in (plain, own))
+    assert np.abs(a - b).max() > 0
+    info = parse_infotext(job_infotext(own, "0" * 10))
+    assert (info["Hires sampler"], info["Hires schedule type"], info["Hires CFG Scale"]) == ("DPM++ 2M", "Karras",
+                                                                                             "3.5")
+    with pytest.raises(ValueError, match="schedule_type goes with a hires sampler of its own"):
+        job(hires={**base, "schedule_type": "Karras"})
+    with pytest.raises(ValueError, match="unknown sampler 'Nope'"):
+        job(hires={**base, "sampler": "Nope"})

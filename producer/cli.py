@@ -24,14 +24,13 @@ from sdfarm.batchfile import load_yaml, stream_file
 from sdfarm.datasets import load_spec
 from sdfarm.errors import BatchInvalid, ConfigError, SdfarmError, brief, printable
 from sdfarm.inputs import Inputs
-from sdfarm.layout import batch_key
 from sdfarm.models import FAMILY_FREE, Registry
 from sdfarm.progress import ACTIVE, CANCELLED, ProgressBoard
-from sdfarm.queue import DEFAULT_PRIORITY, in_flight, make_celery, queue_depth
+from sdfarm.queue import DEFAULT_PRIORITY, make_celery
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
-from .control import cancel, pause, reconcile, resume, retry_failed
+from .control import cancel, nothing_queued_or_in_flight, pause, reconcile, resume, retry_failed
 from .datasets import dataset_rows, run_dataset
 from .export import FORMATS as EXPORT_FORMATS
 from .export import export
@@ -138,8 +137,7 @@ def _watch_and_exit(settings: Settings, board: ProgressBoard, store: Store, batc
     app = make_celery(settings)
 
     def reconcile_if_idle() -> None:
-        models = store.get_json(batch_key(batch_id)).get("models", {})
-        if any(queue_depth(board.r, m) for m in models) or in_flight(board.r, batch_id) is not False:
+        if not nothing_queued_or_in_flight(store, board, batch_id):
             return
         result = reconcile(store, board, app, batch_id, settings.chunk_size)
         if result.enqueued_jobs:

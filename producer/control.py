@@ -122,10 +122,24 @@ def retry_failed(store: Store, board: ProgressBoard, app: Celery, batch_id: str)
     return len(failed)
 
 
-def nothing_queued_or_in_flight(store: Store, board: ProgressBoard, batch_id: str) -> bool:
-    """No message of the batch waits in its models' queues or is held by a worker (unacknowledged)."""
+RESTORE_GAP_S = 0.5  # between the two looks of nothing_queued_or_in_flight
+
+
+def nothing_queued_or_in_flight(store: Store, board: ProgressBoard, batch_id: str,
+                                confirm_s: float = RESTORE_GAP_S) -> bool:
+    """No message of the batch waits in its models' queues or is held by a worker (unacknowledged),
+    on two looks confirm_s apart. kombu restores an unacknowledged message in two steps (out of
+    the unacked hash, then onto the queue), and one look can fall between them: a soak run
+    reconciled a chunk that was being restored, and rendered it twice."""
     models = store.get_json(batch_key(batch_id)).get("models", {})
-    return not any(queue_depth(board.r, m) for m in models) and in_flight(board.r, batch_id) is False
+
+    def idle() -> bool:
+        return not any(queue_depth(board.r, m) for m in models) and in_flight(board.r, batch_id) is False
+
+    if not idle():
+        return False
+    time.sleep(confirm_s)  # the second look: a restore in progress has landed on the queue by now
+    return idle()
 
 
 def reconcile_stalled(store: Store, board: ProgressBoard, app: Celery, chunk_size: int, stall_s: float,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +87,12 @@ def decode_each(pipe: Any, latents: torch.Tensor) -> list[Image.Image | RenderEr
     """The pipeline's latents -> PIL images, with the VAE and image processor the pipeline holds;
     an image whose latents or pixels are not finite is a RenderError saying which, in its place
     (every op is per image, so its chunk-mates are whole). The batch is decoded whole, as the
-    static batch of a compiled VAE needs. `force_upcast` is honoured for SDXL only, as diffusers'
-    pipelines do (AutoencoderKL defaults it to True, and SD 1.x VAE configs never set it: SD 1.x
-    decodes in fp16, as in A1111)."""
+    static batch of a compiled VAE needs. An SDXL VAE that says `force_upcast` decodes in fp32
+    (_force_upcast); any fp16 decode that gives NaN is redone in fp32."""
     bad_latents = _not_finite(latents)
     vae = pipe.vae
     fp32 = vae.dtype == torch.float32
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    pixels = _decode(vae, latents, upcast=not fp32 and sdxl and bool(getattr(vae.config, "force_upcast", False)))
+    pixels = _decode(vae, latents, upcast=_force_upcast(pipe))
     if (_not_finite(pixels) & ~bad_latents).any() and not fp32:
         log.warning("VAE decode in %s gave NaN: decoding again in float32", vae.dtype)
         pixels = _decode(vae, latents, upcast=True)
@@ -125,47 +125,53 @@ def encode(pipe: Any, images: list[Image.Image], width: int, height: int) -> tor
     first draw there; A1111's init noise is the seed's first draw. Handed to the pipeline as its
     `image`, these latents leave that draw to the noise. Upcast as decode_each does."""
     vae = pipe.vae
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    upcast = vae.dtype != torch.float32 and sdxl and bool(getattr(vae.config, "force_upcast", False))
     dtype = vae.dtype
-    if upcast:
-        vae.to(dtype=torch.float32)
-    try:
+    with _working_dtype(vae, _force_upcast(pipe)) as work:
         pixels = pipe.image_processor.preprocess(images, height=height, width=width)
-        work = torch.float32 if upcast else dtype
         mean = vae.encode(pixels.to(device=vae.device, dtype=work)).latent_dist.mode()
-        config = vae.config
-        means, stds = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if means is not None and stds is not None:
-            shape = (1, mean.shape[1], 1, 1)
-            latents = (mean - torch.tensor(means, dtype=work, device=vae.device).view(shape)) * config.scaling_factor \
-                / torch.tensor(stds, dtype=work, device=vae.device).view(shape)
-        else:
-            latents = mean * config.scaling_factor
-        out: torch.Tensor = latents.to(dtype=dtype)
-        return out
+        stats = _latent_stats(vae, work, mean.shape[1])
+        scaled = (mean - stats[0]) / stats[1] if stats else mean
+        latents: torch.Tensor = (scaled * vae.config.scaling_factor).to(dtype=dtype)
+        return latents
+
+
+def _force_upcast(pipe: Any) -> bool:
+    """An fp16 SDXL VAE whose config says `force_upcast` works in fp32 (diffusers' pipelines honour
+    it for SDXL only: SD 1.x VAE configs never set it, and SD 1.x runs its VAE in fp16, as A1111)."""
+    vae = pipe.vae
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    return vae.dtype != torch.float32 and sdxl and bool(getattr(vae.config, "force_upcast", False))
+
+
+@contextmanager
+def _working_dtype(vae: Any, upcast: bool) -> Iterator[torch.dtype]:
+    """The VAE in float32 for the block when upcast (then back in its own dtype); yields the dtype it works in."""
+    dtype = vae.dtype
+    if not upcast:
+        yield dtype
+        return
+    vae.to(dtype=torch.float32)
+    try:
+        yield torch.float32
     finally:
-        if upcast:
-            vae.to(dtype=dtype)
+        vae.to(dtype=dtype)
+
+
+def _latent_stats(vae: Any, work: torch.dtype, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The VAE config's per-channel latents_mean and latents_std, shaped to broadcast; None without them."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    shape = (1, channels, 1, 1)
+    return (torch.tensor(mean, dtype=work, device=vae.device).view(shape),
+            torch.tensor(std, dtype=work, device=vae.device).view(shape))
 
 
 def _decode(vae: Any, latents: torch.Tensor, upcast: bool) -> torch.Tensor:
-    dtype = vae.dtype
-    if upcast:
-        vae.to(dtype=torch.float32)
-    try:
-        work = torch.float32 if upcast else dtype
-        config = vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        latents = latents.to(device=vae.device, dtype=work)
-        if mean is not None and std is not None:
-            channels = latents.shape[1]
-            latents = latents * torch.tensor(std, dtype=work, device=vae.device).view(1, channels, 1, 1) \
-                / config.scaling_factor + torch.tensor(mean, dtype=work, device=vae.device).view(1, channels, 1, 1)
-        else:
-            latents = latents / config.scaling_factor
+    with _working_dtype(vae, upcast) as work:
+        latents = latents.to(device=vae.device, dtype=work) / vae.config.scaling_factor
+        stats = _latent_stats(vae, work, latents.shape[1])
+        if stats:
+            latents = latents * stats[1] + stats[0]
         pixels: torch.Tensor = vae.decode(latents, return_dict=False)[0]
         return pixels.float()
-    finally:
-        if upcast:
-            vae.to(dtype=dtype)

@@ -72,16 +72,16 @@ def finish_mask(mask: Image.Image, job: RenderJob) -> Image.Image:
 
 def gaussian_blur(mask: Image.Image, sigma: float) -> Image.Image:
     """cv2.GaussianBlur of an 8-bit mask as A1111 calls it: a separable kernel of
-    2*int(2.5 sigma + 0.5) + 1 taps, OpenCV's default border (reflect without repeating the edge)."""
+    2*int(2.5 sigma + 0.5) + 1 taps (getGaussianKernel's), OpenCV's default border (reflect without
+    repeating the edge: scipy's "mirror")."""
+    from scipy.ndimage import correlate1d
+
     size = 2 * int(2.5 * sigma + 0.5) + 1
     taps = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma * sigma))
     taps /= taps.sum()
     out = np.asarray(mask, dtype=np.float64)
     for axis in (1, 0):  # x, then y
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (size // 2, size // 2)
-        padded = np.pad(out, pad, mode="reflect")
-        out = sum(w * np.take(padded, range(i, i + out.shape[axis]), axis=axis) for i, w in enumerate(taps))
+        out = correlate1d(out, taps, axis=axis, mode="mirror")
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="L")
 
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from .extra_networks import lora_tag, lora_tags
 from .prompt_syntax import check_attention_weights, parse_prompt_attention
-from .samplers import AUTOMATIC, SAMPLERS, SCHEDULE_TYPES, allowed_sampler_names, resolve_schedule, split_sampler_name
+from .samplers import AUTOMATIC, SAMPLERS, allowed_sampler_names, check_schedule, resolve_sampler
 
 # 1: the first. 2: upscaler models (hires/upscale `upscaler_sha256`). 3: renders as A1111 does:
 # "Automatic" is the sampler's own schedule (and a job states it), the "Uniform" schedule, k-diffusion's
@@ -218,10 +218,9 @@ class HiresFix(BaseModel):
     def _own_sampler(cls, data: Any) -> Any:
         """A sampler of its own is resolved as a job's: "X Karras" split, Automatic its default."""
         if isinstance(data, dict) and isinstance(data.get("sampler"), str):
-            sampler, named = split_sampler_name(data["sampler"])
             given = data.get("schedule_type") or AUTOMATIC
-            if sampler in SAMPLERS and isinstance(given, str) and (named or given) in SCHEDULE_TYPES:
-                data = {**data, "sampler": sampler, "schedule_type": resolve_schedule(sampler, named or given)}
+            if isinstance(given, str) and (resolved := resolve_sampler(data["sampler"], given)):
+                data = {**data, "sampler": resolved[0], "schedule_type": resolved[1]}
         return data
 
     @model_validator(mode="before")
@@ -240,11 +239,8 @@ class HiresFix(BaseModel):
         if self.sampler is None and self.schedule_type is not None:
             raise ValueError("schedule_type goes with a hires sampler of its own; without one the pass runs the"
                              " first pass's sampler and schedule")
-        if self.sampler is not None and self.schedule_type not in SAMPLERS[self.sampler]:
-            allowed = SAMPLERS[self.sampler]
-            names = allowed if AUTOMATIC in allowed else (AUTOMATIC, *allowed)
-            raise ValueError(f"schedule_type {self.schedule_type!r} does not apply to sampler {self.sampler!r}"
-                             f" (allowed: {', '.join(names)})")
+        if self.sampler is not None:
+            check_schedule(self.sampler, str(self.schedule_type))
         return self
 
     def upscale_to(self, width: int, height: int) -> tuple[int, int]:
@@ -333,14 +329,10 @@ class RenderJob(BaseModel):
         """Accept "DPM++ 2M Karras" as sampler "DPM++ 2M" with schedule type "Karras", and resolve
         "Automatic" (or no schedule type) to the sampler's own default, as A1111 does."""
         if isinstance(data, dict) and isinstance(data.get("sampler", ""), str):
-            sampler, schedule = split_sampler_name(data.get("sampler", cls.model_fields["sampler"].default))
             given = data.get("schedule_type", AUTOMATIC)
-            if schedule is not None and given not in (AUTOMATIC, schedule):
-                raise ValueError(
-                    f"sampler {data['sampler']!r} names schedule type {schedule!r} but schedule_type is {given!r}"
-                )
-            if sampler in SAMPLERS and isinstance(given, str) and (schedule or given) in SCHEDULE_TYPES:
-                data = {**data, "sampler": sampler, "schedule_type": resolve_schedule(sampler, schedule or given)}
+            if isinstance(given, str) and (
+                    resolved := resolve_sampler(data.get("sampler", cls.model_fields["sampler"].default), given)):
+                data = {**data, "sampler": resolved[0], "schedule_type": resolved[1]}
         return data
 
     @field_validator("prompt")
@@ -484,13 +476,7 @@ class RenderJob(BaseModel):
 
     @model_validator(mode="after")
     def _schedule(self) -> RenderJob:
-        allowed = SAMPLERS[self.sampler]
-        if self.schedule_type not in allowed:
-            names = allowed if AUTOMATIC in allowed else (AUTOMATIC, *allowed)
-            raise ValueError(
-                f"schedule_type {self.schedule_type!r} does not apply to sampler {self.sampler!r}"
-                f" (allowed: {', '.join(names)})"
-            )
+        check_schedule(self.sampler, self.schedule_type)
         return self
 
     @model_validator(mode="after")

@@ -65,6 +65,28 @@ def split_sampler_name(name: str) -> tuple[str, str | None]:
     return name, None
 
 
+def resolve_sampler(name: str, schedule_type: str) -> tuple[str, str] | None:
+    """(sampler, the schedule it runs) for a sampler name as users write it ("DPM++ 2M Karras" too)
+    and a schedule type ("Automatic" resolved); None for a name or type that is not known, which
+    validation reports. A combined name whose schedule contradicts schedule_type raises ValueError."""
+    sampler, named = split_sampler_name(name)
+    if named is not None and schedule_type not in (AUTOMATIC, named):
+        raise ValueError(f"sampler {name!r} names schedule type {named!r} but schedule_type is {schedule_type!r}")
+    wanted = named or schedule_type
+    if sampler not in SAMPLERS or wanted not in SCHEDULE_TYPES:
+        return None
+    return sampler, resolve_schedule(sampler, wanted)
+
+
+def check_schedule(sampler: str, schedule_type: str) -> None:
+    """ValueError, with what is allowed, when the (resolved) schedule type does not apply to the sampler."""
+    allowed = SAMPLERS[sampler]
+    if schedule_type not in allowed:
+        names = allowed if AUTOMATIC in allowed else (AUTOMATIC, *allowed)
+        raise ValueError(f"schedule_type {schedule_type!r} does not apply to sampler {sampler!r}"
+                         f" (allowed: {', '.join(names)})")
+
+
 def allowed_sampler_names() -> list[str]:
     """Every name a batch file may use, combined legacy names included."""
     names: list[str] = []

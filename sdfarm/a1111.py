@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import BatchInvalid, InvalidInput, Problem, brief
 from .infotext import parse_infotext
 from .inputs import open_regular
-from .models import Registry, a1111_lora_hash
+from .models import AssetKind, Registry, a1111_lora_hash
 
 MAX_PNG_BYTES: Final = 64 * 1024 * 1024
 IGNORED: Final = frozenset({"Version", "User"})
@@ -59,9 +59,10 @@ def read_images(path: Path, registry: Registry, max_jobs: int, cpu_noise: bool) 
         raise BatchInvalid([Problem(source, None, None, "", f"holds {len(pngs)} PNGs (allowed: at most {max_jobs};"
                                                             " the cap is SDFARM_MAX_JOBS_PER_BATCH)")])
     items, problems = [], []
+    known = Registered(registry)
     for png in pngs:
         try:
-            item = item_from_infotext(_parameters(png), registry, cpu_noise)
+            item = item_from_infotext(_parameters(png), known, cpu_noise)
         except InvalidInput as e:
             problems.append(Problem(str(png), None, None, "", str(e)))
             continue
@@ -89,13 +90,38 @@ def _parameters(png: Path) -> str:
     return text
 
 
+class Registered:
+    """What the infotexts are checked against, read from the registry once per submit however many
+    images there are: models by short hash and name, VAEs and embeddings by identity, LoRAs'
+    A1111 hashes (files are hashed once each)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.model_names = registry.names()
+        self.models = [(n, registry.identity(n)[:10], registry.get(n).infotext_name) for n in self.model_names]
+        self._identities: dict[tuple[str, str], str] = {}
+        self._lora_hashes: dict[str, str | None] = {}
+
+    def identity(self, kind: AssetKind, name: str) -> str:
+        if (kind, name) not in self._identities:
+            self._identities[kind, name] = self.registry.asset_identity(kind, name)
+        return self._identities[kind, name]
+
+    def lora_hash(self, name: str) -> str | None:
+        """A1111's short hash of a LoRA in a local file; None for one in the bucket (not fetched here)."""
+        if name not in self._lora_hashes:
+            file = self.registry.asset("lora", name).file
+            self._lora_hashes[name] = a1111_lora_hash(file) if file is not None else None
+        return self._lora_hashes[name]
+
+
 class _Refused(Exception):
     def __init__(self, problems: list[tuple[str, str]]) -> None:
         super().__init__(problems)
         self.problems = problems
 
 
-def item_from_infotext(text: str, registry: Registry, cpu_noise: bool = False) -> dict[str, Any]:
+def item_from_infotext(text: str, known: Registered, cpu_noise: bool = False) -> dict[str, Any]:
     """A batch item that renders what the infotext describes. Raises _Refused with (field, why) for
     each field sdfarm cannot honour."""
     info = parse_infotext(text)
@@ -121,7 +147,7 @@ def item_from_infotext(text: str, registry: Registry, cpu_noise: bool = False) -
     upscale = {fld: _value(info, key, kind, problems) for key, (fld, kind) in _UPSCALE.items() if key in info}
     if upscale:
         item["upscale"] = upscale
-    for key, message in _checks(info, registry, item, cpu_noise):
+    for key, message in _checks(info, known, item, cpu_noise):
         problems.append((key, message))
     problems.extend((key, f"{brief(info[key])}: sdfarm cannot render this as A1111 did (not supported)")
                     for key in info if key not in _HANDLED)
@@ -138,7 +164,7 @@ def _value(info: dict[str, Any], key: str, kind: Callable[[str], Any], problems:
         return None
 
 
-def _checks(info: dict[str, Any], registry: Registry, item: dict[str, Any], cpu_noise: bool
+def _checks(info: dict[str, Any], known: Registered, item: dict[str, Any], cpu_noise: bool
             ) -> Iterator[tuple[str, str]]:
     rng = info.get("RNG", "GPU")
     if rng != "CPU" and not cpu_noise:
@@ -147,28 +173,28 @@ def _checks(info: dict[str, Any], registry: Registry, item: dict[str, Any], cpu_
                       " --cpu-noise to render it with CPU noise (same settings and seed, other noise)")
     if info.get("Emphasis", "Original") != "Original":
         yield "Emphasis", f"{brief(info['Emphasis'])}: sdfarm weights prompts as A1111's Original"
-    model = _model(info, registry)
+    model = _model(info, known)
     if isinstance(model, str):
         item["model"] = model
     else:
         yield model
     if "VAE" in info or "VAE hash" in info:
-        vae = _asset(registry, "vae", info.get("VAE hash"), info.get("VAE"), 10)
+        vae = _vae(known, info.get("VAE hash"), info.get("VAE"))
         if vae is None:
             yield "VAE", f"{brief(info.get('VAE'))} [{info.get('VAE hash', '?')}] is no registered VAE"
         else:
             item["vae"] = vae
-    yield from _check_hashes(info, registry)
+    yield from _check_hashes(info, known)
 
 
-def _model(info: dict[str, Any], registry: Registry) -> str | tuple[str, str]:
+def _model(info: dict[str, Any], known: Registered) -> str | tuple[str, str]:
     """The registered model the image names: by `Model hash` (sha256[:10]) when given, else by
     `Model` (registry name, or the checkpoint file's stem)."""
     wanted_hash, wanted_name = info.get("Model hash"), info.get("Model")
-    names = registry.names()
-    named = [n for n in names if wanted_name in (n, registry.get(n).infotext_name)]
+    names = known.model_names
+    named = [n for n, _, stem in known.models if wanted_name in (n, stem)]
     if wanted_hash:
-        hashed = [n for n in names if registry.identity(n)[:10] == wanted_hash]
+        hashed = [n for n, short, _ in known.models if short == wanted_hash]
         if hashed:
             return next((n for n in hashed if n in named), hashed[0])
         return "Model hash", (f"{brief(wanted_hash)} ({brief(wanted_name)}) is no registered model's"
@@ -178,13 +204,12 @@ def _model(info: dict[str, Any], registry: Registry) -> str | tuple[str, str]:
     return "Model", f"{brief(wanted_name)} is no registered model (registered: {', '.join(names) or 'none'})"
 
 
-def _asset(registry: Registry, kind: Any, short: str | None, name: str | None, digits: int) -> str | None:
-    for n in registry.asset_names(kind):
-        entry = registry.asset(kind, n)
-        source = entry.file if entry.file is not None else entry.path if entry.path is not None else entry.s3
-        if short and registry.asset_identity(kind, n)[:digits] == short:
+def _vae(known: Registered, short: str | None, name: str | None) -> str | None:
+    """The registered VAE by `VAE hash` (sha256[:10]) when given, else by `VAE` (registry or file name)."""
+    for n in known.registry.asset_names("vae"):
+        if short and known.identity("vae", n)[:10] == short:
             return n
-        if not short and name in (n, Path(str(source)).name):
+        if not short and name in (n, known.registry.asset("vae", n).file_name):
             return n
     return None
 
@@ -194,16 +219,14 @@ def _pairs(text: str) -> list[tuple[str, str]]:
     return [(p[0].strip(), p[1].strip()) if len(p) == 2 else (p[0].strip(), "") for p in pairs]
 
 
-def _check_hashes(info: dict[str, Any], registry: Registry) -> Iterator[tuple[str, str]]:
+def _check_hashes(info: dict[str, Any], known: Registered) -> Iterator[tuple[str, str]]:
     for name, short in _pairs(info.get("TI hashes", "")):
-        if name not in registry.asset_names("embedding"):
+        if name not in known.registry.asset_names("embedding"):
             yield "TI hashes", f"embedding {brief(name)} is not registered"
-        elif registry.asset_identity("embedding", name)[:len(short) or 12] != short:
+        elif known.identity("embedding", name)[:len(short) or 12] != short:
             yield "TI hashes", f"embedding {brief(name)}: the image's {brief(short)} is not the registered file's"
     for name, short in _pairs(info.get("Lora hashes", "")):
-        if name not in registry.asset_names("lora"):
+        if name not in known.registry.asset_names("lora"):
             yield "Lora hashes", f"lora {brief(name)} is not registered"
-            continue
-        entry = registry.asset("lora", name)
-        if entry.file is not None and a1111_lora_hash(entry.file) != short:
+        elif (held := known.lora_hash(name)) is not None and held != short:
             yield "Lora hashes", f"lora {brief(name)}: the image's {brief(short)} is not the registered file's"

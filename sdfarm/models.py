@@ -193,6 +193,11 @@ class AssetEntry(BaseModel):
         assert self.s3 is not None
         return ASSETS_PREFIX + self.s3
 
+    @property
+    def file_name(self) -> str:
+        """The registered file's name with its extension (a folder's name), as A1111 records a VAE."""
+        return Path(str(self.file if self.file is not None else self.path if self.path is not None else self.s3)).name
+
     def identity(self, cache: HashCache) -> str:
         """The file's sha256; a registered sha256 is checked against a local file when it differs."""
         if self.path is not None:

@@ -60,12 +60,6 @@ class AssetFiles:
                              f"{(entry.sha256 or '?')[:12]}…, the job was planned with {sha256[:12]}…")
         return self.fetch(f"{entry.kind} {entry.name!r}", entry.s3_key, sha256)
 
-    def file_name(self, kind: AssetKind, name: str) -> str:
-        """The registered file's name with its extension (a folder's name), as A1111 records a VAE."""
-        entry = self.registry.asset(kind, name)
-        source = entry.file if entry.file is not None else entry.path if entry.path is not None else entry.s3
-        return Path(str(source)).name
-
     def checkpoint(self, entry: ModelEntry) -> Path:
         """A model's single-file checkpoint from the bucket (an s3: entry), fetched and verified."""
         assert entry.sha256 is not None

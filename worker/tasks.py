@@ -152,7 +152,7 @@ def _store_one(state: WorkerState, batch_id: str, entry: ChunkEntry, image: Any,
     job = entry.job
     encoded = encode_png(image, job, state.loaded.short_hash, state.assets.lora_hashes,  # 5. encode
                          model_name=state.loaded.entry.infotext_name,
-                         vae_name=state.assets.file_name("vae", job.vae.name) if job.vae else None)
+                         vae_name=state.assets.registry.asset("vae", job.vae.name).file_name if job.vae else None)
     until_back(state, f"storing job {entry.job.id}", partial(_put_one, state, batch_id, entry, encoded,
                                                              {**timings, "encode_s": time.perf_counter() - t0}))
 

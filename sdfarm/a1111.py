@@ -21,6 +21,7 @@ from .errors import BatchInvalid, InvalidInput, Problem, brief
 from .infotext import parse_infotext
 from .inputs import open_regular
 from .models import AssetKind, Registry, a1111_lora_hash
+from .samplers import BETA_ALPHA, BETA_BETA
 
 MAX_PNG_BYTES: Final = 64 * 1024 * 1024
 IGNORED: Final = frozenset({"Version", "User"})
@@ -35,9 +36,11 @@ _HIRES: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "Hires schedule type": ("schedule_type", str), "Hires CFG Scale": ("guidance_scale", float)}
 _UPSCALE: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "Postprocess upscale by": ("factor", float), "Postprocess upscaler": ("upscaler", str)}
+# the Beta schedule's distribution: sdfarm runs A1111's default
+BETA_FIELDS: Final = {"Beta schedule alpha": BETA_ALPHA, "Beta schedule beta": BETA_BETA}
 _HANDLED: Final = frozenset({"Prompt", "Negative prompt", "Model", "Model hash", "VAE", "VAE hash", "RNG",
                              "Lora hashes", "TI hashes", "Emphasis", "Seed resize from-1", "Seed resize from-2",
-                             "Hires resize-1", "Hires resize-2",
+                             "Hires resize-1", "Hires resize-2", *BETA_FIELDS,
                              *_SCALARS, *_HIRES, *_UPSCALE, *IGNORED})
 
 
@@ -171,6 +174,10 @@ def _checks(info: dict[str, Any], known: Registered, item: dict[str, Any], cpu_n
         said = f"RNG: {rng}" if "RNG" in info else "no RNG field, which A1111 reads as GPU"
         yield "RNG", (f"{said}: sdfarm draws each image's noise on the CPU (A1111's RNG: CPU); pass"
                       " --cpu-noise to render it with CPU noise (same settings and seed, other noise)")
+    for key, default in BETA_FIELDS.items():
+        if key in info and _float_or_none(info[key]) != default:
+            yield key, (f"{brief(info[key])}: sdfarm runs the Beta schedule at A1111's default"
+                        f" {key.rsplit(' ', 1)[1]} {default:g}")
     if info.get("Emphasis", "Original") != "Original":
         yield "Emphasis", f"{brief(info['Emphasis'])}: sdfarm weights prompts as A1111's Original"
     model = _model(info, known)
@@ -185,6 +192,13 @@ def _checks(info: dict[str, Any], known: Registered, item: dict[str, Any], cpu_n
         else:
             item["vae"] = vae
     yield from _check_hashes(info, known)
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _model(info: dict[str, Any], known: Registered) -> str | tuple[str, str]:

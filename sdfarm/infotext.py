@@ -11,7 +11,7 @@ from typing import Any
 from . import __version__
 from .extra_networks import lora_tag, lora_tags
 from .jobs import RenderJob
-from .samplers import AUTOMATIC
+from .samplers import AUTOMATIC, BETA, BETA_ALPHA, BETA_BETA
 
 # A1111's regex for "key: value" pairs on the last line (modules/infotext_utils.py)
 _PARAM_RE = re.compile(r"\s*(\w[\w \-/]+):\s*(\"(?:\\.|[^\\\"])+\"|[^,]*)(?:,|$)")
@@ -76,6 +76,7 @@ def job_parameters(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[s
     names a model (default: the registry name); vae_name: the VAE's file name with its extension
     (default: the registry name)."""
     hires, upscale = job.hires, job.upscale
+    beta = BETA in (job.schedule_type, hires and hires.schedule_type)
     return {
         "Steps": job.steps,
         "Sampler": job.sampler,
@@ -102,6 +103,9 @@ def job_parameters(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[s
         "Hires sampler": hires.sampler if hires else None,
         "Hires schedule type": hires.schedule_type if hires and hires.schedule_type != AUTOMATIC else None,
         "Hires CFG Scale": _number(hires.guidance_scale) if hires and hires.guidance_scale is not None else None,
+        # A1111 records the Beta schedule's distribution whichever pass runs it
+        "Beta schedule alpha": _number(BETA_ALPHA) if beta else None,
+        "Beta schedule beta": _number(BETA_BETA) if beta else None,
         "Lora hashes": _hashes(_loras_in_prompt_order(job), lora_hashes),
         "TI hashes": _hashes(_embeddings_in_prompt_order(job)),
         "Postprocess upscale by": _number(upscale.factor) if upscale else None,

@@ -17,16 +17,33 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from .extra_networks import lora_tag, lora_tags
 from .prompt_syntax import check_attention_weights, parse_prompt_attention
-from .samplers import AUTOMATIC, SAMPLERS, allowed_sampler_names, check_schedule, resolve_sampler
+from .samplers import (
+    AUTOMATIC,
+    EXPONENTIAL,
+    KARRAS,
+    SCHEDULE_TYPES,
+    UNIFORM,
+    check_sampler,
+    check_schedule,
+    resolve_sampler,
+)
 
 # 1: the first. 2: upscaler models (hires/upscale `upscaler_sha256`). 3: renders as A1111 does:
 # "Automatic" is the sampler's own schedule (and a job states it), the "Uniform" schedule, k-diffusion's
 # sigmas whatever the model folder's spacing, A1111's img2img and hires step counts; a LoRA's
-# `unet_weight` (A1111's <lora:name:te:unet>).
-SCHEMA_VERSION: Final = 3
-# Fields added after version 1, (section of a job, field): the version that added them. A message
-# names the oldest version that reads it: the highest of these that it sets, else RENDERS_SINCE.
-FIELD_VERSIONS: Final[dict[tuple[str, str], int]] = {("hires", "upscaler_sha256"): 2, ("upscale", "upscaler_sha256"): 2}
+# `unet_weight` (A1111's <lora:name:te:unet>). 4: variation seeds, the hires pass's own size, sampler
+# and CFG; A1111's other schedule types and the DPM++ 2M SDE Heun and 3M SDE samplers.
+SCHEMA_VERSION: Final = 4
+# Fields added after version 1, (section of a job, "" for the job itself, field): the version that
+# added them; and values added to a field. A message names the oldest version that reads it: the
+# highest of these that it sets, else RENDERS_SINCE.
+FIELD_VERSIONS: Final[dict[tuple[str, str], int]] = {
+    ("hires", "upscaler_sha256"): 2, ("upscale", "upscaler_sha256"): 2,
+    **{("", f): 4 for f in ("subseed", "subseed_strength", "seed_resize_from")},
+    **{("hires", f): 4 for f in ("resize_x", "resize_y", "sampler", "schedule_type", "guidance_scale")}}
+VALUE_VERSIONS: Final[dict[tuple[str, str], dict[Any, int]]] = {
+    ("", "sampler"): {"DPM++ 2M SDE Heun": 4, "DPM++ 3M SDE": 4},
+    ("", "schedule_type"): {s: 4 for s in SCHEDULE_TYPES if s not in (AUTOMATIC, UNIFORM, KARRAS, EXPONENTIAL)}}
 # The oldest version that renders any job as this one does: a worker older than it hands every
 # message back. Versions that changed what a job renders, and how.
 RENDER_CHANGES: Final[dict[int, str]] = {
@@ -234,8 +251,8 @@ class HiresFix(BaseModel):
     @model_validator(mode="after")
     def _upscaler(self) -> HiresFix:
         _check_upscaler(self.upscaler, self.upscaler_sha256, HIRES_UPSCALERS)
-        if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r} (allowed: {', '.join(allowed_sampler_names())})")
+        if self.sampler is not None:
+            check_sampler(self.sampler)
         if self.sampler is None and self.schedule_type is not None:
             raise ValueError("schedule_type goes with a hires sampler of its own; without one the pass runs the"
                              " first pass's sampler and schedule")
@@ -443,8 +460,7 @@ class RenderJob(BaseModel):
     @field_validator("sampler")
     @classmethod
     def _sampler(cls, v: str) -> str:
-        if v not in SAMPLERS:
-            raise ValueError(f"unknown sampler {v!r} (allowed: {', '.join(allowed_sampler_names())})")
+        check_sampler(v)
         return v
 
     @field_validator("clip_skip")
@@ -632,9 +648,18 @@ def _around_seed(fields: dict[str, Any], options: dict[str, Any]) -> tuple[str, 
 
 def message_version(wires: Iterable[dict[str, Any]]) -> int:
     """The oldest schema version that reads jobs in these wire forms and renders them as this one
-    does: the highest version of the fields they set (FIELD_VERSIONS), at least RENDERS_SINCE."""
-    return max([RENDERS_SINCE, *(v for wire in wires for (section, fld), v in FIELD_VERSIONS.items()
-                                 if fld in wire.get(section, {}))])
+    does: the highest version of the fields and values they set (FIELD_VERSIONS, VALUE_VERSIONS), at
+    least RENDERS_SINCE."""
+    def versions(wire: dict[str, Any]) -> Iterator[int]:
+        for (section, fld), version in FIELD_VERSIONS.items():
+            if fld in (wire.get(section) or {} if section else wire):
+                yield version
+        for (section, fld), values in VALUE_VERSIONS.items():
+            value = (wire.get(section) or {} if section else wire).get(fld)
+            if isinstance(value, str) and value in values:
+                yield values[value]
+
+    return max([RENDERS_SINCE, *(v for wire in wires for v in versions(wire))])
 
 
 class ChunkEntry(BaseModel):

@@ -18,26 +18,60 @@ AUTOMATIC: Final = "Automatic"
 UNIFORM: Final = "Uniform"  # k-diffusion's own discretisation: t evenly from 999 to 0, sigma(t) interpolated
 KARRAS: Final = "Karras"
 EXPONENTIAL: Final = "Exponential"
-SCHEDULE_TYPES: Final = (AUTOMATIC, UNIFORM, KARRAS, EXPONENTIAL)
+POLYEXPONENTIAL: Final = "Polyexponential"
+SGM_UNIFORM: Final = "SGM Uniform"
+KL_OPTIMAL: Final = "KL Optimal"
+ALIGN_YOUR_STEPS: Final = "Align Your Steps"
+SIMPLE: Final = "Simple"
+NORMAL: Final = "Normal"
+DDIM_SCHEDULE: Final = "DDIM"
+BETA: Final = "Beta"
+# the Beta schedule's distribution: A1111's options beta_dist_alpha and beta_dist_beta, at their defaults
+# (its infotext records them as "Beta schedule alpha" and "Beta schedule beta")
+BETA_ALPHA: Final = 0.6
+BETA_BETA: Final = 0.6
+# A1111's labels (modules/sd_schedulers.py, schedulers), in its order
+SCHEDULE_TYPES: Final = (AUTOMATIC, UNIFORM, KARRAS, EXPONENTIAL, POLYEXPONENTIAL, SGM_UNIFORM, KL_OPTIMAL,
+                         ALIGN_YOUR_STEPS, SIMPLE, NORMAL, DDIM_SCHEDULE, BETA)
+_SIGMA_SCHEDULES = SCHEDULE_TYPES[1:]
+# KL Optimal ends at sigma_min, not 0: diffusers' Heun, DPM2 and DPM++ SDE schedulers (and LMS) always
+# end at 0 and step there their own way, so they cannot run it as A1111 does
+_ENDING_AT_ZERO = tuple(s for s in _SIGMA_SCHEDULES if s != KL_OPTIMAL)
 
-_SIGMA_SCHEDULES = (UNIFORM, KARRAS, EXPONENTIAL)
+
+def _first(default: str, schedules: tuple[str, ...]) -> tuple[str, ...]:
+    return (default, *(s for s in schedules if s != default))
+
 
 # sampler -> schedule types it can run with (what worker/samplers.py can build); the first is what
-# "Automatic" resolves to
+# "Automatic" resolves to (sd_samplers_kdiffusion.py, samplers_k_diffusion: each one's `scheduler`)
 SAMPLERS: Final[dict[str, tuple[str, ...]]] = {
-    "Euler": _SIGMA_SCHEDULES,
-    "Euler a": (UNIFORM,),
-    "DPM++ 2M": (KARRAS, EXPONENTIAL),
-    "DPM++ 2M SDE": (EXPONENTIAL, KARRAS),
-    "DPM++ SDE": (KARRAS, EXPONENTIAL),
+    "Euler": _first(UNIFORM, _SIGMA_SCHEDULES),
+    "Euler a": _first(UNIFORM, _SIGMA_SCHEDULES),
+    "DPM++ 2M": _first(KARRAS, _SIGMA_SCHEDULES),
+    "DPM++ 2M SDE": _first(EXPONENTIAL, _SIGMA_SCHEDULES),
+    "DPM++ 2M SDE Heun": _first(EXPONENTIAL, _SIGMA_SCHEDULES),
+    "DPM++ 3M SDE": _first(EXPONENTIAL, _SIGMA_SCHEDULES),
+    "DPM++ SDE": _first(KARRAS, _ENDING_AT_ZERO),
     "DDIM": (AUTOMATIC,),
     "UniPC": (AUTOMATIC,),
-    "LMS": (UNIFORM,),
-    "Heun": _SIGMA_SCHEDULES,
-    "DPM2": (KARRAS, UNIFORM, EXPONENTIAL),
-    "DPM2 a": (KARRAS, UNIFORM, EXPONENTIAL),
+    "LMS": _first(UNIFORM, _ENDING_AT_ZERO),
+    "Heun": _first(UNIFORM, _ENDING_AT_ZERO),
+    "DPM2": _first(KARRAS, _ENDING_AT_ZERO),
+    "DPM2 a": _first(KARRAS, _ENDING_AT_ZERO),
     "PLMS": (AUTOMATIC,),
     "LCM": (AUTOMATIC,),
+}
+# samplers that run a schedule one step longer and drop its next-to-last sigma (A1111's
+# discard_next_to_last_sigma option of each)
+DISCARD_PENULTIMATE: Final = frozenset({"DPM2", "DPM2 a", "DPM++ 3M SDE"})
+# A1111 samplers sdfarm refuses, and why
+REFUSED_SAMPLERS: Final[dict[str, str]] = {
+    "DPM++ 2S a": "diffusers has no single-step ancestral DPM-Solver++",
+    "DPM fast": "k-diffusion's fixed-order DPM-Solver has no diffusers scheduler",
+    "DPM adaptive": "an adaptive step count has no diffusers scheduler",
+    "Restart": "diffusers has no Restart sampler",
+    "DDIM CFG++": "diffusers has no CFG++ guidance",
 }
 
 
@@ -81,10 +115,23 @@ def resolve_sampler(name: str, schedule_type: str) -> tuple[str, str] | None:
 def check_schedule(sampler: str, schedule_type: str) -> None:
     """ValueError, with what is allowed, when the (resolved) schedule type does not apply to the sampler."""
     allowed = SAMPLERS[sampler]
+    if schedule_type == KL_OPTIMAL and schedule_type not in allowed:
+        raise ValueError(f"schedule_type {schedule_type!r} does not apply to sampler {sampler!r}: it ends at"
+                         f" sigma_min, and diffusers' {sampler} always ends at 0")
     if schedule_type not in allowed:
         names = allowed if AUTOMATIC in allowed else (AUTOMATIC, *allowed)
         raise ValueError(f"schedule_type {schedule_type!r} does not apply to sampler {sampler!r}"
                          f" (allowed: {', '.join(names)})")
+
+
+def check_sampler(name: str) -> None:
+    """ValueError naming what is allowed, or why an A1111 sampler is refused, for an unknown sampler."""
+    if name in SAMPLERS:
+        return
+    base = name.removesuffix(" " + KARRAS).removesuffix(" " + EXPONENTIAL)
+    if (reason := REFUSED_SAMPLERS.get(name) or REFUSED_SAMPLERS.get(base)) is not None:
+        raise ValueError(f"sampler {name!r} is not supported: {reason}")
+    raise ValueError(f"unknown sampler {name!r} (allowed: {', '.join(allowed_sampler_names())})")
 
 
 def allowed_sampler_names() -> list[str]:

@@ -42,7 +42,8 @@ def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Te
     image = image[:, :, ty // 2:image.shape[2] - (ty + 1) // 2, tx // 2:image.shape[3] - (tx + 1) // 2]
     sampler, schedule = (hires.sampler, hires.schedule_type) if hires.sampler else (job.sampler, job.schedule_type)
     assert schedule is not None
-    pipe.scheduler = make_scheduler(sampler, schedule, loaded.base_scheduler_config, [j.seed for j in jobs])
+    pipe.scheduler = make_scheduler(sampler, schedule, loaded.base_scheduler_config, [j.seed for j in jobs],
+                                    sdxl=loaded.entry.family == "sdxl")
     if hires.guidance_scale is not None:
         kwargs = {**kwargs, "guidance_scale": hires.guidance_scale}
     n, strength = hires_call(hires.steps or job.steps, hires.denoising_strength,

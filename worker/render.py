@@ -98,7 +98,7 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
     first = jobs[0]
     pipe = loaded.variant(first.mode)
     pipe.scheduler = make_scheduler(first.sampler, first.schedule_type, loaded.base_scheduler_config,
-                                    [j.seed for j in jobs])
+                                    [j.seed for j in jobs], sdxl=loaded.entry.family == "sdxl")
     shared: dict[str, Any] = {"guidance_scale": first.guidance_scale}
     gens = generators(jobs)
     call: dict[str, Any] = {"num_inference_steps": first.steps, "generator": gens}

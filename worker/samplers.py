@@ -8,9 +8,12 @@ parent imports this module. A parent that touched CUDA leaves its pool child una
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
-from sdfarm.samplers import EXPONENTIAL, KARRAS, SAMPLERS, resolve_schedule
+from sdfarm.samplers import DISCARD_PENULTIMATE, KL_OPTIMAL, OWN_SCHEDULE, SAMPLERS, resolve_schedule
+
+from .schedules import a1111_sigmas, sigma_to_t, training_sigmas
 
 # sampler -> (diffusers scheduler class name, extra config)
 _TABLE: dict[str, tuple[str, dict[str, Any]]] = {
@@ -18,6 +21,9 @@ _TABLE: dict[str, tuple[str, dict[str, Any]]] = {
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),
     "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "DPM++ 2M SDE Heun": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
+                                                          "solver_type": "heun"}),
+    "DPM++ 3M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
     "DPM++ SDE": ("DPMSolverSDEScheduler", {}),  # stochastic, on a Brownian tree per image (torchsde)
     # A1111's DDIM timesteps: steps_offset 1, "leading" (1, 1 + c, ... with c = 1000 // steps)
     "DDIM": ("DDIMScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
@@ -35,33 +41,98 @@ _TABLE: dict[str, tuple[str, dict[str, Any]]] = {
 assert set(_TABLE) == set(SAMPLERS), "worker and contract disagree on sampler names"
 
 # A1111 runs these through k-diffusion, on k-diffusion's sigmas
-K_DIFFUSION = frozenset({"Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "LMS", "Heun", "DPM2", "DPM2 a"})
+K_DIFFUSION = frozenset(s for s in SAMPLERS if s not in OWN_SCHEDULE)
+# the schedulers that take the final sigma as a setting (the others end at 0, or set it here)
+_FINAL_SIGMA = frozenset({"EulerDiscreteScheduler", "DPMSolverMultistepScheduler"})
 
 
-def make_scheduler(sampler: str, schedule_type: str, base_config: Any, seeds: list[int] | None = None) -> Any:
-    """A new scheduler (they keep per-run state) for one chunk. The k-diffusion samplers' sigmas
-    span k-diffusion's whole range (14.61 down to 0 on SD's betas) whatever the model folder's
-    `timestep_spacing` says: "linspace" is k-diffusion's uniform discretisation, and the Karras and
-    exponential conversions take their ends from it. seeds: the chunk's, one per image: DPM++ SDE's
-    Brownian noise comes from one tree per image seeded with it, as A1111 seeds them
-    (sd_samplers_kdiffusion.py, create_noise_sampler), so an image does not depend on its chunk."""
+@dataclass(frozen=True)
+class Sigmas:
+    """The schedule a k-diffusion sampler's scheduler steps over, as A1111 builds it."""
+
+    schedule: str
+    sdxl: bool
+    discard_penultimate: bool
+
+    def build(self, steps: int, alphas_cumprod: Any) -> Any:
+        return a1111_sigmas(self.schedule, steps, training_sigmas(alphas_cumprod), sdxl=self.sdxl,
+                            discard_penultimate=self.discard_penultimate)
+
+
+def make_scheduler(sampler: str, schedule_type: str, base_config: Any, seeds: list[int] | None = None, *,
+                   sdxl: bool = False) -> Any:
+    """A new scheduler (they keep per-run state) for one chunk. A k-diffusion sampler steps over
+    A1111's sigmas for its schedule type (worker/schedules.py), whatever the model folder's
+    `timestep_spacing` says. seeds: the chunk's, one per image: DPM++ SDE's Brownian noise comes from
+    one tree per image seeded with it, as A1111 seeds them (sd_samplers_kdiffusion.py,
+    create_noise_sampler), so an image does not depend on its chunk. sdxl: Align Your Steps has a
+    table per model family."""
     import diffusers
 
     class_name, extra = _TABLE[sampler]
     kwargs = dict(extra)
-    if sampler in K_DIFFUSION:
-        kwargs["timestep_spacing"] = "linspace"
     if class_name == "DPMSolverSDEScheduler":
         if not seeds:
             raise ValueError("DPM++ SDE needs the images' seeds for its Brownian noise")
         kwargs["noise_sampler_seed"] = list(seeds)
+    if sampler == "DDIM":
+        return _a1111_ddim().from_config(base_config, **kwargs)
+    cls = getattr(diffusers, class_name)
+    if sampler not in K_DIFFUSION:
+        return cls.from_config(base_config, **kwargs)
     schedule = resolve_schedule(sampler, schedule_type)
-    if schedule == KARRAS:
-        kwargs["use_karras_sigmas"] = True
-    elif schedule == EXPONENTIAL:
-        kwargs["use_exponential_sigmas"] = True
-    cls = _a1111_ddim() if sampler == "DDIM" else getattr(diffusers, class_name)
-    return cls.from_config(base_config, **kwargs)
+    sigmas = Sigmas(schedule, sdxl, sampler in DISCARD_PENULTIMATE)
+    kwargs["timestep_spacing"] = "linspace"
+    if class_name in _FINAL_SIGMA:  # A1111's KL Optimal ends at sigma_min
+        kwargs["final_sigmas_type"] = "sigma_min" if schedule == KL_OPTIMAL else "zero"
+    if class_name == "EulerAncestralDiscreteScheduler":
+        return _euler_ancestral(sigmas).from_config(base_config, **kwargs)
+    # their Karras conversion is where A1111's sigmas go in: everything after follows from them
+    return _with_a1111_sigmas(cls, sigmas).from_config(base_config, use_karras_sigmas=True, **kwargs)
+
+
+@functools.cache
+def _with_a1111_sigmas(cls: type, sigmas: Sigmas) -> Any:
+    """The scheduler class with its Karras conversion replaced by A1111's schedule: each k-diffusion
+    scheduler of diffusers builds its sigmas, converts them (use_karras_sigmas), then derives its
+    timesteps, second-order points and final sigma from what the conversion returned."""
+    base: Any = cls
+
+    class A1111Sigmas(base):  # type: ignore[misc]
+        a1111_schedule = sigmas
+
+        def _convert_to_karras(self, in_sigmas: Any, num_inference_steps: int | None = None) -> Any:
+            # Euler, Heun, DPM2, LMS and DPM++ SDE pass the step count's interpolated sigmas; DPM-Solver
+            # the whole training range, with the step count
+            steps = num_inference_steps or len(in_sigmas)
+            return self.a1111_schedule.build(steps, self.alphas_cumprod)[:-1]
+
+    A1111Sigmas.__name__ = A1111Sigmas.__qualname__ = f"A1111{cls.__name__}"
+    return A1111Sigmas
+
+
+@functools.cache
+def _euler_ancestral(sigmas: Sigmas) -> Any:
+    """Euler a on A1111's sigmas: diffusers' EulerAncestralDiscreteScheduler has no sigma conversion to
+    hook, so its sigmas and timesteps are replaced once it has set its own."""
+    import diffusers
+    import torch
+
+    base: Any = diffusers.EulerAncestralDiscreteScheduler
+
+    class A1111EulerAncestralDiscreteScheduler(base):  # type: ignore[misc]
+        a1111_schedule = sigmas
+
+        def set_timesteps(self, num_inference_steps: int, device: Any = None) -> None:
+            super().set_timesteps(num_inference_steps, device)
+            sigmas = self.a1111_schedule.build(num_inference_steps, self.alphas_cumprod)
+            train = training_sigmas(self.alphas_cumprod)
+            timesteps = [sigma_to_t(float(s), train) for s in sigmas[:-1]]
+            self.sigmas = torch.from_numpy(sigmas.astype("float32"))
+            self.timesteps = torch.tensor(timesteps, dtype=torch.float32, device=device)
+            self.num_inference_steps = len(timesteps)
+
+    return A1111EulerAncestralDiscreteScheduler
 
 
 @functools.cache

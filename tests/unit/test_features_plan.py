@@ -309,8 +309,10 @@ mask_models: {{clipseg: {{path: clipseg}}}}
     examples = Path(__file__).resolve().parents[2] / "examples"
     path = examples / "features.yaml"
     jobs = plan_batch(path.read_text(), str(path), "yaml", reg, 1000, inputs=Inputs(None, examples / "inputs")).jobs
-    assert len(jobs) == 16
-    sd, xl = jobs[:14], jobs[14:]
+    assert len(jobs) == 22
+    sd, xl = jobs[:20], jobs[20:]
+    assert {(j.sampler, j.schedule_type) for j in sd if j.prompt == "a paper crane on a desk"} == {
+        (s, t) for s in ("DPM++ 3M SDE", "DPM2") for t in ("Align Your Steps", "SGM Uniform", "Beta")}
     assert any(j.subseed_strength == 0.5 and j.subseed == 7 for j in sd)
     assert any(lora.unet_weight == 0.3 for j in sd for lora in j.loras)
     assert all(j.embeddings for j in sd)
@@ -328,7 +330,8 @@ mask_models: {{clipseg: {{path: clipseg}}}}
     assert {j.upscale.upscaler for j in jobs if j.upscale} == {"Lanczos", "tiny-esrgan"}
     assert any("BREAK" in j.prompt and "(red:1.3)" in j.prompt for j in jobs)
     assert max(len(j.prompt) for j in jobs) > 300  # well past 77 tokens
-    assert {j.schedule_type for j in jobs} == {"Uniform", "Karras", "Exponential"}
+    assert {j.schedule_type for j in jobs} == {"Uniform", "Karras", "Exponential", "Align Your Steps", "SGM Uniform",
+                                               "Beta"}
     assert any(j.clip_skip == 2 for j in jobs)
 
 

@@ -11,6 +11,7 @@ from sdfarm.jobs import (
     FIELD_VERSIONS,
     RENDER_CHANGES,
     SCHEMA_VERSION,
+    VALUE_VERSIONS,
     Chunk,
     ChunkEntry,
     HiresFix,
@@ -112,8 +113,9 @@ def test_legacy_sampler_name_is_split_and_same_job() -> None:
 
 
 def test_schedule_type_must_suit_the_sampler() -> None:
-    with pytest.raises(ValidationError, match="schedule_type 'Karras' does not apply to sampler 'Euler a'"):
-        job(sampler="Euler a", schedule_type="Karras")
+    with pytest.raises(ValidationError, match="schedule_type 'KL Optimal' does not apply to sampler 'DPM2 a'"):
+        job(sampler="DPM2 a", schedule_type="KL Optimal")
+    assert job(sampler="Euler a", schedule_type="Karras").schedule_type == "Karras"  # any k-diffusion sampler
 
 
 def test_job_is_frozen_and_forbids_unknown_fields() -> None:
@@ -156,7 +158,19 @@ def test_a_chunk_message_leaves_defaults_out_and_gives_back_the_same_jobs(change
 
 
 def test_every_schema_version_after_the_first_declares_the_fields_it_added() -> None:
-    assert set(FIELD_VERSIONS.values()) | set(RENDER_CHANGES) == set(range(2, SCHEMA_VERSION + 1))
-    sections = {"hires": HiresFix, "upscale": Upscale}
-    for (section, fld) in FIELD_VERSIONS:
+    added = {*FIELD_VERSIONS.values(), *(v for values in VALUE_VERSIONS.values() for v in values.values())}
+    assert added | set(RENDER_CHANGES) == set(range(2, SCHEMA_VERSION + 1))
+    sections = {"": RenderJob, "hires": HiresFix, "upscale": Upscale}
+    for (section, fld) in [*FIELD_VERSIONS, *VALUE_VERSIONS]:
         assert fld in sections[section].model_fields
+
+
+@pytest.mark.parametrize(("changes", "version"), [
+    ({"subseed": 7, "subseed_strength": 0.3}, 4), ({"seed_resize_from": [72, 64]}, 4),
+    ({"hires": {"scale": 2, "sampler": "Euler"}}, 4), ({"hires": {"resize_x": 96}}, 4),
+    ({"sampler": "DPM++ 3M SDE"}, 4), ({"sampler": "Euler", "schedule_type": "SGM Uniform"}, 4),
+    ({"sampler": "Euler", "schedule_type": "Karras"}, 3), ({"hires": {"scale": 2}}, 3)])
+def test_a_message_with_what_version_4_added_names_version_4(changes: dict[str, object], version: int) -> None:
+    # a version-3 worker would refuse these fields and values as malformed: it hands the chunk back instead
+    message = Chunk(batch_id="ab" * 8, entries=(ChunkEntry(index=0, job=job(**changes)),)).message()
+    assert message["schema_version"] == version

@@ -42,6 +42,8 @@ assert set(_TABLE) == set(SAMPLERS), "worker and contract disagree on sampler na
 
 # A1111 runs these through k-diffusion, on k-diffusion's sigmas
 K_DIFFUSION = frozenset(s for s in SAMPLERS if s not in OWN_SCHEDULE)
+# stochastic samplers whose noise A1111 draws from a Brownian tree per image, seeded with its seed
+BROWNIAN = frozenset({"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"})
 # the schedulers that take the final sigma as a setting (the others end at 0, or set it here)
 _FINAL_SIGMA = frozenset({"EulerDiscreteScheduler", "DPMSolverMultistepScheduler"})
 
@@ -63,18 +65,18 @@ def make_scheduler(sampler: str, schedule_type: str, base_config: Any, seeds: li
                    sdxl: bool = False) -> Any:
     """A new scheduler (they keep per-run state) for one chunk. A k-diffusion sampler steps over
     A1111's sigmas for its schedule type (worker/schedules.py), whatever the model folder's
-    `timestep_spacing` says. seeds: the chunk's, one per image: DPM++ SDE's Brownian noise comes from
-    one tree per image seeded with it, as A1111 seeds them (sd_samplers_kdiffusion.py,
+    `timestep_spacing` says. seeds: the chunk's, one per image: the SDE samplers' Brownian noise comes
+    from one tree per image seeded with it, as A1111 seeds them (sd_samplers_kdiffusion.py,
     create_noise_sampler), so an image does not depend on its chunk. sdxl: Align Your Steps has a
     table per model family."""
     import diffusers
 
     class_name, extra = _TABLE[sampler]
     kwargs = dict(extra)
+    if sampler in BROWNIAN and not seeds:
+        raise ValueError(f"{sampler} needs the images' seeds for its Brownian noise")
     if class_name == "DPMSolverSDEScheduler":
-        if not seeds:
-            raise ValueError("DPM++ SDE needs the images' seeds for its Brownian noise")
-        kwargs["noise_sampler_seed"] = list(seeds)
+        kwargs["noise_sampler_seed"] = list(seeds or ())
     if sampler == "DDIM":
         return _a1111_ddim().from_config(base_config, **kwargs)
     cls = getattr(diffusers, class_name)
@@ -88,7 +90,12 @@ def make_scheduler(sampler: str, schedule_type: str, base_config: Any, seeds: li
     if class_name == "EulerAncestralDiscreteScheduler":
         return _euler_ancestral(sigmas).from_config(base_config, **kwargs)
     # their Karras conversion is where A1111's sigmas go in: everything after follows from them
-    return _with_a1111_sigmas(cls, sigmas).from_config(base_config, use_karras_sigmas=True, **kwargs)
+    made = _with_a1111_sigmas(cls, sigmas)
+    if sampler in BROWNIAN and class_name == "DPMSolverMultistepScheduler":
+        scheduler = _brownian(made).from_config(base_config, use_karras_sigmas=True, **kwargs)
+        scheduler.seeds = list(seeds or ())
+        return scheduler
+    return made.from_config(base_config, use_karras_sigmas=True, **kwargs)
 
 
 @functools.cache
@@ -109,6 +116,42 @@ def _with_a1111_sigmas(cls: type, sigmas: Sigmas) -> Any:
 
     A1111Sigmas.__name__ = A1111Sigmas.__qualname__ = f"A1111{cls.__name__}"
     return A1111Sigmas
+
+
+@functools.cache
+def _brownian(cls: type) -> Any:
+    """DPM-Solver++'s SDE variants with A1111's noise (k_diffusion/sampling.py, sample_dpmpp_2m_sde and
+    sample_dpmpp_3m_sde): each step's noise is the increment of one Brownian tree per image, seeded
+    with the image's seed and spanning the sigmas sampled over, drawn on the CPU, instead of a fresh
+    draw from the image's generator. A step to sigma 0 adds no noise."""
+    import torch
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+    base: Any = cls
+
+    class Brownian(base):  # type: ignore[misc]
+        seeds: list[int]
+        _noise: Any = None
+
+        def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+            super().set_timesteps(*args, **kwargs)
+            self._noise = None
+
+        def step(self, model_output: Any, timestep: Any, sample: Any, generator: Any = None,
+                 variance_noise: Any = None, return_dict: bool = True) -> Any:
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            sigma, sigma_next = (float(s) for s in self.sigmas[self.step_index:self.step_index + 2])
+            if self._noise is None:  # the sigmas from the first step sampled on (img2img starts late)
+                rest = self.sigmas[self.step_index:]
+                self._noise = BrownianTreeNoiseSampler(sample.float().cpu(), float(rest[rest > 0].min()),
+                                                       float(rest.max()), seed=self.seeds)
+            noise = self._noise(sigma, sigma_next) if sigma_next > 0 else torch.zeros(sample.shape)
+            return super().step(model_output, timestep, sample, generator, noise.to(sample.device, sample.dtype),
+                                return_dict)
+
+    Brownian.__name__ = Brownian.__qualname__ = f"Brownian{cls.__name__}"
+    return Brownian
 
 
 @functools.cache

@@ -172,11 +172,50 @@ def test_automatic_for_the_new_samplers_is_a1111s() -> None:
     # samplers_k_diffusion: DPM++ 2M SDE Heun and DPM++ 3M SDE default to exponential
     for sampler in ("DPM++ 2M SDE Heun", "DPM++ 3M SDE"):
         assert job(sampler=sampler).schedule_type == "Exponential"
-    heun = make_scheduler("DPM++ 2M SDE Heun", "Exponential", SD_SCHEDULER)
-    three = make_scheduler("DPM++ 3M SDE", "Exponential", SD_SCHEDULER)
+    heun = make_scheduler("DPM++ 2M SDE Heun", "Exponential", SD_SCHEDULER, [1])
+    three = make_scheduler("DPM++ 3M SDE", "Exponential", SD_SCHEDULER, [1])
     assert (heun.config.algorithm_type, heun.config.solver_type, heun.config.solver_order) == (
         "sde-dpmsolver++", "heun", 2)
     assert (three.config.algorithm_type, three.config.solver_order) == ("sde-dpmsolver++", 3)
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"])
+def test_the_sde_samplers_noise_is_a1111s_brownian_tree_per_image(sampler: str, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    # sd_samplers_kdiffusion.py, create_noise_sampler: BrownianTreeNoiseSampler(x, sigma_min, sigma_max,
+    # seed=the images' seeds) on the CPU; k_diffusion/sampling.py: BatchedBrownianTree keeps one
+    # torchsde.BrownianTree per seed over [sigma_min, sigma_max], and a step from sigma to sigma_next
+    # gets tree(sigma_next, sigma), signed for the step's direction, over sqrt(|sigma_next - sigma|)
+    import diffusers
+    import torchsde
+
+    seen: list[torch.Tensor] = []
+    original = diffusers.DPMSolverMultistepScheduler.step
+
+    def record(self: object, output: torch.Tensor, t: object, sample: torch.Tensor, generator: object = None,
+               variance_noise: torch.Tensor | None = None, return_dict: bool = True) -> object:
+        assert variance_noise is not None
+        seen.append(variance_noise.clone())
+        return original(self, output, t, sample, generator, variance_noise, return_dict)
+
+    monkeypatch.setattr(diffusers.DPMSolverMultistepScheduler, "step", record)
+    seeds, steps = [7, 9], 5
+    scheduler = make_scheduler(sampler, "Exponential", SD_SCHEDULER, seeds)
+    scheduler.set_timesteps(steps)
+    sample = torch.zeros((2, 4, 8, 8))
+    for t in scheduler.timesteps:
+        sample = scheduler.step(torch.zeros_like(sample), t, sample).prev_sample
+    sigmas = [float(s) for s in scheduler.sigmas]
+    low, high = min(s for s in sigmas if s > 0), max(sigmas)
+    trees = [torchsde.BrownianTree(t0=torch.tensor(low), w0=torch.zeros((4, 8, 8)), t1=torch.tensor(high),
+                                   entropy=seed) for seed in seeds]  # as k-diffusion builds it
+    for i, noise in enumerate(seen[:-1]):  # the last step goes to sigma 0: no noise
+        sigma, nxt = sigmas[i], sigmas[i + 1]
+        want = torch.stack([-tree(torch.tensor(nxt), torch.tensor(sigma)) for tree in trees]) / abs(nxt - sigma) ** 0.5
+        assert torch.allclose(noise, want, atol=1e-5), i
+    assert not seen[-1].any()
+    with pytest.raises(ValueError, match=f"{re.escape(sampler)} needs the images' seeds"):
+        make_scheduler(sampler, "Exponential", SD_SCHEDULER)
 
 
 @pytest.mark.parametrize(("name", "reason"), [

@@ -168,7 +168,8 @@ def test_every_schema_version_after_the_first_declares_the_fields_it_added() -> 
 @pytest.mark.parametrize(("changes", "version"), [
     ({"subseed": 7, "subseed_strength": 0.3}, 4), ({"seed_resize_from": [72, 64]}, 4),
     ({"hires": {"scale": 2, "sampler": "Euler"}}, 4), ({"hires": {"resize_x": 96}}, 4),
-    ({"sampler": "DPM++ 3M SDE"}, 4), ({"sampler": "Euler", "schedule_type": "SGM Uniform"}, 4),
+    ({"sampler": "DPM++ 3M SDE"}, 4), ({"sampler": "DPM++ 2M SDE"}, 4),
+    ({"sampler": "Euler", "schedule_type": "SGM Uniform"}, 4),
     ({"sampler": "Euler", "schedule_type": "Karras"}, 3), ({"hires": {"scale": 2}}, 3)])
 def test_a_message_with_what_version_4_added_names_version_4(changes: dict[str, object], version: int) -> None:
     # a version-3 worker would refuse these fields and values as malformed: it hands the chunk back instead

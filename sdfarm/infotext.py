@@ -11,6 +11,7 @@ from typing import Any
 from . import __version__
 from .extra_networks import lora_tag, lora_tags
 from .jobs import RenderJob
+from .prompt_syntax import embedding_pattern
 from .samplers import AUTOMATIC, BETA, BETA_ALPHA, BETA_BETA
 
 # A1111's regex for "key: value" pairs on the last line (modules/infotext_utils.py)
@@ -57,7 +58,7 @@ def _embeddings_in_prompt_order(job: RenderJob) -> list[Any]:
     joined = f"{job.prompt}\n{job.negative_prompt}"
 
     def first_use(ref: Any) -> int:
-        found = re.search(rf"(?<![\w-]){re.escape(ref.name)}(?![\w-])", joined)
+        found = embedding_pattern(ref.name).search(joined)
         return found.start() if found else len(joined)
 
     return sorted(job.embeddings, key=first_use)

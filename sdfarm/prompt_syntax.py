@@ -141,3 +141,13 @@ class _Runs:
             else:
                 merged.append((part, weight))
         return merged or [("", 1.0)]
+
+
+def embedding_pattern(name: str) -> re.Pattern[str]:
+    """Where a textual-inversion embedding's name stands in a prompt, as A1111 finds it by CLIP
+    tokens: case-insensitively, not inside a longer word (CLIP's pre-tokeniser splits letters from
+    digits and punctuation, so `easynegative,` and `my_easynegative` name it, `easynegatives` does
+    not). The worker matches the tokens themselves; this is the producer's view of it."""
+    head = r"(?<![^\W\d_])" if name[:1].isalpha() else ""
+    tail = r"(?![^\W\d_])" if name[-1:].isalpha() else ""
+    return re.compile(head + re.escape(name) + tail, re.IGNORECASE)

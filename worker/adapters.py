@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from sdfarm.errors import AssetError
-from sdfarm.jobs import AssetRef, LoraRef
+from sdfarm.jobs import AssetRef, LoraRef, RenderJob
 
-from .prompts import encoders
+from .prompts import CHUNK_TOKENS, encoders
 
 log = logging.getLogger("sdfarm.worker")
 
@@ -98,7 +98,7 @@ class Adapters:
             self.pipe.delete_adapters([name])
 
     def _embedding(self, emb: AssetRef, path: Path) -> None:
-        token = emb.name.lower()
+        token = embedding_token(emb.name)
         if self.embeddings.get(token) == emb.sha256:
             return
         pairs = encoders(self.pipe)
@@ -118,6 +118,9 @@ class Adapters:
                 for (tokenizer, text_encoder), key in zip(pairs, ("clip_l", "clip_g"), strict=True):
                     self.pipe.load_textual_inversion(tensors[key], token=token, tokenizer=tokenizer,
                                                      text_encoder=text_encoder)
+            vectors = len(_vector_tokens(pairs[0][0], token))
+            if vectors > CHUNK_TOKENS:  # A1111 puts an embedding in one chunk, whole
+                raise ValueError(f"it has {vectors} vectors (allowed: at most {CHUNK_TOKENS}, one prompt chunk)")
         except Exception as e:
             self._unload(token, pairs)  # no half-loaded embedding (SDXL: one encoder only) stays behind
             raise AssetError(f"embedding {emb.name!r}: cannot load {path.name}: {type(e).__name__}: {e}") from e
@@ -125,8 +128,24 @@ class Adapters:
         log.info("embedding %s loaded (%s)", emb.name, emb.sha256[:12])
 
     def _unload(self, token: str, pairs: list[tuple[Any, Any]]) -> None:
-        vectors = re.compile(re.escape(token) + r"(_\d+)?")
         for tokenizer, text_encoder in pairs:
-            tokens = [t for t in tokenizer.get_added_vocab() if vectors.fullmatch(t)]
+            tokens = _vector_tokens(tokenizer, token)
             if tokens:
                 self.pipe.unload_textual_inversion(tokens, tokenizer=tokenizer, text_encoder=text_encoder)
+
+
+def _vector_tokens(tokenizer: Any, token: str) -> list[str]:
+    """An embedding's added tokens: `token`, `token_1`, ... (diffusers' load_textual_inversion)."""
+    vectors = re.compile(re.escape(token) + r"(_\d+)?")
+    return [t for t in tokenizer.get_added_vocab() if vectors.fullmatch(t)]
+
+
+def embedding_token(name: str) -> str:
+    """The tokenizer token of a registered embedding: its lower-cased name (CLIP tokenizers lower-case
+    prompts, so "EasyNegative" and "easynegative" both name it, as in A1111)."""
+    return name.lower()
+
+
+def embedding_tokens(job: RenderJob) -> frozenset[str]:
+    """The tokens of the embeddings a job uses: only these are found in its prompts."""
+    return frozenset(embedding_token(e.name) for e in job.embeddings)

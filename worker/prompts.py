@@ -20,6 +20,8 @@ negative prompt is zeros (both embeddings), as in A1111 and diffusers for SDXL.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -61,20 +63,21 @@ def encoders(pipe: Any) -> list[tuple[Any, Any]]:
     return pairs
 
 
-def chunk_prompt(pipe: Any, text: str, tokenizer: Any = None) -> list[Chunk]:
-    """A1111's tokenize_line: weighted runs -> chunks. BREAK closes the current chunk (even an empty
-    one). Multi-vector textual-inversion tokens are expanded first when the pipe can do it. After
+def chunk_prompt(pipe: Any, text: str, tokenizer: Any = None, embeddings: Collection[str] | None = None
+                 ) -> list[Chunk]:
+    """A1111's tokenize_line (modules/sd_hijack_clip.py): weighted runs -> chunks. BREAK closes the
+    current chunk (even an empty one). Each run is tokenized as if no embedding were loaded; an
+    embedding is found where its name's tokens stand in the run (so at token boundaries:
+    `easynegatives` is not `easynegative`) and put in whole, all of its vectors, moving to the next
+    chunk when they do not fit in this one. embeddings: the (lower-cased) names of those the job uses
+    (None: every one loaded), so an embedding loaded for another job never changes this one. After
     the end token, the tokenizer's pad id (A1111: everything after the first end token is padding)."""
     tokenizer = tokenizer or pipe.tokenizer
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     comma = tokenizer.get_vocab().get(",</w>")
+    lookup = _embedding_lookup(tokenizer, embeddings)
     runs = parse_prompt_attention(text)
-    convert = getattr(pipe, "maybe_convert_prompt", None)
-    # CLIP tokenizers lower-case text, and embedding tokens are lower-case (worker/adapters.py):
-    # lower-casing first lets "EasyNegative" expand to all of its vectors, not just the first
-    texts = [convert(part.lower(), tokenizer) if convert else part for part, _ in runs]
-    tokenized: list[list[int]] = tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
 
     chunks: list[Chunk] = []
     current = Chunk()
@@ -86,12 +89,14 @@ def chunk_prompt(pipe: Any, text: str, tokenizer: Any = None) -> list[Chunk]:
         chunks.append(Chunk([bos, *current.tokens, eos, *[pad] * fill], [1.0, *current.weights, 1.0, *[1.0] * fill]))
         current, last_comma = Chunk(), -1
 
-    for ids, run in zip(tokenized, runs, strict=True):
-        if run == BREAK:
+    for part, weight in runs:
+        if (part, weight) == BREAK:
             close()
             continue
-        weight = run[1]
-        for token in ids:
+        ids = _base_ids(tokenizer, part)
+        position = 0
+        while position < len(ids):
+            token = ids[position]
             if token == comma:
                 last_comma = len(current.tokens)
             elif len(current.tokens) == CHUNK_TOKENS and last_comma != -1 \
@@ -103,28 +108,85 @@ def chunk_prompt(pipe: Any, text: str, tokenizer: Any = None) -> list[Chunk]:
                 current = tail
             if len(current.tokens) == CHUNK_TOKENS:
                 close()
-            current.tokens.append(token)
-            current.weights.append(weight)
+            found = _embedding_at(lookup, ids, position)
+            if found is None:
+                current.tokens.append(token)
+                current.weights.append(weight)
+                position += 1
+                continue
+            name_length, vectors = found
+            if len(current.tokens) + len(vectors) > CHUNK_TOKENS:
+                close()
+            current.tokens.extend(vectors)
+            current.weights.extend([weight] * len(vectors))
+            position += name_length
     if current.tokens or not chunks:
         close()
     return chunks
 
 
-def chunk_counts(pipe: Any, prompts: list[str], negatives: list[str]) -> list[int]:
+def _base_ids(tokenizer: Any, text: str) -> list[int]:
+    """The text's token ids from the tokenizer's own vocabulary: its normaliser, pre-tokeniser and BPE
+    model without the added (embedding) tokens, which it would otherwise split out of a word."""
+    backend = tokenizer.backend_tokenizer
+    if backend.normalizer is not None:
+        text = backend.normalizer.normalize_str(text)
+    splits = [split for split, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
+    return [token.id for split in splits for token in backend.model.tokenize(split)]
+
+
+def _embedding_lookup(tokenizer: Any, only: Collection[str] | None) -> dict[int, list[tuple[list[int], list[int]]]]:
+    """Loaded embeddings by the first token of their name: (the name's tokens, the vectors' added
+    token ids), longest names first, as A1111's EmbeddingDatabase.ids_lookup. An embedding of n
+    vectors is the added tokens `name`, `name_1` .. `name_{n-1}` (diffusers' load_textual_inversion)."""
+    added = {t: i for t, i in tokenizer.get_added_vocab().items() if t not in tokenizer.all_special_tokens}
+    lookup: dict[int, list[tuple[list[int], list[int]]]] = {}
+    for name, first in added.items():
+        vector = re.fullmatch(r"(.+)_\d+", name)
+        if (vector and vector.group(1) in added) or (only is not None and name not in only):
+            continue  # a further vector of an embedding, or one the job does not use
+        vectors = [first]
+        while f"{name}_{len(vectors)}" in added:
+            vectors.append(added[f"{name}_{len(vectors)}"])
+        name_ids = _base_ids(tokenizer, name)
+        if name_ids:
+            lookup.setdefault(name_ids[0], []).append((name_ids, vectors))
+    for candidates in lookup.values():
+        candidates.sort(key=lambda c: len(c[0]), reverse=True)
+    return lookup
+
+
+def _embedding_at(lookup: dict[int, list[tuple[list[int], list[int]]]], ids: list[int],
+                  position: int) -> tuple[int, list[int]] | None:
+    """(how many tokens the name spans, the vectors) of the embedding named at `position`, or None."""
+    for name_ids, vectors in lookup.get(ids[position], ()):
+        if ids[position:position + len(name_ids)] == name_ids:
+            return len(name_ids), vectors
+    return None
+
+
+def chunk_counts(pipe: Any, prompts: list[str], negatives: list[str],
+                 embeddings: Sequence[Collection[str] | None] | None = None) -> list[int]:
     """How many 75-token chunks each (prompt, negative) pair needs: jobs that need different counts
-    are encoded in separate calls, so no job is padded to a chunk-mate's length."""
-    return [max(len(chunk_prompt(pipe, p)), len(chunk_prompt(pipe, n))) for p, n in zip(prompts, negatives,
-                                                                                          strict=True)]
+    are encoded in separate calls, so no job is padded to a chunk-mate's length. embeddings: each
+    job's, as chunk_prompt takes them."""
+    uses = embeddings or [None] * len(prompts)
+    return [max(len(chunk_prompt(pipe, p, embeddings=e)), len(chunk_prompt(pipe, n, embeddings=e)))
+            for p, n, e in zip(prompts, negatives, uses, strict=True)]
 
 
-def encode_prompts(pipe: Any, prompts: list[str], negatives: list[str], clip_skip: int) -> Conditioning:
+def encode_prompts(pipe: Any, prompts: list[str], negatives: list[str], clip_skip: int,
+                   embeddings: Sequence[Collection[str] | None] | None = None) -> Conditioning:
     """Embeddings [B, 77*k, D] for prompts and for negatives, in the text encoder's dtype and on its
     device (SDXL: D is both encoders' widths, plus the pooled [B, P]). Every row gets the same k, the
     most chunks any prompt or negative needs: shorter ones are padded with encoded empty chunks, as
-    A1111 pads cond and uncond, so both stack into one batch. clip_skip applies to SD 1.x only."""
+    A1111 pads cond and uncond, so both stack into one batch. clip_skip applies to SD 1.x only.
+    embeddings: each job's, as chunk_prompt takes them."""
     pairs = encoders(pipe)
     sdxl = len(pairs) == 2
-    per_encoder = [[chunk_prompt(pipe, text, tokenizer) for text in [*prompts, *negatives]] for tokenizer, _ in pairs]
+    uses = list(embeddings or [None] * len(prompts)) * 2  # a job's prompt and negative use its embeddings
+    texts = list(zip([*prompts, *negatives], uses, strict=True))
+    per_encoder = [[chunk_prompt(pipe, text, tokenizer, e) for text, e in texts] for tokenizer, _ in pairs]
     count = max(len(row) for rows in per_encoder for row in rows)
     embeds: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None

@@ -17,6 +17,7 @@ from sdfarm.errors import RenderError
 from sdfarm.extra_networks import strip_tags
 from sdfarm.jobs import RenderJob, Upscale
 
+from .adapters import embedding_tokens
 from .assets import AssetFiles
 from .hires import second_pass
 from .masks import Inputs, MaskModels, job_inputs, overlay
@@ -78,7 +79,8 @@ def _render_batch(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | N
     """render_each without the halving: a RenderError raised for the whole batch propagates (the
     halving is render_each's alone, so a padded static batch is never split)."""
     pipe = loaded.variant(jobs[0].mode)
-    counts = chunk_counts(pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs])
+    counts = chunk_counts(pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs],
+                          [embedding_tokens(j) for j in jobs])
     if len(set(counts)) > 1:  # one call per prompt length: an image must not depend on its chunk-mates
         images_by_index: dict[int, Rendered] = {}
         for count in sorted(set(counts)):
@@ -118,7 +120,7 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
                         height=first.height)
     with torch.inference_mode():
         shared.update(encode_prompts(pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs],
-                                     first.clip_skip).kwargs())
+                                     first.clip_skip, [embedding_tokens(j) for j in jobs]).kwargs())
         latents = pipe(output_type="latent", **call, **shared).images
         if first.hires is not None:
             latents = second_pass(loaded, jobs, latents, shared, generators(jobs))

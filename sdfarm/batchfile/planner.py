@@ -27,6 +27,7 @@ from ..jobs import (
     parse_loras,
 )
 from ..models import Registry
+from ..prompt_syntax import embedding_pattern
 from .items import ITEM_KEYS, MAX_COUNT, MAX_NAME_CHARS, RawItem, control_character, strict_int
 
 TEXT_FIELDS: Final = ("prompt", "negative_prompt", "mask_prompt")
@@ -228,11 +229,10 @@ class _Planner:
 
     def _embeddings(self, raw: RawItem, values: dict[str, Any], family: str | None, out: dict[str, Any]) -> bool:
         ok = True
-        texts = [t.lower() for t in (values.get("prompt"), values.get("negative_prompt")) if isinstance(t, str)]
+        texts = [t for t in (values.get("prompt"), values.get("negative_prompt")) if isinstance(t, str)]
         embeddings = []
         for name in self.registry.asset_names("embedding", family):
-            # the tokenizer matches an embedding's (lower-cased) name anywhere in the lower-cased text
-            if any(name.lower() in text for text in texts):
+            if any(embedding_pattern(name).search(text) for text in texts):
                 try:
                     embeddings.append({"name": name, "sha256": self.registry.asset_identity("embedding", name)})
                 except InvalidInput as e:

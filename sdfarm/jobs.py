@@ -32,8 +32,9 @@ from .samplers import (
 # "Automatic" is the sampler's own schedule (and a job states it), the "Uniform" schedule, k-diffusion's
 # sigmas whatever the model folder's spacing, A1111's img2img and hires step counts; a LoRA's
 # `unet_weight` (A1111's <lora:name:te:unet>). 4: variation seeds, the hires pass's own size, sampler
-# and CFG; A1111's other schedule types and the DPM++ 2M SDE Heun and 3M SDE samplers; DPM++ 2M SDE's
-# noise from a Brownian tree per image.
+# and CFG; A1111's other schedule types and the DPM++ 2M SDE Heun and 3M SDE samplers. Renders otherwise:
+# cond and uncond at their own lengths, DPM++ 2M SDE's noise from a Brownian tree per image, embeddings
+# found at token boundaries.
 SCHEMA_VERSION: Final = 4
 # Fields added after version 1, (section of a job, "" for the job itself, field): the version that
 # added them; and values added to a field. A message names the oldest version that reads it: the
@@ -42,14 +43,14 @@ FIELD_VERSIONS: Final[dict[tuple[str, str], int]] = {
     ("hires", "upscaler_sha256"): 2, ("upscale", "upscaler_sha256"): 2,
     **{("", f): 4 for f in ("subseed", "subseed_strength", "seed_resize_from")},
     **{("hires", f): 4 for f in ("resize_x", "resize_y", "sampler", "schedule_type", "guidance_scale")}}
-# DPM++ 2M SDE renders otherwise since 4 (A1111's Brownian noise), so it needs a version-4 worker.
 VALUE_VERSIONS: Final[dict[tuple[str, str], dict[Any, int]]] = {
-    ("", "sampler"): {"DPM++ 2M SDE Heun": 4, "DPM++ 3M SDE": 4, "DPM++ 2M SDE": 4},
+    ("", "sampler"): {"DPM++ 2M SDE Heun": 4, "DPM++ 3M SDE": 4},
     ("", "schedule_type"): {s: 4 for s in SCHEDULE_TYPES if s not in (AUTOMATIC, UNIFORM, KARRAS, EXPONENTIAL)}}
 # The oldest version that renders any job as this one does: a worker older than it hands every
 # message back. Versions that changed what a job renders, and how.
 RENDER_CHANGES: Final[dict[int, str]] = {
-    3: "A1111's schedules (Automatic resolved per sampler, Uniform, k-diffusion sigmas) and img2img/hires step counts"}
+    3: "A1111's schedules (Automatic resolved per sampler, Uniform, k-diffusion sigmas) and img2img/hires step counts",
+    4: "cond and uncond at their own lengths; DPM++ 2M SDE's Brownian noise; embeddings at token boundaries"}
 RENDERS_SINCE: Final = max(RENDER_CHANGES)
 MAX_PROMPT_CHARS: Final = 4000
 # validation context for jobs read back (task messages, jobs.jsonl): submit-time bounds added later

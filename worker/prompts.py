@@ -21,7 +21,8 @@ negative prompt is zeros (both embeddings), as in A1111 and diffusers for SDXL.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -44,15 +45,48 @@ class Chunk:
 
 
 class Conditioning(NamedTuple):
-    """What the pipeline call takes instead of prompt text. The pooled pair is SDXL's only."""
+    """What the pipeline call takes instead of prompt text. The pooled pair is SDXL's only. lengths:
+    the tokens each row's own chunks span, prompts then negatives; past them, a row is padding to the
+    batch's length, which the UNet does not attend to (own_lengths)."""
 
     prompt_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
+    lengths: tuple[int, ...] = ()
 
     def kwargs(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self._asdict().items() if v is not None}
+        return {k: v for k, v in self._asdict().items() if v is not None and k != "lengths"}
+
+
+@contextmanager
+def own_lengths(unet: Any, conditioning: Conditioning) -> Iterator[None]:
+    """While the pipeline runs, the UNet attends to each row's own tokens only: A1111's default
+    (modules/sd_samplers_cfg_denoiser.py, CFGDenoiser.forward, pad_cond_uncond off) runs cond and
+    uncond of different lengths as separate UNet calls, and cross-attention with the padding masked
+    out (encoder_attention_mask) is that call. The pipeline stacks [uncond; cond] for CFG, cond alone
+    without it. Nothing is installed when every row is full length."""
+    total = conditioning.prompt_embeds.shape[1]
+    if all(length == total for length in conditioning.lengths):
+        yield
+        return
+    rows = len(conditioning.lengths) // 2
+    keep = torch.arange(total)[None, :] < torch.tensor(conditioning.lengths)[:, None]
+    cond, uncond = keep[:rows], keep[rows:]
+
+    def mask(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        hidden = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+        layout = torch.cat([uncond, cond]) if hidden.shape[0] == 2 * rows else cond
+        if layout.shape != hidden.shape[:2]:
+            raise RuntimeError(f"UNet conditioning of shape {tuple(hidden.shape)} is not the chunk's"
+                               f" {rows} prompts of {total} tokens")
+        return args, {**kwargs, "encoder_attention_mask": layout.to(hidden.device)}
+
+    hook = unet.register_forward_pre_hook(mask, with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def encoders(pipe: Any) -> list[tuple[Any, Any]]:
@@ -179,8 +213,9 @@ def encode_prompts(pipe: Any, prompts: list[str], negatives: list[str], clip_ski
                    embeddings: Sequence[Collection[str] | None] | None = None) -> Conditioning:
     """Embeddings [B, 77*k, D] for prompts and for negatives, in the text encoder's dtype and on its
     device (SDXL: D is both encoders' widths, plus the pooled [B, P]). Every row gets the same k, the
-    most chunks any prompt or negative needs: shorter ones are padded with encoded empty chunks, as
-    A1111 pads cond and uncond, so both stack into one batch. clip_skip applies to SD 1.x only.
+    most chunks any prompt or negative needs: shorter ones are padded with encoded empty chunks, so
+    both stack into one batch, and own_lengths keeps the UNet off the padding, so each renders at its
+    own length as in A1111. clip_skip applies to SD 1.x only.
     embeddings: each job's, as chunk_prompt takes them."""
     pairs = encoders(pipe)
     sdxl = len(pairs) == 2
@@ -201,8 +236,9 @@ def encode_prompts(pipe: Any, prompts: list[str], negatives: list[str], clip_ski
             pooled = torch.cat([h[1] for h in halves if h[1] is not None])
     joined = torch.cat(embeds, dim=-1)
     cond, uncond = joined[:len(prompts)], joined[len(prompts):]
+    lengths = tuple(max(len(rows[i]) for rows in per_encoder) * (CHUNK_TOKENS + 2) for i in range(len(texts)))
     if not sdxl:
-        return Conditioning(cond, uncond)
+        return Conditioning(cond, uncond, lengths=lengths)
     assert pooled is not None
     pooled_cond, pooled_uncond = pooled[:len(prompts)], pooled[len(prompts):]
     # SDXL: an empty negative prompt is all zeros, not the encoded "" (A1111's force_zero_negative_prompt,
@@ -210,7 +246,7 @@ def encode_prompts(pipe: Any, prompts: list[str], negatives: list[str], clip_ski
     empty_negative = torch.tensor([n == "" for n in negatives], device=uncond.device)
     uncond = torch.where(empty_negative[:, None, None], torch.zeros_like(uncond), uncond)
     pooled_uncond = torch.where(empty_negative[:, None], torch.zeros_like(pooled_uncond), pooled_uncond)
-    return Conditioning(cond, uncond, pooled_cond, pooled_uncond)
+    return Conditioning(cond, uncond, pooled_cond, pooled_uncond, lengths)
 
 
 def _encode(text_encoder: Any, rows: list[list[Chunk]], clip_skip: int, sdxl: bool,

@@ -23,7 +23,7 @@ from .hires import second_pass
 from .masks import Inputs, MaskModels, job_inputs, overlay
 from .noise import start_noise
 from .pipeline import LoadedModel
-from .prompts import chunk_counts, encode_prompts
+from .prompts import chunk_counts, encode_prompts, own_lengths
 from .samplers import img2img_call, make_scheduler
 from .vae import decode_each, encode, or_raise
 
@@ -119,11 +119,13 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
             call.update(mask_image=[inputs[j.id][1] for j in jobs], masked_image_latents=init, width=first.width,
                         height=first.height)
     with torch.inference_mode():
-        shared.update(encode_prompts(pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs],
-                                     first.clip_skip, [embedding_tokens(j) for j in jobs]).kwargs())
-        latents = pipe(output_type="latent", **call, **shared).images
-        if first.hires is not None:
-            latents = second_pass(loaded, jobs, latents, shared, generators(jobs))
+        conditioning = encode_prompts(pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs],
+                                      first.clip_skip, [embedding_tokens(j) for j in jobs])
+        shared.update(conditioning.kwargs())
+        with own_lengths(pipe.unet, conditioning):
+            latents = pipe(output_type="latent", **call, **shared).images
+            if first.hires is not None:
+                latents = second_pass(loaded, jobs, latents, shared, generators(jobs))
         return decode_each(pipe, latents)
 
 

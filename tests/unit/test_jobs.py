@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from sdfarm.jobs import (
     FIELD_VERSIONS,
     RENDER_CHANGES,
+    RENDERS_SINCE,
     SCHEMA_VERSION,
     VALUE_VERSIONS,
     Chunk,
@@ -151,8 +152,8 @@ def test_a_chunk_message_leaves_defaults_out_and_gives_back_the_same_jobs(change
     back = Chunk.model_validate(sent)
     assert (back.batch_id, back.entries) == (chunk.batch_id, chunk.entries)
     assert back.entries[0].job.id == chunk.entries[0].job.id
-    # the oldest version that renders it as this one does: 3 (RENDERS_SINCE)
-    assert sent["schema_version"] == 3
+    # the oldest version that renders it as this one does (RENDERS_SINCE)
+    assert sent["schema_version"] == RENDERS_SINCE == 4
     # only what the job sets travels, and the schedule it resolved
     assert set(sent["entries"][0]["job"]) <= {*BASE, *changes, "schedule_type"}
 
@@ -168,10 +169,10 @@ def test_every_schema_version_after_the_first_declares_the_fields_it_added() -> 
 @pytest.mark.parametrize(("changes", "version"), [
     ({"subseed": 7, "subseed_strength": 0.3}, 4), ({"seed_resize_from": [72, 64]}, 4),
     ({"hires": {"scale": 2, "sampler": "Euler"}}, 4), ({"hires": {"resize_x": 96}}, 4),
-    ({"sampler": "DPM++ 3M SDE"}, 4), ({"sampler": "DPM++ 2M SDE"}, 4),
-    ({"sampler": "Euler", "schedule_type": "SGM Uniform"}, 4),
-    ({"sampler": "Euler", "schedule_type": "Karras"}, 3), ({"hires": {"scale": 2}}, 3)])
+    ({"sampler": "DPM++ 3M SDE"}, 4), ({"sampler": "Euler", "schedule_type": "SGM Uniform"}, 4),
+    ({"sampler": "Euler", "schedule_type": "Karras"}, 4), ({"hires": {"scale": 2}}, 4)])
 def test_a_message_with_what_version_4_added_names_version_4(changes: dict[str, object], version: int) -> None:
-    # a version-3 worker would refuse these fields and values as malformed: it hands the chunk back instead
+    # a version-3 worker would refuse these fields and values as malformed, and renders every job
+    # otherwise (RENDER_CHANGES[4]): it hands the chunk back instead
     message = Chunk(batch_id="ab" * 8, entries=(ChunkEntry(index=0, job=job(**changes)),)).message()
     assert message["schema_version"] == version

@@ -133,7 +133,7 @@ def test_plain_prompts_encode_exactly_as_diffusers_sdxl_does(loaded: LoadedModel
     assert ours.prompt_embeds.shape == (2, 77, 32 + 48)  # CLIP-L and OpenCLIP-G side by side
     assert ours.pooled_prompt_embeds is not None
     assert ours.pooled_prompt_embeds.shape == (2, 48)
-    for mine, reference in zip(ours, theirs, strict=True):
+    for mine, reference in zip(ours[:4], theirs, strict=True):  # the tensors, not the lengths
         torch.testing.assert_close(mine, reference)
     with torch.inference_mode():  # an empty negative is zeros, as diffusers' force_zeros_for_empty_prompt
         ours = encode_prompts(pipe, [FOX, FOX], ["", "blurry"], clip_skip=1)

@@ -16,6 +16,7 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .extra_networks import lora_tag, lora_tags
+from .prompt_schedule import may_vary
 from .prompt_syntax import check_attention_weights, parse_prompt_attention
 from .samplers import (
     AUTOMATIC,
@@ -34,7 +35,7 @@ from .samplers import (
 # `unet_weight` (A1111's <lora:name:te:unet>). 4: variation seeds, the hires pass's own size, sampler
 # and CFG; A1111's other schedule types and the DPM++ 2M SDE Heun and 3M SDE samplers. Renders otherwise:
 # cond and uncond at their own lengths, DPM++ 2M SDE's noise from a Brownian tree per image, embeddings
-# found at token boundaries.
+# found at token boundaries, prompt editing, alternation and AND (literal text before).
 SCHEMA_VERSION: Final = 4
 # Fields added after version 1, (section of a job, "" for the job itself, field): the version that
 # added them; and values added to a field. A message names the oldest version that reads it: the
@@ -50,7 +51,8 @@ VALUE_VERSIONS: Final[dict[tuple[str, str], dict[Any, int]]] = {
 # message back. Versions that changed what a job renders, and how.
 RENDER_CHANGES: Final[dict[int, str]] = {
     3: "A1111's schedules (Automatic resolved per sampler, Uniform, k-diffusion sigmas) and img2img/hires step counts",
-    4: "cond and uncond at their own lengths; DPM++ 2M SDE's Brownian noise; embeddings at token boundaries"}
+    4: "cond and uncond at their own lengths; DPM++ 2M SDE's Brownian noise; embeddings at token boundaries;"
+       " prompt editing, alternation and AND"}
 RENDERS_SINCE: Final = max(RENDER_CHANGES)
 MAX_PROMPT_CHARS: Final = 4000
 # validation context for jobs read back (task messages, jobs.jsonl): submit-time bounds added later
@@ -435,6 +437,13 @@ class RenderJob(BaseModel):
         return self
 
     @property
+    def scheduled(self) -> bool:
+        """Whether the prompts may edit, alternate or combine (AND) as they render: such jobs render on
+        the worker's scheduled path (worker/scheduled.py). A cheap look, not a parse: a job it takes
+        for one that is not renders the same there."""
+        return may_vary(self.prompt) or may_vary(self.negative_prompt)
+
+    @property
     def varied(self) -> bool:
         """Whether the start noise is A1111's variation noise rather than the seed's plain draw."""
         return self.subseed_strength > 0 or self.seed_resize_from is not None
@@ -602,6 +611,7 @@ class RenderJob(BaseModel):
             self.mode,
             self.strength if self.init_image else None,
             self.varied,  # varied noise is drawn by the worker, plain noise by the pipeline
+            self.scheduled,  # scheduled or combined prompts take over the UNet's conditioning call by call
         )
 
 

@@ -65,6 +65,9 @@ SAMPLERS: Final[dict[str, tuple[str, ...]]] = {
 # samplers that run a schedule one step longer and drop its next-to-last sigma (A1111's
 # discard_next_to_last_sigma option of each)
 DISCARD_PENULTIMATE: Final = frozenset({"DPM2", "DPM2 a", "DPM++ 3M SDE"})
+# samplers that call the model twice a step (A1111's second_order option: prompts are scheduled over
+# 2 x steps - 1 model calls)
+SECOND_ORDER: Final = frozenset({"Heun", "DPM2", "DPM2 a", "DPM++ SDE"})
 # A1111 samplers sdfarm refuses, and why
 REFUSED_SAMPLERS: Final[dict[str, str]] = {
     "DPM++ 2S a": "diffusers has no single-step ancestral DPM-Solver++",

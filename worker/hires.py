@@ -9,8 +9,6 @@ int(steps / denoising_strength), and draws its noise from the job's own seed.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -18,13 +16,13 @@ from sdfarm.jobs import LATENT_UPSCALERS, RenderJob
 
 from .pipeline import LoadedModel
 from .samplers import hires_call, make_scheduler
+from .scheduled import conditioned, model_calls
 from .vae import decode, encode
 
 
-def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Tensor, kwargs: dict[str, Any],
+def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Tensor,
                 generators: list[torch.Generator]) -> torch.Tensor:
-    """first_pass: the first pass's latents. kwargs: prompt embeddings and guidance, shared.
-    Returns the second pass's latents."""
+    """first_pass: the first pass's latents. Returns the second pass's latents."""
     job = jobs[0]
     hires = job.hires
     assert hires is not None
@@ -44,11 +42,12 @@ def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Te
     assert schedule is not None
     pipe.scheduler = make_scheduler(sampler, schedule, loaded.base_scheduler_config, [j.seed for j in jobs],
                                     sdxl=loaded.entry.family == "sdxl")
-    if hires.guidance_scale is not None:
-        kwargs = {**kwargs, "guidance_scale": hires.guidance_scale}
-    n, strength = hires_call(hires.steps or job.steps, hires.denoising_strength,
-                             loaded.base_scheduler_config["num_train_timesteps"])
-    out = pipe(image=image, strength=strength, num_inference_steps=n, generator=generators, output_type="latent",
-               **kwargs)
+    guidance = hires.guidance_scale if hires.guidance_scale is not None else job.guidance_scale
+    steps = hires.steps or job.steps
+    n, strength = hires_call(steps, hires.denoising_strength, loaded.base_scheduler_config["num_train_timesteps"])
+    # prompts scheduled over the pass's model calls, edit times counting on from the first pass's
+    with conditioned(pipe, jobs, sampler, steps, guidance, hires_of=model_calls(job.sampler, job.steps)) as prompts:
+        out = pipe(image=image, strength=strength, num_inference_steps=n, generator=generators, output_type="latent",
+                   guidance_scale=guidance, **prompts)
     latents: torch.Tensor = out.images
     return latents

@@ -23,8 +23,9 @@ from .hires import second_pass
 from .masks import Inputs, MaskModels, job_inputs, overlay
 from .noise import start_noise
 from .pipeline import LoadedModel
-from .prompts import chunk_counts, encode_prompts, own_lengths
+from .prompts import chunk_counts
 from .samplers import img2img_call, make_scheduler
+from .scheduled import conditioned
 from .vae import decode_each, encode, or_raise
 
 log = logging.getLogger("sdfarm.worker")
@@ -101,7 +102,7 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
     pipe = loaded.variant(first.mode)
     pipe.scheduler = make_scheduler(first.sampler, first.schedule_type, loaded.base_scheduler_config,
                                     [j.seed for j in jobs], sdxl=loaded.entry.family == "sdxl")
-    shared: dict[str, Any] = {"guidance_scale": first.guidance_scale}
+    shared: dict[str, Any] = {"guidance_scale": first.guidance_scale}  # kept for the pipeline call below
     gens = generators(jobs)
     call: dict[str, Any] = {"num_inference_steps": first.steps, "generator": gens}
     if first.mode == "txt2img":
@@ -119,13 +120,10 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
             call.update(mask_image=[inputs[j.id][1] for j in jobs], masked_image_latents=init, width=first.width,
                         height=first.height)
     with torch.inference_mode():
-        conditioning = encode_prompts(pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs],
-                                      first.clip_skip, [embedding_tokens(j) for j in jobs])
-        shared.update(conditioning.kwargs())
-        with own_lengths(pipe.unet, conditioning):
-            latents = pipe(output_type="latent", **call, **shared).images
-            if first.hires is not None:
-                latents = second_pass(loaded, jobs, latents, shared, generators(jobs))
+        with conditioned(pipe, jobs, first.sampler, first.steps, first.guidance_scale) as prompts:
+            latents = pipe(output_type="latent", **call, **shared, **prompts).images
+        if first.hires is not None:
+            latents = second_pass(loaded, jobs, latents, generators(jobs))
         return decode_each(pipe, latents)
 
 

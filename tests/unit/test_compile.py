@@ -72,6 +72,19 @@ def test_compiled_images_match_eager_and_never_depend_on_the_chunk(eager: Loaded
     assert np.array_equal(moved, got[5])
 
 
+def test_scheduled_and_long_prompts_render_on_the_compiled_unet(eager: LoadedModel, compiled: LoadedModel) -> None:
+    # the UNet hooks (prompt editing and AND; a cond and uncond of different lengths) run eagerly
+    # around the compiled UNet's calls
+    long = "a lighthouse on a cliff at dusk, storm clouds, crashing waves, seagulls, " * 2
+    batch = [RenderJob.model_validate({"model": "tiny-sd15", "model_hash": compiled.identity, "seed": 7,
+                                       "width": 64, "height": 64, "steps": 3, "prompt": prompt,
+                                       "negative_prompt": "blurry"})
+             for prompt in ("a [red:blue:1] fox AND a hen:0.5", long)]
+    for job in batch:
+        want, got = pixels(render(eager, [job])[0]), pixels(render(compiled, [job])[0])
+        assert int(np.abs(want - got).max()) <= EAGER_TOLERANCE
+
+
 def test_a_restarted_worker_reads_the_compiled_graphs_from_its_cache(compiled: LoadedModel,
                                                                      compile_cache: Path,
                                                                      registry_file: Path) -> None:

@@ -12,9 +12,9 @@ import torch
 
 from sdfarm.jobs import RenderJob
 from sdfarm.models import Registry
+from tests.unet_spy import unet_kwargs
 from worker.pipeline import LoadedModel, load_model
 from worker.prompts import Conditioning, encode_prompts, own_lengths
-from worker.render import render
 
 LONG = "a lighthouse on a cliff at dusk, storm clouds, crashing waves, seagulls, " * 2  # two 75-token chunks
 
@@ -49,21 +49,7 @@ def test_a_masked_padded_row_is_the_row_at_its_own_length(loaded: LoadedModel) -
 
 
 def seen_masks(loaded: LoadedModel, jobs: list[RenderJob]) -> list[Any]:
-    """The encoder_attention_mask of every UNet call while the jobs render (read in forward, after
-    the module's pre-hooks have run)."""
-    masks: list[Any] = []
-    original = loaded.pipe.unet.forward
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        masks.append(kwargs.get("encoder_attention_mask"))
-        return original(*args, **kwargs)
-
-    loaded.pipe.unet.forward = forward
-    try:
-        render(loaded, jobs)
-    finally:
-        del loaded.pipe.unet.forward
-    return masks
+    return unet_kwargs(loaded, jobs, "encoder_attention_mask")
 
 
 def job(loaded: LoadedModel, **changes: Any) -> RenderJob:

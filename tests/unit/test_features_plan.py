@@ -309,8 +309,9 @@ mask_models: {{clipseg: {{path: clipseg}}}}
     examples = Path(__file__).resolve().parents[2] / "examples"
     path = examples / "features.yaml"
     jobs = plan_batch(path.read_text(), str(path), "yaml", reg, 1000, inputs=Inputs(None, examples / "inputs")).jobs
-    assert len(jobs) == 22
-    sd, xl = jobs[:20], jobs[20:]
+    assert len(jobs) == 23
+    sd, xl = jobs[:21], jobs[21:]
+    assert any(j.scheduled and " AND " in j.prompt for j in sd)
     assert {(j.sampler, j.schedule_type) for j in sd if j.prompt == "a paper crane on a desk"} == {
         (s, t) for s in ("DPM++ 3M SDE", "DPM2") for t in ("Align Your Steps", "SGM Uniform", "Beta")}
     assert any(j.subseed_strength == 0.5 and j.subseed == 7 for j in sd)

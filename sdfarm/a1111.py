@@ -1,5 +1,6 @@
 """A1111 images in: the `parameters` text that A1111 (or sdfarm) wrote into PNGs, read back as batch
-items, one job per image, with its own seed. `sdfarm submit` takes one such PNG or a folder of them.
+items, one job per image, with its own seed. `sdfarm submit` takes one such PNG, a folder of them, or
+a .txt of infotexts (as PNG Info shows them, one after another).
 
 A field sdfarm cannot render as A1111 did is refused, naming the image and the field; nothing is
 dropped silently. `Version` is ignored (who rendered, not how). Hashes are checked: `Model hash`
@@ -12,18 +13,20 @@ noise (same settings and seeds, other noise).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
 from PIL import Image, UnidentifiedImageError
 
 from .errors import BatchInvalid, InvalidInput, Problem, brief
-from .infotext import parse_infotext
-from .inputs import open_regular
+from .infotext import is_parameters_line, parse_infotext
+from .inputs import open_regular, read_regular
 from .models import AssetKind, Registry, a1111_lora_hash
 from .samplers import BETA_ALPHA, BETA_BETA
 
 MAX_PNG_BYTES: Final = 64 * 1024 * 1024
+MAX_INFOTEXT_BYTES: Final = 64 * 1024 * 1024  # a .txt of infotexts, read whole
 IGNORED: Final = frozenset({"Version", "User"})
 _SCALARS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "Steps": ("steps", int), "Sampler": ("sampler", str), "Schedule type": ("schedule_type", str),
@@ -58,21 +61,82 @@ def read_images(path: Path, registry: Registry, max_jobs: int, cpu_noise: bool) 
     pngs = png_paths(path)
     if not pngs:
         raise BatchInvalid([Problem(source, None, None, "", "holds no .png files")])
-    if len(pngs) > max_jobs:
-        raise BatchInvalid([Problem(source, None, None, "", f"holds {len(pngs)} PNGs (allowed: at most {max_jobs};"
-                                                            " the cap is SDFARM_MAX_JOBS_PER_BATCH)")])
-    items, problems = [], []
-    known = Registered(registry)
+    _check_count(source, len(pngs), "PNGs", max_jobs)
+    texts: list[tuple[Problem, str | InvalidInput]] = []
     for png in pngs:
         try:
-            item = item_from_infotext(_parameters(png), known, cpu_noise)
+            texts.append((Problem(str(png), None, None, "", ""), _parameters(png)))
         except InvalidInput as e:
-            problems.append(Problem(str(png), None, None, "", str(e)))
+            texts.append((Problem(str(png), None, None, "", ""), e))
+    return _items(texts, Registered(registry), cpu_noise)
+
+
+def read_infotexts(path: Path, registry: Registry, max_jobs: int, cpu_noise: bool) -> list[dict[str, Any]]:
+    """One batch item per infotext in a .txt of them (as A1111's PNG Info shows them, one after
+    another; each ends at its `Steps: ...` line). Raises BatchInvalid naming each infotext's line and
+    field that cannot be read or rendered as A1111 did."""
+    source = str(path)
+    try:
+        text = read_regular(path, MAX_INFOTEXT_BYTES).decode("utf-8-sig")
+    except InvalidInput as e:
+        raise BatchInvalid([Problem(source, None, None, "", f"file {e}")]) from None
+    except UnicodeDecodeError as e:
+        raise BatchInvalid([Problem(source, None, None, "", f"is not UTF-8 text (byte {e.start})")]) from None
+    found = split_infotexts(text)
+    if not found:
+        raise BatchInvalid([Problem(source, None, None, "", "holds no infotexts (each ends with its `Steps: ...`"
+                                                            " line)")])
+    _check_count(source, len(found), "infotexts", max_jobs)
+    texts: list[tuple[Problem, str | InvalidInput]] = [
+        (Problem(source, line, n, "", ""), body if complete else InvalidInput(
+            "an infotext without its parameters line (`Steps: ...`) at the end of the file"))
+        for n, (line, body, complete) in enumerate(found, 1)]
+    return _items(texts, Registered(registry), cpu_noise)
+
+
+def split_infotexts(text: str) -> list[tuple[int, str, bool]]:
+    """(first line, text, whether it ended with its parameters line) of each infotext in a text:
+    each runs to its parameters line; blank lines between them are skipped."""
+    found: list[tuple[int, str, bool]] = []
+    lines: list[str] = []
+    start = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if not lines and not line.strip():
             continue
+        if not lines:
+            start = number
+        lines.append(line)
+        if is_parameters_line(line):
+            found.append((start, "\n".join(lines), True))
+            lines = []
+    if lines:
+        found.append((start, "\n".join(lines), False))
+    return found
+
+
+def looks_like_infotexts(head: str) -> bool:
+    """Whether the start of a .txt holds infotexts rather than one prompt a line."""
+    return any(is_parameters_line(line) for line in head.splitlines())
+
+
+def _check_count(source: str, count: int, what: str, max_jobs: int) -> None:
+    if count > max_jobs:
+        raise BatchInvalid([Problem(source, None, None, "", f"holds {count} {what} (allowed: at most {max_jobs};"
+                                                            " the cap is SDFARM_MAX_JOBS_PER_BATCH)")])
+
+
+def _items(texts: list[tuple[Problem, str | InvalidInput]], known: Registered, cpu_noise: bool
+           ) -> list[dict[str, Any]]:
+    """An item per infotext; every problem named by where its infotext is (`at`) and the field."""
+    items, problems = [], []
+    for at, text in texts:
+        if isinstance(text, InvalidInput):
+            problems.append(replace(at, message=str(text)))
+            continue
+        try:
+            items.append(item_from_infotext(text, known, cpu_noise))
         except _Refused as e:
-            problems.extend(Problem(str(png), None, None, fld, message) for fld, message in e.problems)
-            continue
-        items.append(item)
+            problems.extend(replace(at, field=fld, message=message) for fld, message in e.problems)
     if problems:
         raise BatchInvalid(problems)
     return items

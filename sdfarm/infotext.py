@@ -122,6 +122,11 @@ def job_infotext(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[str
                                           vae_name=vae_name))
 
 
+def is_parameters_line(line: str) -> bool:
+    """Whether a line is an infotext's last, its parameters: `Steps: N, ...` with at least 3 of them."""
+    return line.lstrip().startswith("Steps:") and len(_PARAM_RE.findall(line)) >= 3
+
+
 def parse_infotext(text: str) -> dict[str, Any]:
     """Read infotext back as A1111 does: Prompt, Negative prompt, every key; Size split into
     Size-1/Size-2; quoted values JSON-decoded; a missing Clip skip means 1."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..a1111 import read_images
+from ..a1111 import looks_like_infotexts, read_images, read_infotexts
 from ..errors import MAX_PROBLEMS, BatchInvalid, InvalidInput, Problem, brief
 from ..inputs import Inputs, open_regular
 from ..jobs import MAX_SEED, RenderJob, SeedSweep
@@ -29,6 +29,8 @@ from .formats import (
 )
 from .items import ITEM_KEYS, MAX_NAME_CHARS, RawItem, _item_size, cap_problem, control_character
 from .planner import _Planner
+
+INFOTEXT_PEEK_BYTES = 64 * 1024  # a .txt whose first 64 KiB hold an infotext's `Steps: ...` line is infotexts
 
 
 @dataclass(frozen=True)
@@ -307,6 +309,16 @@ def plan_file(
     return stream_file(path, registry, max_jobs, overrides, name, inputs).plan()
 
 
+def _head(path: Path) -> str:
+    """The start of a text file (what tells a .txt of infotexts from one of prompts); "" when it
+    cannot be read, which the format's own reader then reports."""
+    try:
+        with open_regular(path, MAX_FILE_BYTES) as f:
+            return f.read(INFOTEXT_PEEK_BYTES).decode("utf-8", errors="replace")
+    except InvalidInput:
+        return ""
+
+
 def stream_file(
     path: Path,
     registry: Registry,
@@ -324,6 +336,9 @@ def stream_file(
     source = str(path)
     if path.suffix.lower() == ".png" or (path.is_dir() and path.suffix.lower() not in FORMATS):
         items = [RawItem(data, i) for i, data in enumerate(read_images(path, registry, max_jobs, cpu_noise), 1)]
+        return BatchStream({"name": path.stem}, items, source, "a1111", registry, max_jobs, overrides, name, inputs)
+    if path.suffix.lower() == ".txt" and looks_like_infotexts(_head(path)):
+        items = [RawItem(data, i) for i, data in enumerate(read_infotexts(path, registry, max_jobs, cpu_noise), 1)]
         return BatchStream({"name": path.stem}, items, source, "a1111", registry, max_jobs, overrides, name, inputs)
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:

@@ -134,3 +134,35 @@ def test_a_hires_resize_size_and_sampler_come_back_as_they_were(tmp_path: Path, 
     assert job.hires is not None
     assert (job.hires.resize_x, job.hires.resize_y, job.hires.target(64, 64)) == (128, 96, (128, 96))
     assert (job.hires.sampler, job.hires.schedule_type, job.hires.guidance_scale) == ("DPM++ 2M", "Exponential", 4.5)
+
+
+def test_a_txt_of_infotexts_is_one_job_each(tmp_path: Path, registry: Registry) -> None:
+    short = registry.identity(TINY)[:10]
+    params = f"CFG scale: 6, Size: 64x64, Model hash: {short}, RNG: CPU"
+    text = (f"a fox in snow\nNegative prompt: blurry\nSteps: 7, Sampler: Euler, Seed: 1, {params}\n\n"
+            f"a hen,\non two lines, [red:blue:3]\nSteps: 5, Sampler: DPM++ 2M, Schedule type: Karras, Seed: 2,"
+            f" {params}\n")
+    path = tmp_path / "infotexts.txt"
+    path.write_text(text)
+    fox, hen = stream_file(path, registry, 100).plan().jobs
+    assert (fox.prompt, fox.negative_prompt, fox.steps, fox.sampler, fox.seed) == (
+        "a fox in snow", "blurry", 7, "Euler", 1)
+    assert (hen.prompt, hen.steps, hen.sampler, hen.seed) == ("a hen,\non two lines, [red:blue:3]", 5, "DPM++ 2M", 2)
+    # a prompt file stays one prompt a line
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\na hen\n")
+    planned = stream_file(prompts, registry, 100, overrides={"model": TINY}).plan().jobs
+    assert [j.prompt for j in planned] == ["a fox", "a hen"]
+
+
+def test_a_txt_of_infotexts_names_the_line_of_each_refusal(tmp_path: Path, registry: Registry) -> None:
+    short = registry.identity(TINY)[:10]
+    path = tmp_path / "bad.txt"
+    path.write_text(f"ok\nSteps: 3, Sampler: Euler, Seed: 1, Size: 64x64, Model hash: {short}, RNG: CPU\n\n"
+                    f"gpu noise\nSteps: 3, Sampler: Euler, Seed: 2, Size: 64x64, Model hash: {short}\n"
+                    "a prompt without its parameters\n")
+    problems = refused(path, registry)
+    assert problems[0].startswith(f"{path}:4: item 2: RNG: no RNG field, which A1111 reads as GPU")
+    assert problems[1] == (f"{path}:6: item 3: an infotext without its parameters line (`Steps: ...`) at the end"
+                           " of the file")
+    assert len(problems) == 2

@@ -54,7 +54,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -248,21 +248,45 @@ class HashCache:
             pass  # a cache that cannot be written only costs time
 
 
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """A .safetensors file's JSON header (tensor names, `__metadata__`); {} for another file or a
+    damaged header, which is refused where the file is loaded, with its reason."""
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(size)) if 0 < size <= SAFETENSORS_HEADER_MAX else {}
+        except ValueError:
+            return {}
+    return header if isinstance(header, dict) else {}
+
+
 def a1111_lora_hash(path: Path) -> str:
     """The short hash A1111 records for a LoRA (extensions-builtin/Lora/network.py, NetworkOnDisk):
     the file's `sshs_model_hash` metadata when it has one, else its addnet hash; 12 hex digits."""
-    if path.suffix.lower() == ".safetensors":
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            try:  # a damaged file is refused where it is loaded, with its reason: here it only has no metadata
-                header = json.loads(f.read(size)) if 0 < size <= SAFETENSORS_HEADER_MAX else {}
-            except ValueError:
-                header = {}
-        metadata = header.get("__metadata__") if isinstance(header, dict) else None
-        given = metadata.get("sshs_model_hash") if isinstance(metadata, dict) else None
-        if isinstance(given, str) and given:
-            return given[:12]
+    metadata = safetensors_header(path).get("__metadata__")
+    given = metadata.get("sshs_model_hash") if isinstance(metadata, dict) else None
+    if isinstance(given, str) and given:
+        return given[:12]
     return addnet_hash(path)[:12]
+
+
+# LyCORIS network types diffusers cannot load, by the end of a tensor name only they use (LoRA and
+# LoCon, lora_down/lora_up on linear and conv layers, load)
+_LYCORIS: Final = ((re.compile(r"\.hada_w1_a$"), "LoHa"), (re.compile(r"\.lokr_w1(_a)?$"), "LoKr"),
+                   (re.compile(r"\.oft_(blocks|diag)$"), "OFT"), (re.compile(r"\.on_input$"), "(IA)^3"),
+                   (re.compile(r"\.a1\.weight$"), "GLoRA"), (re.compile(r"\.diff(_b)?$"), "Full"))
+
+
+def lora_refusal(path: Path) -> str | None:
+    """Why a LoRA file cannot be rendered (a LyCORIS type diffusers cannot load), or None."""
+    for name in safetensors_header(path):
+        for pattern, kind in _LYCORIS:
+            if pattern.search(name):
+                return (f"{path.name} is a LyCORIS {kind} ({name!r}): diffusers loads LoRA and LoCon networks,"
+                        f" not {kind}")
+    return None
 
 
 def addnet_hash(path: Path) -> str:
@@ -356,6 +380,8 @@ class Registry:
             raise InvalidInput(f"{kind} {name!r} is for {entry.family} models; this job's model is {family}"
                                f" (allowed: {', '.join(self.asset_names(kind, family)) or 'none registered'})")
         if (kind, name) not in self._asset_identities:
+            if kind == "lora" and entry.file is not None and (refusal := lora_refusal(entry.file)):
+                raise InvalidInput(f"lora {name!r}: {refusal}")
             self._asset_identities[(kind, name)] = entry.identity(self.cache)
         return self._asset_identities[(kind, name)]
 

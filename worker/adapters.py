@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from sdfarm.errors import AssetError
 from sdfarm.jobs import AssetRef, LoraRef, RenderJob
+from sdfarm.models import lora_refusal
 
 from .prompts import CHUNK_TOKENS, encoders
 
@@ -77,6 +78,8 @@ class Adapters:
             self.loras.move_to_end(lora.sha256)
             return
         name = adapter_name(lora.sha256)
+        if (refusal := lora_refusal(path)) is not None:  # a LyCORIS type diffusers cannot load (S3-sourced files)
+            raise AssetError(f"lora {lora.name!r}: {refusal}")
         try:
             self.pipe.load_lora_weights(str(path), adapter_name=name)
         except Exception as e:

@@ -36,7 +36,8 @@ _SCALARS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
 _HIRES: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "Hires upscale": ("scale", float), "Hires steps": ("steps", int), "Hires upscaler": ("upscaler", str),
     "Denoising strength": ("denoising_strength", float), "Hires sampler": ("sampler", str),
-    "Hires schedule type": ("schedule_type", str), "Hires CFG Scale": ("guidance_scale", float)}
+    "Hires schedule type": ("schedule_type", str), "Hires CFG Scale": ("guidance_scale", float),
+    "Hires prompt": ("prompt", str), "Hires negative prompt": ("negative_prompt", str)}
 _UPSCALE: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "Postprocess upscale by": ("factor", float), "Postprocess upscaler": ("upscaler", str)}
 # the Beta schedule's distribution: sdfarm runs A1111's default

@@ -104,6 +104,8 @@ def job_parameters(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[s
         "Hires sampler": hires.sampler if hires else None,
         "Hires schedule type": hires.schedule_type if hires and hires.schedule_type != AUTOMATIC else None,
         "Hires CFG Scale": _number(hires.guidance_scale) if hires and hires.guidance_scale is not None else None,
+        "Hires prompt": hires.prompt if hires else None,
+        "Hires negative prompt": hires.negative_prompt if hires else None,
         # A1111 records the Beta schedule's distribution whichever pass runs it
         "Beta schedule alpha": _number(BETA_ALPHA) if beta else None,
         "Beta schedule beta": _number(BETA_BETA) if beta else None,

@@ -43,7 +43,8 @@ SCHEMA_VERSION: Final = 4
 FIELD_VERSIONS: Final[dict[tuple[str, str], int]] = {
     ("hires", "upscaler_sha256"): 2, ("upscale", "upscaler_sha256"): 2,
     **{("", f): 4 for f in ("subseed", "subseed_strength", "seed_resize_from")},
-    **{("hires", f): 4 for f in ("resize_x", "resize_y", "sampler", "schedule_type", "guidance_scale")}}
+    **{("hires", f): 4 for f in ("resize_x", "resize_y", "sampler", "schedule_type", "guidance_scale", "prompt",
+                                 "negative_prompt")}}
 VALUE_VERSIONS: Final[dict[tuple[str, str], dict[Any, int]]] = {
     ("", "sampler"): {"DPM++ 2M SDE Heun": 4, "DPM++ 3M SDE": 4},
     ("", "schedule_type"): {s: 4 for s in SCHEDULE_TYPES if s not in (AUTOMATIC, UNIFORM, KARRAS, EXPONENTIAL)}}
@@ -217,6 +218,16 @@ def _check_upscaler(name: str, sha256: str | None, builtin: tuple[str, ...]) -> 
         raise ValueError(f"unknown upscaler {name!r} (allowed: {', '.join(builtin)}, or a registered upscaler model)")
 
 
+def _check_prompt_text(v: str, info: ValidationInfo) -> None:
+    """A prompt's length, its (word:weight) syntax (here rather than on a GPU) and, at submit, its
+    weights' bounds (jobs read back keep what was accepted before)."""
+    if len(v) > MAX_PROMPT_CHARS:
+        raise ValueError(f"is {len(v)} characters long (allowed: at most {MAX_PROMPT_CHARS})")
+    parse_prompt_attention(v)
+    if not (info.context or {}).get("recorded"):
+        check_attention_weights(v)
+
+
 class HiresFix(BaseModel):
     """A1111's hires fix: render, upscale by `scale`, then an img2img pass at `denoising_strength`."""
 
@@ -234,6 +245,20 @@ class HiresFix(BaseModel):
     sampler: str | None = None
     schedule_type: str | None = None
     guidance_scale: float | None = Field(default=None, ge=0.0, le=30.0)
+    # A1111's "Hires prompt" and "Hires negative prompt"; none: the first pass's
+    prompt: str | None = None
+    negative_prompt: str | None = None
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _prompts(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        _check_prompt_text(v, info)
+        if lora_tags(v):
+            raise ValueError("a LoRA tag in a hires prompt is not supported (the hires pass renders with the"
+                             " first pass's LoRAs)")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -359,28 +384,17 @@ class RenderJob(BaseModel):
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, v: str) -> str:
+    def _prompt(cls, v: str, info: ValidationInfo) -> str:
         if not v.strip():
             raise ValueError("must not be empty")
-        if len(v) > MAX_PROMPT_CHARS:
-            raise ValueError(f"is {len(v)} characters long (allowed: at most {MAX_PROMPT_CHARS})")
         lora_tags(v)  # a malformed or unsupported <...> tag is reported against the prompt
-        parse_prompt_attention(v)  # and a malformed (word:weight), here rather than on a GPU
+        _check_prompt_text(v, info)
         return v
 
     @field_validator("negative_prompt")
     @classmethod
-    def _negative(cls, v: str) -> str:
-        if len(v) > MAX_PROMPT_CHARS:
-            raise ValueError(f"is {len(v)} characters long (allowed: at most {MAX_PROMPT_CHARS})")
-        parse_prompt_attention(v)
-        return v
-
-    @field_validator("prompt", "negative_prompt")
-    @classmethod
-    def _weights(cls, v: str, info: ValidationInfo) -> str:
-        if not (info.context or {}).get("recorded"):
-            check_attention_weights(v)
+    def _negative(cls, v: str, info: ValidationInfo) -> str:
+        _check_prompt_text(v, info)
         return v
 
     @field_validator("seed")
@@ -407,6 +421,19 @@ class RenderJob(BaseModel):
             raise ValueError(f"{v[0]}x{v[1]} is not allowed (allowed: width and height, multiples of 8 from"
                              f" {MIN_SIZE} to {MAX_SIZE})")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hires_prompts_same(cls, data: Any) -> Any:
+        """A hires prompt or negative that is empty or the first pass's is no prompt of its own, as in
+        A1111: left out, so the job is the one without it (one render, one id)."""
+        if not (isinstance(data, dict) and isinstance(data.get("hires"), dict)):
+            return data
+        hires = dict(data["hires"])
+        for fld, first in (("prompt", data.get("prompt")), ("negative_prompt", data.get("negative_prompt", ""))):
+            if hires.get(fld) in ("", first):
+                hires.pop(fld, None)
+        return {**data, "hires": hires}
 
     @model_validator(mode="before")
     @classmethod
@@ -441,7 +468,15 @@ class RenderJob(BaseModel):
         """Whether the prompts may edit, alternate or combine (AND) as they render: such jobs render on
         the worker's scheduled path (worker/scheduled.py). A cheap look, not a parse: a job it takes
         for one that is not renders the same there."""
-        return may_vary(self.prompt) or may_vary(self.negative_prompt)
+        return any(may_vary(text) for text in (*self.texts(hires=False), *self.texts(hires=True)))
+
+    def texts(self, hires: bool) -> tuple[str, str]:
+        """(prompt, negative prompt) of a pass: the hires pass's own where it has them (A1111's Hires
+        prompt and Hires negative prompt). LoRA tags stay in: the worker strips them."""
+        if hires and self.hires is not None:
+            return (self.hires.prompt if self.hires.prompt is not None else self.prompt,
+                    self.hires.negative_prompt if self.hires.negative_prompt is not None else self.negative_prompt)
+        return self.prompt, self.negative_prompt
 
     @property
     def varied(self) -> bool:

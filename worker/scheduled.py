@@ -67,7 +67,8 @@ def conditioned(pipe: Any, jobs: list[RenderJob], sampler: str, steps: int, guid
         with scheduled(pipe.unet, plans, guidance_scale):
             yield placeholder(pipe, jobs)
         return
-    conditioning = encode_prompts(pipe, [strip_tags(j.prompt) for j in jobs], [j.negative_prompt for j in jobs],
+    texts = [j.texts(hires=hires_of is not None) for j in jobs]
+    conditioning = encode_prompts(pipe, [strip_tags(p) for p, _ in texts], [n for _, n in texts],
                                   jobs[0].clip_skip, [embedding_tokens(j) for j in jobs])
     with own_lengths(pipe.unet, conditioning):
         yield conditioning.kwargs()
@@ -81,8 +82,9 @@ def plan_pass(pipe: Any, jobs: list[RenderJob], calls: int, hires_of: int | None
     layouts = []
     for job in jobs:
         tokens = embedding_tokens(job)
-        conds = [(weight, schedule(text, calls, hires_of)) for text, weight in split_and(strip_tags(job.prompt))]
-        uncond = schedule(job.negative_prompt, calls, hires_of)
+        prompt, negative = job.texts(hires=hires_of is not None)
+        conds = [(weight, schedule(text, calls, hires_of)) for text, weight in split_and(strip_tags(prompt))]
+        uncond = schedule(negative, calls, hires_of)
         for _, entries in conds:
             wanted.update({(text, tokens, False): None for _, text in entries})
         wanted.update({(text, tokens, True): None for _, text in uncond})

@@ -229,7 +229,10 @@ class _Planner:
 
     def _embeddings(self, raw: RawItem, values: dict[str, Any], family: str | None, out: dict[str, Any]) -> bool:
         ok = True
-        texts = [t for t in (values.get("prompt"), values.get("negative_prompt")) if isinstance(t, str)]
+        given = values.get("hires")
+        hires: dict[str, Any] = given if isinstance(given, dict) else {}
+        texts = [t for t in (values.get("prompt"), values.get("negative_prompt"), hires.get("prompt"),
+                             hires.get("negative_prompt")) if isinstance(t, str)]
         embeddings = []
         for name in self.registry.asset_names("embedding", family):
             if any(embedding_pattern(name).search(text) for text in texts):

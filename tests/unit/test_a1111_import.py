@@ -85,19 +85,20 @@ def test_a_folder_is_one_job_per_png_and_every_refusal_names_its_image_and_field
     png(folder / "a.png", f"a cat\n{line}, RNG: CPU")
     png(folder / "b.png", f"a dog\n{line}")  # no RNG: A1111's GPU noise
     png(folder / "c.png", "a bird\nSteps: 4, Sampler: Euler, Seed: 2, Size: 64x64, Model hash: 0123456789,"
-        " Model: other, Hires prompt: a hawk, Hires steps: 5, Denoising strength: 0.5, RNG: CPU")
+        " Model: other, Hires prompt: a hawk, Hires steps: 5, Denoising strength: 0.5, RNG: CPU, Vision: x")
     png(folder / "d.png", None)
     (folder / "e.png").write_bytes(b"not a png")
     (folder / "notes.txt").write_text("not an image: not read")
     assert refused(folder, registry) == [
         f"{folder}/b.png: RNG: no RNG field, which A1111 reads as GPU: sdfarm draws each image's noise on the CPU"
         " (A1111's RNG: CPU); pass --cpu-noise to render it with CPU noise (same settings and seed, other noise)",
+        f"{folder}/c.png: Hires prompt: a hires field without `Hires upscale` or `Hires resize`",
         f"{folder}/c.png: Hires steps: a hires field without `Hires upscale` or `Hires resize`",
         f"{folder}/c.png: Denoising strength: an img2img or inpainting image (no hires fields): its init image is"
         " not in the infotext; submit it as a batch item with init_image",
         f"{folder}/c.png: Model hash: '0123456789' ('other') is no registered model's (registered: "
         + ", ".join(registry.names()) + ")",
-        f"{folder}/c.png: Hires prompt: 'a hawk': sdfarm cannot render this as A1111 did (not supported)",
+        f"{folder}/c.png: Vision: 'x': sdfarm cannot render this as A1111 did (not supported)",
         f"{folder}/d.png: holds no A1111 `parameters` text (an image A1111 or sdfarm saved, with its infotext)",
         f"{folder}/e.png: is not a PNG image",
     ]

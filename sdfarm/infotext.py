@@ -97,6 +97,8 @@ def job_parameters(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[s
         "Clip skip": job.clip_skip if job.clip_skip > 1 else None,
         "RNG": "CPU",  # each image's noise comes from its own CPU generator: A1111's CPU noise source
         "Mask blur": job.mask_blur if job.mode == "inpaint" and job.mask_blur else None,
+        "Mask mode": "Inpaint not masked" if job.mode == "inpaint" and job.inpaint_invert else None,
+        "Masked content": job.inpaint_fill if job.mode == "inpaint" and job.inpaint_fill != "original" else None,
         "Hires upscale": _number(hires.scale) if hires and not (hires.resize_x or hires.resize_y) else None,
         "Hires resize": f"{hires.resize_x}x{hires.resize_y}" if hires and (hires.resize_x or hires.resize_y) else None,
         "Hires steps": hires.steps if hires and hires.steps else None,

@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from functools import cached_property
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -42,7 +42,8 @@ SCHEMA_VERSION: Final = 4
 # highest of these that it sets, else RENDERS_SINCE.
 FIELD_VERSIONS: Final[dict[tuple[str, str], int]] = {
     ("hires", "upscaler_sha256"): 2, ("upscale", "upscaler_sha256"): 2,
-    **{("", f): 4 for f in ("subseed", "subseed_strength", "seed_resize_from")},
+    **{("", f): 4 for f in ("subseed", "subseed_strength", "seed_resize_from", "resize_mode", "inpaint_fill",
+                            "inpaint_invert")},
     **{("hires", f): 4 for f in ("resize_x", "resize_y", "sampler", "schedule_type", "guidance_scale", "prompt",
                                  "negative_prompt")}}
 VALUE_VERSIONS: Final[dict[tuple[str, str], dict[Any, int]]] = {
@@ -114,7 +115,7 @@ USER_FIELDS: Final = (
     "subseed_strength",
     "seed_resize_from",
 )
-MASK_FIELDS: Final = ("mask_threshold", "mask_dilate", "mask_blur")
+MASK_FIELDS: Final = ("mask_threshold", "mask_dilate", "mask_blur", "inpaint_fill", "inpaint_invert")
 _ID_LABELS: Final = ("model", "schema_version")  # recorded, not hashed: a name, and the format
 _WIRE_JSON: Final[dict[str, Any]] = {}  # json.dumps' defaults, as kombu's JSON serialiser writes messages
 _RECORD_JSON: Final[dict[str, Any]] = {"ensure_ascii": False}  # jobs.jsonl keeps UTF-8 as it is
@@ -356,7 +357,8 @@ class RenderJob(BaseModel):
     embeddings: tuple[AssetRef, ...] = ()
     hires: HiresFix | None = None
     upscale: Upscale | None = None
-    init_image: ImageRef | None = None  # img2img: resized to width x height, as A1111's "Just resize"
+    init_image: ImageRef | None = None  # img2img: brought to width x height by resize_mode
+    resize_mode: Literal["Just resize", "Crop and resize", "Resize and fill"] = "Just resize"  # A1111's
     strength: float = Field(default=0.75, gt=0.0, le=1.0)  # A1111's img2img "Denoising strength"
     mask_image: ImageRef | None = None  # inpainting: white is repainted
     mask_prompt: str | None = Field(default=None, min_length=1, max_length=200)  # a mask from text (CLIPSeg)
@@ -364,6 +366,9 @@ class RenderJob(BaseModel):
     mask_threshold: float = Field(default=0.4, ge=0.0, le=1.0)  # CLIPSeg probability that counts as masked
     mask_dilate: int = Field(default=0, ge=0, le=128)  # grow the mask by this many pixels
     mask_blur: int = Field(default=4, ge=0, le=64)  # A1111's "Mask blur"
+    # A1111's "Masked content": what the masked area starts from (worker/masks.py)
+    inpaint_fill: Literal["original", "fill", "latent noise", "latent nothing"] = "original"
+    inpaint_invert: bool = False  # A1111's "Inpaint not masked": repaint what the mask keeps
     # A1111's variation seed: the start noise is the seed's, slerped toward the subseed's by strength
     subseed: int | None = None
     subseed_strength: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -569,7 +574,7 @@ class RenderJob(BaseModel):
         # set to something other than the default (a full dump round-trips every field as "set")
         given = {f for f, default in _IMG2IMG_DEFAULTS.items() if getattr(self, f) != default}
         if self.init_image is None:
-            needs = [f for f in ("strength", "mask_image", "mask_prompt", *MASK_FIELDS) if f in given]
+            needs = [f for f in ("strength", "resize_mode", "mask_image", "mask_prompt", *MASK_FIELDS) if f in given]
             if needs:
                 raise ValueError(f"{', '.join(needs)} needs init_image (img2img or inpainting)")
             return self
@@ -652,7 +657,7 @@ class RenderJob(BaseModel):
 
 # the img2img fields and their defaults, read once (RenderJob.model_fields is slow to reach per job)
 _IMG2IMG_DEFAULTS: Final = {f: RenderJob.model_fields[f].default
-                            for f in ("strength", "mask_image", "mask_prompt", *MASK_FIELDS)}
+                            for f in ("strength", "resize_mode", "mask_image", "mask_prompt", *MASK_FIELDS)}
 
 
 class SeedSweep:

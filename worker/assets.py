@@ -101,8 +101,9 @@ class AssetFiles:
         assert entry.path is not None
         return entry.path
 
-    def image(self, ref: ImageRef) -> Image.Image:
-        """An input image from the bucket, decoded, if its bytes still have the planned sha256."""
+    def image(self, ref: ImageRef, mask: bool = False) -> Image.Image:
+        """An input image from the bucket, decoded, if its bytes still have the planned sha256: RGB; a
+        mask in RGBA when it has transparency (A1111 reads a translucent mask's alpha), else grey."""
         if self.store is None:
             raise AssetError(f"input {ref.key} lives in S3, and this worker has no bucket")
         try:
@@ -114,7 +115,7 @@ class AssetFiles:
             raise AssetError(f"input s3://{self.store.bucket}/{ref.key} has sha256 {actual[:12]}…, the job was"
                              f" planned with {ref.sha256[:12]}…; it was replaced after submit")
         try:
-            return open_image(data, ref.key).convert("RGB")
+            return as_input(open_image(data, ref.key), mask)
         except InvalidInput as e:
             raise AssetError(str(e)) from e
 
@@ -155,3 +156,11 @@ class AssetFiles:
                 partial.unlink(missing_ok=True)
         log.info("%s fetched from s3://%s/%s (%s)", what.replace("'", ""), self.store.bucket, key, sha256[:12])
         return target
+
+
+def as_input(image: Image.Image, mask: bool) -> Image.Image:
+    """A decoded input image as the render takes it: RGB; a mask in RGBA when it has transparency
+    (A1111 reads a translucent mask's alpha: masks.finish_mask), else grey levels."""
+    if not mask:
+        return image.convert("RGB")
+    return image.convert("RGBA") if image.has_transparency_data else image.convert("L")

@@ -22,6 +22,8 @@ from PIL import Image, ImageFilter, ImageOps
 from sdfarm.jobs import RenderJob
 
 from .assets import AssetFiles
+from .fit import fit
+from .noise import seed_noise
 
 
 class MaskModels:
@@ -57,17 +59,19 @@ class MaskModels:
 
 def finish_mask(mask: Image.Image, job: RenderJob) -> Image.Image:
     """The mask as A1111 reads it (alpha of a translucent RGBA mask, else grey levels), grown by
-    mask_dilate pixels (sdfarm's own), blurred by mask_blur at its own resolution, resized to the
-    job's size."""
+    mask_dilate pixels (sdfarm's own), blurred by mask_blur at its own resolution, brought to the
+    job's size by its resize mode, as the init image is."""
     if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
         mask = mask.getchannel("A").point(lambda v: 255 if v > 128 else 0)
     else:
         mask = mask.convert("L")
+    if job.inpaint_invert:  # "Inpaint not masked"
+        mask = ImageOps.invert(mask)
     if job.mask_dilate:
         mask = mask.filter(ImageFilter.MaxFilter(2 * job.mask_dilate + 1))
     if job.mask_blur:
         mask = gaussian_blur(mask, job.mask_blur)
-    return mask.resize((job.width, job.height), Image.Resampling.LANCZOS)
+    return fit(mask, job.resize_mode, job.width, job.height)
 
 
 def gaussian_blur(mask: Image.Image, sigma: float) -> Image.Image:
@@ -83,6 +87,42 @@ def gaussian_blur(mask: Image.Image, sigma: float) -> Image.Image:
     for axis in (1, 0):  # x, then y
         out = correlate1d(out, taps, axis=axis, mode="mirror")
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="L")
+
+
+def fill(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """A1111's "fill" of the masked area (modules/masking.py, fill): the kept pixels, blurred ever less
+    (radii 256, 64, 16, 16, 4, 4, 4, 4, 2, 2, 0), laid over each other, so the masked area takes the
+    colours around it. Before encoding, for every masked content but "original"."""
+    kept = Image.new("RGBa", image.size)
+    kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+    out = Image.new("RGBA", image.size)
+    for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(repeats):
+            out.alpha_composite(blurred)
+    return out.convert("RGB")
+
+
+def encode_input(job: RenderJob, init: Image.Image, mask: Image.Image | None) -> Image.Image:
+    """What an img2img or inpaint job's init latents are encoded from: the init image, its masked
+    area filled unless the masked content is "original"."""
+    if mask is None or job.inpaint_fill == "original":
+        return init
+    return fill(init, mask)
+
+
+def masked_content(job: RenderJob, latents: torch.Tensor, mask: Image.Image | None) -> torch.Tensor:
+    """One job's (C, h, w) init latents with A1111's masked content in the masked area: "latent
+    noise" is the seed's noise there, "latent nothing" zeros (modules/processing.py,
+    StableDiffusionProcessingImg2Img.init: the mask at latent size, bicubic, rounded)."""
+    if mask is None or job.inpaint_fill not in ("latent noise", "latent nothing"):
+        return latents
+    small = mask.convert("RGB").resize((latents.shape[2], latents.shape[1]), Image.Resampling.BICUBIC)
+    repaint = torch.from_numpy(np.around(np.asarray(small, dtype=np.float32)[..., 0] / 255)).to(latents)
+    kept = latents * (1 - repaint)
+    if job.inpaint_fill == "latent nothing":
+        return kept
+    return kept + seed_noise(tuple(latents.shape), job.seed).to(latents) * repaint
 
 
 def overlay(init: Image.Image, rendered: Image.Image, mask: Image.Image) -> Image.Image:
@@ -101,7 +141,7 @@ Inputs = dict[str, tuple[Image.Image, Image.Image | None]]  # job id -> (init im
 
 
 def job_inputs(assets: AssetFiles, masks: MaskModels, jobs: list[RenderJob]) -> Inputs:
-    """Each img2img/inpaint job's init image (resized to the job's size, A1111's "Just resize") and
+    """Each img2img/inpaint job's init image (brought to the job's size by its resize mode) and
     finished mask. Raises AssetError when an input is missing or changed since planning."""
     out: Inputs = {}
     for job in jobs:
@@ -110,10 +150,10 @@ def job_inputs(assets: AssetFiles, masks: MaskModels, jobs: list[RenderJob]) -> 
         original = assets.image(job.init_image)
         mask = None
         if job.mask_image is not None:
-            mask = assets.image(job.mask_image)
+            mask = assets.image(job.mask_image, mask=True)
         elif job.mask_prompt is not None and job.mask_model is not None:
             folder = assets.path("mask_model", job.mask_model.name, job.mask_model.sha256)
             mask = masks.text_mask(folder, original, job.mask_prompt, job.mask_threshold)
-        init = original.resize((job.width, job.height), Image.Resampling.LANCZOS)
+        init = fit(original.convert("RGB"), job.resize_mode, job.width, job.height)
         out[job.id] = (init, finish_mask(mask, job) if mask is not None else None)
     return out

@@ -29,7 +29,8 @@ def slerp(val: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
 
 
-def _draw(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def seed_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A seed's first draw of noise, on the CPU: A1111's create_random_tensors for one image."""
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
 
 
@@ -39,8 +40,8 @@ def job_noise(job: RenderJob, generator: torch.Generator, channels: int, scale: 
     shape = (channels, job.height // scale, job.width // scale)
     resized = job.seed_resize_from
     noise_shape = shape if resized is None else (channels, resized[1] // scale, resized[0] // scale)
-    sub = _draw(noise_shape, job.subseed) if job.subseed is not None and job.subseed_strength > 0 else None
-    noise = _draw(noise_shape, job.seed) if noise_shape != shape else torch.randn(shape, generator=generator)
+    sub = seed_noise(noise_shape, job.subseed) if job.subseed is not None and job.subseed_strength > 0 else None
+    noise = seed_noise(noise_shape, job.seed) if noise_shape != shape else torch.randn(shape, generator=generator)
     if sub is not None:
         noise = slerp(job.subseed_strength, noise, sub)
     if noise_shape == shape:

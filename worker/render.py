@@ -20,7 +20,7 @@ from sdfarm.jobs import RenderJob, Upscale
 from .adapters import embedding_tokens
 from .assets import AssetFiles
 from .hires import second_pass
-from .masks import Inputs, MaskModels, job_inputs, overlay
+from .masks import Inputs, MaskModels, encode_input, job_inputs, masked_content, overlay
 from .noise import start_noise
 from .pipeline import LoadedModel
 from .prompts import chunk_counts
@@ -114,7 +114,9 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
         assert inputs is not None, "img2img and inpaint jobs need their inputs"
         steps, strength = img2img_call(first.steps, first.strength)
         with torch.inference_mode():
-            init = encode(pipe, [inputs[j.id][0] for j in jobs], first.width, first.height)
+            init = encode(pipe, [encode_input(j, *inputs[j.id]) for j in jobs], first.width, first.height)
+            init = torch.stack([masked_content(j, latents, inputs[j.id][1]) for j, latents in zip(jobs, init,
+                                                                                                     strict=True)])
         call.update(image=init, strength=strength, num_inference_steps=steps)
         if first.mode == "inpaint":  # the masked image's latents only feed 9-channel inpainting UNets
             call.update(mask_image=[inputs[j.id][1] for j in jobs], masked_image_latents=init, width=first.width,

@@ -55,6 +55,9 @@ IMG2IMG_CHANGES = {
     "mask_threshold": 0.6,
     "mask_dilate": 4,
     "mask_blur": 8,
+    "resize_mode": "Crop and resize",
+    "inpaint_fill": "latent noise",
+    "inpaint_invert": True,
 }
 # the same for variation seeds, over a job that has one
 VARIATION = {"subseed": 9, "subseed_strength": 0.5}

@@ -463,9 +463,6 @@ class RenderJob(BaseModel):
     def _variation(self) -> RenderJob:
         if self.subseed_strength > 0 and self.subseed is None:
             raise ValueError("subseed_strength needs subseed (the variation seed), 0..4294967295")
-        if self.varied and (self.hires is not None or self.init_image is not None):
-            raise ValueError("a variation seed or seed_resize_from with hires fix, img2img or inpainting is not"
-                             " supported yet (allowed: txt2img without hires)")
         return self
 
     @property

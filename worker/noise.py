@@ -3,7 +3,8 @@
 Plain jobs leave their noise to the pipeline, which draws it from the job's generator as A1111 does.
 A job with a variation seed (`subseed`, `subseed_strength`) or `seed_resize_from` gets its noise
 here, drawn as A1111 draws it, from the same generator the pipeline then keeps drawing from (an
-ancestral sampler's step noise comes after it, as in A1111):
+ancestral sampler's step noise comes after it, as in A1111). An img2img pass (img2img, inpainting,
+the hires pass, whose noise A1111 varies too) takes it through its scheduler (give_noise):
 
 - the noise is the seed's draw at the job's latent shape, or at `seed_resize_from`'s;
 - with a variation seed it is slerped toward the subseed's draw by `subseed_strength`;
@@ -11,6 +12,8 @@ ancestral sampler's step noise comes after it, as in A1111):
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -34,10 +37,12 @@ def seed_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
 
 
-def job_noise(job: RenderJob, generator: torch.Generator, channels: int, scale: int) -> torch.Tensor:
-    """One job's (C, H, W) start noise in float32 on the CPU; `generator` is the job's own, and has
-    drawn it."""
-    shape = (channels, job.height // scale, job.width // scale)
+def job_noise(job: RenderJob, generator: torch.Generator, channels: int, scale: int,
+              size: tuple[int, int] | None = None) -> torch.Tensor:
+    """One job's (C, H, W) start noise in float32 on the CPU, for an image of `size` (width, height;
+    default the job's); `generator` is the job's own, and has drawn it."""
+    width, height = size or (job.width, job.height)
+    shape = (channels, height // scale, width // scale)
     resized = job.seed_resize_from
     noise_shape = shape if resized is None else (channels, resized[1] // scale, resized[0] // scale)
     sub = seed_noise(noise_shape, job.subseed) if job.subseed is not None and job.subseed_strength > 0 else None
@@ -55,7 +60,24 @@ def job_noise(job: RenderJob, generator: torch.Generator, channels: int, scale: 
     return x
 
 
-def start_noise(jobs: list[RenderJob], generators: list[torch.Generator], channels: int, scale: int
-                ) -> torch.Tensor:
+def start_noise(jobs: list[RenderJob], generators: list[torch.Generator], channels: int, scale: int,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
     """The chunk's (N, C, H, W) start noise, float32 on the CPU: the pipeline's `latents`."""
-    return torch.stack([job_noise(j, g, channels, scale) for j, g in zip(jobs, generators, strict=True)])
+    return torch.stack([job_noise(j, g, channels, scale, size) for j, g in zip(jobs, generators, strict=True)])
+
+
+def give_noise(scheduler: Any, jobs: list[RenderJob], channels: int, scale: int, size: tuple[int, int]) -> None:
+    """Make an img2img pass (img2img, inpainting, the hires pass) noise its init latents with the
+    jobs' variation noise for an image of `size`. Its pipeline draws the start noise itself, once,
+    from each job's generator: that draw is A1111's draw from the image's generator, so the variation
+    noise is computed from generators of its own and put in place of the drawn noise wherever the
+    scheduler adds noise (the start, and an inpainting pass's re-noised init)."""
+    noise = start_noise(jobs, [torch.Generator("cpu").manual_seed(j.seed) for j in jobs], channels, scale, size)
+    add_noise = scheduler.add_noise
+
+    def varied(original: torch.Tensor, drawn: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if drawn.shape != noise.shape:
+            raise RuntimeError(f"the pass drew noise of shape {tuple(drawn.shape)}, not the jobs' {tuple(noise.shape)}")
+        return add_noise(original, noise.to(drawn), timesteps)  # type: ignore[no-any-return]
+
+    scheduler.add_noise = varied

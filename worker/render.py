@@ -21,7 +21,7 @@ from .adapters import embedding_tokens
 from .assets import AssetFiles
 from .hires import second_pass
 from .masks import Inputs, MaskModels, encode_input, job_inputs, masked_content, overlay
-from .noise import start_noise
+from .noise import give_noise, start_noise
 from .pipeline import LoadedModel
 from .prompts import chunk_counts
 from .samplers import img2img_call, make_scheduler
@@ -118,6 +118,9 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
             init = torch.stack([masked_content(j, latents, inputs[j.id][1]) for j, latents in zip(jobs, init,
                                                                                                      strict=True)])
         call.update(image=init, strength=strength, num_inference_steps=steps)
+        if first.varied:
+            give_noise(pipe.scheduler, jobs, pipe.unet.config.in_channels, pipe.vae_scale_factor,
+                       (first.width, first.height))
         if first.mode == "inpaint":  # the masked image's latents only feed 9-channel inpainting UNets
             call.update(mask_image=[inputs[j.id][1] for j in jobs], masked_image_latents=init, width=first.width,
                         height=first.height)

@@ -67,8 +67,6 @@ def test_what_changes_nothing_is_left_out_and_what_cannot_render_is_refused() ->
     assert job(seed_resize_from=[64, 64]).id == job().id
     with pytest.raises(ValueError, match="subseed_strength needs subseed"):
         job(subseed_strength=0.5)
-    with pytest.raises(ValueError, match="with hires fix, img2img or inpainting is not supported yet"):
-        job(subseed=9, subseed_strength=0.5, hires={"scale": 2, "denoising_strength": 0.5})
     for bad in (True, 9.5, -1, 2**32):
         with pytest.raises(ValueError, match=r"is not allowed \(allowed: an integer 0\.\.4294967295\)"):
             job(subseed=bad, subseed_strength=0.5)
@@ -112,3 +110,44 @@ def test_the_infotext_records_it_and_reads_back_as_the_same_job(tmp_path: Path, 
     (tmp_path / "v.png").write_bytes(encode_png(Image.new("RGB", (64, 64)), j, j.model_hash[:10]).png)
     back, = stream_file(tmp_path / "v.png", registry, 10).plan().jobs
     assert back.id == j.id
+
+
+def noised(loaded: LoadedModel, jobs: list[RenderJob], inputs: Any = None) -> list[torch.Tensor]:
+    """The noise of every add_noise call while the jobs render (an img2img pass's start noise)."""
+    import diffusers
+
+    seen: list[torch.Tensor] = []
+    original = diffusers.EulerDiscreteScheduler.add_noise
+
+    def spy(self: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        seen.append(noise.clone())
+        return original(self, latents, noise, timesteps)
+
+    diffusers.EulerDiscreteScheduler.add_noise = spy  # type: ignore[method-assign]
+    try:
+        render(loaded, jobs, inputs)
+    finally:
+        diffusers.EulerDiscreteScheduler.add_noise = original  # type: ignore[method-assign]
+    return seen
+
+
+def test_the_hires_pass_is_noised_with_the_variation_at_its_size(loaded: LoadedModel) -> None:
+    # A1111 (processing.py, sample_hr_pass): an ImageRNG of the hires latent shape with the same seeds,
+    # subseeds and strength, then rng.next()
+    varied = job(model_hash=loaded.identity, steps=3, sampler="Euler", subseed=9, subseed_strength=0.4,
+                 hires={"scale": 2, "steps": 2, "denoising_strength": 0.5})
+    start, = noised(loaded, [varied])
+    want = job_noise(varied, torch.Generator("cpu").manual_seed(5), 4, 8, size=(128, 128))
+    assert torch.equal(start[0], want)
+    assert not torch.equal(want, draw(5, (4, 16, 16)))  # not the seed's plain draw
+
+
+def test_img2img_is_noised_with_the_variation(loaded: LoadedModel) -> None:
+    import hashlib
+
+    init = Image.new("RGB", (64, 64), (40, 120, 200))
+    ref = {"key": "inputs/i.png", "sha256": hashlib.sha256(init.tobytes()).hexdigest(), "width": 64, "height": 64}
+    varied = job(model_hash=loaded.identity, steps=4, sampler="Euler", strength=0.5, init_image=ref,
+                 subseed=9, subseed_strength=0.7, seed_resize_from=[96, 96])
+    start, = noised(loaded, [varied], {varied.id: (init, None)})
+    assert torch.equal(start[0], job_noise(varied, torch.Generator("cpu").manual_seed(5), 4, 8))

@@ -99,6 +99,8 @@ def job_parameters(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[s
         "Mask blur": job.mask_blur if job.mode == "inpaint" and job.mask_blur else None,
         "Mask mode": "Inpaint not masked" if job.mode == "inpaint" and job.inpaint_invert else None,
         "Masked content": job.inpaint_fill if job.mode == "inpaint" and job.inpaint_fill != "original" else None,
+        "Inpaint area": "Only masked" if job.mode == "inpaint" and job.inpaint_full_res else None,
+        "Masked area padding": job.inpaint_full_res_padding if job.mode == "inpaint" and job.inpaint_full_res else None,
         "Hires upscale": _number(hires.scale) if hires and not (hires.resize_x or hires.resize_y) else None,
         "Hires resize": f"{hires.resize_x}x{hires.resize_y}" if hires and (hires.resize_x or hires.resize_y) else None,
         "Hires steps": hires.steps if hires and hires.steps else None,

@@ -43,7 +43,7 @@ SCHEMA_VERSION: Final = 4
 FIELD_VERSIONS: Final[dict[tuple[str, str], int]] = {
     ("hires", "upscaler_sha256"): 2, ("upscale", "upscaler_sha256"): 2,
     **{("", f): 4 for f in ("subseed", "subseed_strength", "seed_resize_from", "resize_mode", "inpaint_fill",
-                            "inpaint_invert")},
+                            "inpaint_invert", "inpaint_full_res", "inpaint_full_res_padding")},
     **{("hires", f): 4 for f in ("resize_x", "resize_y", "sampler", "schedule_type", "guidance_scale", "prompt",
                                  "negative_prompt")}}
 VALUE_VERSIONS: Final[dict[tuple[str, str], dict[Any, int]]] = {
@@ -115,7 +115,8 @@ USER_FIELDS: Final = (
     "subseed_strength",
     "seed_resize_from",
 )
-MASK_FIELDS: Final = ("mask_threshold", "mask_dilate", "mask_blur", "inpaint_fill", "inpaint_invert")
+MASK_FIELDS: Final = ("mask_threshold", "mask_dilate", "mask_blur", "inpaint_fill", "inpaint_invert",
+                      "inpaint_full_res", "inpaint_full_res_padding")
 _ID_LABELS: Final = ("model", "schema_version")  # recorded, not hashed: a name, and the format
 _WIRE_JSON: Final[dict[str, Any]] = {}  # json.dumps' defaults, as kombu's JSON serialiser writes messages
 _RECORD_JSON: Final[dict[str, Any]] = {"ensure_ascii": False}  # jobs.jsonl keeps UTF-8 as it is
@@ -369,6 +370,9 @@ class RenderJob(BaseModel):
     # A1111's "Masked content": what the masked area starts from (worker/masks.py)
     inpaint_fill: Literal["original", "fill", "latent noise", "latent nothing"] = "original"
     inpaint_invert: bool = False  # A1111's "Inpaint not masked": repaint what the mask keeps
+    # A1111's "Only masked": render the region around the mask at width x height, then put it back
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = Field(default=32, ge=0, le=256)  # "Only masked padding, pixels"
     # A1111's variation seed: the start noise is the seed's, slerped toward the subseed's by strength
     subseed: int | None = None
     subseed_strength: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -598,7 +602,9 @@ class RenderJob(BaseModel):
 
     @property
     def rendered_size(self) -> tuple[int, int]:
-        """Width and height after the hires pass, before any upscale."""
+        """Width and height after the hires pass, before any upscale ("Only masked": the init image's)."""
+        if self.inpaint_full_res and self.init_image is not None:
+            return self.init_image.width, self.init_image.height
         return self.hires.target(self.width, self.height) if self.hires else (self.width, self.height)
 
     @property

@@ -13,7 +13,7 @@ resized to the job's size; the result is composited through clip(mask x 2).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from sdfarm.jobs import RenderJob
 from .assets import AssetFiles
 from .fit import fit
 from .noise import seed_noise
+from .only_masked import OnlyMasked, prepare
 
 
 class MaskModels:
@@ -58,9 +59,14 @@ class MaskModels:
 
 
 def finish_mask(mask: Image.Image, job: RenderJob) -> Image.Image:
-    """The mask as A1111 reads it (alpha of a translucent RGBA mask, else grey levels), grown by
-    mask_dilate pixels (sdfarm's own), blurred by mask_blur at its own resolution, brought to the
-    job's size by its resize mode, as the init image is."""
+    """The mask as A1111 reads it, brought to the job's size by its resize mode, as the init image is."""
+    return fit(shape_mask(mask, job), job.resize_mode, job.width, job.height)
+
+
+def shape_mask(mask: Image.Image, job: RenderJob) -> Image.Image:
+    """The mask as A1111 reads it (alpha of a translucent RGBA mask, else grey levels), inverted for
+    "Inpaint not masked", grown by mask_dilate pixels (sdfarm's own), blurred by mask_blur at its own
+    resolution."""
     if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
         mask = mask.getchannel("A").point(lambda v: 255 if v > 128 else 0)
     else:
@@ -71,7 +77,7 @@ def finish_mask(mask: Image.Image, job: RenderJob) -> Image.Image:
         mask = mask.filter(ImageFilter.MaxFilter(2 * job.mask_dilate + 1))
     if job.mask_blur:
         mask = gaussian_blur(mask, job.mask_blur)
-    return fit(mask, job.resize_mode, job.width, job.height)
+    return mask
 
 
 def gaussian_blur(mask: Image.Image, sigma: float) -> Image.Image:
@@ -137,7 +143,16 @@ def overlay(init: Image.Image, rendered: Image.Image, mask: Image.Image) -> Imag
     return out.convert("RGB")
 
 
-Inputs = dict[str, tuple[Image.Image, Image.Image | None]]  # job id -> (init image, mask)
+class JobInput(NamedTuple):
+    """An img2img or inpaint job's init image and mask at its size; for "Only masked", how to put the
+    render back into the image."""
+
+    init: Image.Image
+    mask: Image.Image | None
+    only_masked: OnlyMasked | None = None
+
+
+Inputs = dict[str, JobInput]  # job id -> its input
 
 
 def job_inputs(assets: AssetFiles, masks: MaskModels, jobs: list[RenderJob]) -> Inputs:
@@ -154,6 +169,9 @@ def job_inputs(assets: AssetFiles, masks: MaskModels, jobs: list[RenderJob]) -> 
         elif job.mask_prompt is not None and job.mask_model is not None:
             folder = assets.path("mask_model", job.mask_model.name, job.mask_model.sha256)
             mask = masks.text_mask(folder, original, job.mask_prompt, job.mask_threshold)
-        init = fit(original.convert("RGB"), job.resize_mode, job.width, job.height)
-        out[job.id] = (init, finish_mask(mask, job) if mask is not None else None)
+        if mask is not None and job.inpaint_full_res:
+            out[job.id] = JobInput(*prepare(job, original, shape_mask(mask, job)))
+            continue
+        init = fit(original, job.resize_mode, job.width, job.height)
+        out[job.id] = JobInput(init, finish_mask(mask, job) if mask is not None else None)
     return out

@@ -20,8 +20,9 @@ from sdfarm.jobs import RenderJob, Upscale
 from .adapters import embedding_tokens
 from .assets import AssetFiles
 from .hires import second_pass
-from .masks import Inputs, MaskModels, encode_input, job_inputs, masked_content, overlay
+from .masks import Inputs, JobInput, MaskModels, encode_input, job_inputs, masked_content, overlay
 from .noise import give_noise, start_noise
+from .only_masked import uncrop
 from .pipeline import LoadedModel
 from .prompts import chunk_counts
 from .samplers import img2img_call, make_scheduler
@@ -114,7 +115,7 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
         assert inputs is not None, "img2img and inpaint jobs need their inputs"
         steps, strength = img2img_call(first.steps, first.strength)
         with torch.inference_mode():
-            init = encode(pipe, [encode_input(j, *inputs[j.id]) for j in jobs], first.width, first.height)
+            init = encode(pipe, [encode_input(j, *inputs[j.id][:2]) for j in jobs], first.width, first.height)
             init = torch.stack([masked_content(j, latents, inputs[j.id][1]) for j, latents in zip(jobs, init,
                                                                                                      strict=True)])
         call.update(image=init, strength=strength, num_inference_steps=steps)
@@ -138,16 +139,20 @@ def _finish(loaded: LoadedModel, jobs: list[RenderJob], images: list[Rendered], 
     first = jobs[0]
     if first.mode == "inpaint":
         assert inputs is not None
-        images = [image if isinstance(image, RenderError) else _overlaid(image, *inputs[j.id])
+        images = [image if isinstance(image, RenderError) else _overlaid(image, inputs[j.id])
                   for j, image in zip(jobs, images, strict=True)]
     if (spec := first.upscale) is not None:
         images = [_upscaled(loaded, spec, image) for image in images]
     return images
 
 
-def _overlaid(image: Image.Image, init: Image.Image, mask: Image.Image | None) -> Image.Image:
+def _overlaid(image: Image.Image, given: tuple[Image.Image, Image.Image | None] | JobInput) -> Image.Image:
+    """The inpainted image with the init image kept where the mask keeps it ("Only masked": put back
+    into the whole image)."""
+    init, mask = given[0], given[1]
     assert mask is not None, "an inpaint job has its mask (masks.job_inputs)"
-    return overlay(init, image, mask)
+    back = given[2] if len(given) > 2 else None
+    return uncrop(image, back) if back is not None else overlay(init, image, mask)
 
 
 def _upscaled(loaded: LoadedModel, spec: Upscale, image: Rendered) -> Rendered:

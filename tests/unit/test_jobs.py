@@ -58,6 +58,8 @@ IMG2IMG_CHANGES = {
     "resize_mode": "Crop and resize",
     "inpaint_fill": "latent noise",
     "inpaint_invert": True,
+    "inpaint_full_res": True,
+    "inpaint_full_res_padding": 16,
 }
 # the same for variation seeds, over a job that has one
 VARIATION = {"subseed": 9, "subseed_strength": 0.5}

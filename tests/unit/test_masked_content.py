@@ -6,7 +6,6 @@ finished mask at latent size, bicubic, rounded."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 from sdfarm.infotext import job_infotext, parse_infotext
 from sdfarm.jobs import RenderJob
 from sdfarm.models import Registry
+from tests.image_refs import image_ref
 from worker.masks import fill, finish_mask
 from worker.pipeline import LoadedModel, load_model
 from worker.render import render
@@ -27,11 +27,6 @@ def loaded(registry: Registry) -> LoadedModel:
     return load_model(registry, "tiny-sd15", "cpu")
 
 
-def ref(image: Image.Image) -> dict[str, Any]:
-    return {"key": "inputs/x.png", "sha256": hashlib.sha256(image.tobytes()).hexdigest(), "width": image.width,
-            "height": image.height}
-
-
 INIT = Image.new("RGB", (64, 64), (200, 40, 40))
 MASK = Image.new("L", (64, 64), 0)
 MASK.paste(255, (32, 0, 64, 64))  # the right half is repainted
@@ -40,7 +35,7 @@ MASK.paste(255, (32, 0, 64, 64))  # the right half is repainted
 def job(loaded: LoadedModel | None = None, **changes: Any) -> RenderJob:
     return RenderJob.model_validate({"model": "tiny-sd15", "model_hash": loaded.identity if loaded else "ab" * 32,
                                      "prompt": "a fox", "seed": 21, "width": 64, "height": 64, "steps": 4,
-                                     "strength": 0.5, "init_image": ref(INIT), "mask_image": ref(MASK),
+                                     "strength": 0.5, "init_image": image_ref(INIT), "mask_image": image_ref(MASK),
                                      "mask_blur": 0, **changes})
 
 
@@ -96,4 +91,4 @@ def test_masked_content_and_mask_mode_are_recorded_and_need_a_mask() -> None:
     assert "Masked content" not in parse_infotext(job_infotext(job(), "0" * 10))
     with pytest.raises(ValueError, match="inpaint_fill needs mask_image or mask_prompt"):
         RenderJob.model_validate({"model": "m", "model_hash": "ab" * 32, "prompt": "p", "seed": 1,
-                                  "init_image": ref(INIT), "inpaint_fill": "fill"})
+                                  "init_image": image_ref(INIT), "inpaint_fill": "fill"})

@@ -167,3 +167,51 @@ def test_a_txt_of_infotexts_names_the_line_of_each_refusal(tmp_path: Path, regis
     assert problems[1] == (f"{path}:6: item 3: an infotext without its parameters line (`Steps: ...`) at the end"
                            " of the file")
     assert len(problems) == 2
+
+
+def test_a_job_with_the_newer_fields_survives_the_round_trip(tmp_path: Path, registry: Registry) -> None:
+    # variation seed and noise size, a schedule type beyond Karras and Exponential, prompt editing and
+    # AND, a hires pass resized to a size with its own sampler, schedule, CFG, prompt and negative
+    batch = f"""
+items:
+  - model: {TINY}
+    prompt: "a [red:blue:0.4] fox AND a (hen:1.2):0.6"
+    negative_prompt: "[snow|fog], blurry"
+    seed: 78
+    steps: 12
+    guidance_scale: 6.5
+    width: 64
+    height: 64
+    sampler: DPM++ 3M SDE
+    schedule_type: Beta
+    subseed: 4242
+    subseed_strength: 0.35
+    seed_resize_from: [96, 80]
+    hires: {{resize_x: 128, resize_y: 96, steps: 4, denoising_strength: 0.45, upscaler: Latent,
+             sampler: DPM++ 2M SDE Heun, schedule_type: Align Your Steps, guidance_scale: 4.5,
+             prompt: "a [red:blue:1.5] fox, sharp", negative_prompt: "grainy"}}
+"""
+    job, = plan_batch(batch, "b.yaml", "yaml", registry, 10).jobs
+    encoded = encode_png(Image.new("RGB", (128, 96)), job, registry.identity(TINY)[:10])
+    (tmp_path / "new.png").write_bytes(encoded.png)
+    back, = stream_file(tmp_path / "new.png", registry, 10).plan().jobs
+    assert back == job
+    assert back.id == job.id
+
+
+def test_a_png_in_a1111s_format_with_schedule_rng_variation_and_hires_fields_submits(
+        tmp_path: Path, registry: Registry) -> None:
+    short = registry.identity(TINY)[:10]
+    text = ("a castle, [day:night:0.5]\nNegative prompt: lowres\n"
+            f"Steps: 20, Sampler: DPM++ SDE, Schedule type: SGM Uniform, CFG scale: 7, Seed: 1000,"
+            f" Size: 64x64, Model hash: {short}, Model: {TINY}, Variation seed: 2000, Variation seed strength: 0.25,"
+            " Seed resize from: 80x80, Denoising strength: 0.55, RNG: CPU, Hires upscale: 2, Hires steps: 6,"
+            ' Hires upscaler: Latent (antialiased), Hires sampler: Euler a, Hires schedule type: Karras,'
+            ' Hires prompt: "a castle, night", Version: v1.10.1')
+    job, = stream_file(png(tmp_path / "a.png", text), registry, 10).plan().jobs
+    assert (job.sampler, job.schedule_type, job.seed, job.subseed, job.subseed_strength, job.seed_resize_from) == (
+        "DPM++ SDE", "SGM Uniform", 1000, 2000, 0.25, (80, 80))
+    assert job.hires is not None
+    assert (job.hires.scale, job.hires.steps, job.hires.upscaler, job.hires.sampler, job.hires.schedule_type,
+            job.hires.prompt, job.hires.denoising_strength) == (2, 6, "Latent (antialiased)", "Euler a", "Karras",
+                                                                "a castle, night", 0.55)

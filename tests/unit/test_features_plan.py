@@ -312,6 +312,9 @@ mask_models: {{clipseg: {{path: clipseg}}}}
     assert len(jobs) == 23
     sd, xl = jobs[:21], jobs[21:]
     assert any(j.scheduled and " AND " in j.prompt for j in sd)
+    assert any(j.inpaint_full_res and j.inpaint_fill == "latent noise" for j in sd)
+    assert any(j.resize_mode == "Crop and resize" for j in sd)
+    assert any(j.hires and j.hires.prompt for j in sd)
     assert {(j.sampler, j.schedule_type) for j in sd if j.prompt == "a paper crane on a desk"} == {
         (s, t) for s in ("DPM++ 3M SDE", "DPM2") for t in ("Align Your Steps", "SGM Uniform", "Beta")}
     assert any(j.subseed_strength == 0.5 and j.subseed == 7 for j in sd)

@@ -12,6 +12,7 @@ from sdfarm.jobs import (
     RENDER_CHANGES,
     RENDERS_SINCE,
     SCHEMA_VERSION,
+    USER_FIELDS,
     VALUE_VERSIONS,
     Chunk,
     ChunkEntry,
@@ -181,3 +182,8 @@ def test_a_message_with_what_version_4_added_names_version_4(changes: dict[str, 
     # otherwise (RENDER_CHANGES[4]): it hands the chunk back instead
     message = Chunk(batch_id="ab" * 8, entries=(ChunkEntry(index=0, job=job(**changes)),)).message()
     assert message["schema_version"] == version
+
+
+def test_a_batch_file_may_set_every_field_the_planner_does_not_fill_in() -> None:
+    # model_hash and embeddings come from the registry; schema_version is the format's
+    assert set(RenderJob.model_fields) - set(USER_FIELDS) == {"model_hash", "embeddings", "schema_version"}

@@ -3,6 +3,7 @@ trip job -> PNG -> infotext -> job with its id; what cannot be rendered as A1111
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from sdfarm.batchfile import plan_batch, stream_file
 from sdfarm.errors import BatchInvalid
+from sdfarm.jobs import RenderJob
 from sdfarm.models import Registry, a1111_lora_hash
 from worker.encode import encode_png
 
@@ -65,11 +67,17 @@ items:
     hires: {{scale: 1.5, steps: 3, denoising_strength: 0.6, upscaler: "Latent (bicubic)"}}
     upscale: {{factor: 2, upscaler: tiny-esrgan}}
 """
-    job, = plan_batch(batch, "b.yaml", "yaml", registry, 10).jobs
     lora_file = registry.asset("lora", "tiny-grain").file
     assert lora_file is not None
-    encoded = encode_png(Image.new("RGB", (64, 80)), job, registry.identity(TINY)[:10],
-                         {job.loras[0].sha256: a1111_lora_hash(lora_file)})
+    assert_round_trip(batch, registry, tmp_path, lambda job: {job.loras[0].sha256: a1111_lora_hash(lora_file)})
+
+
+def assert_round_trip(batch: str, registry: Registry, tmp_path: Path,
+                      lora_hashes: Callable[[RenderJob], dict[str, str]] | None = None) -> None:
+    """The batch's one job -> its PNG (as the worker encodes it) -> submitted back: the same job, same id."""
+    job, = plan_batch(batch, "b.yaml", "yaml", registry, 10).jobs
+    encoded = encode_png(Image.new("RGB", job.output_size), job, registry.identity(TINY)[:10],
+                         lora_hashes(job) if lora_hashes else None)
     (tmp_path / "out.png").write_bytes(encoded.png)
     back, = stream_file(tmp_path / "out.png", registry, 10).plan().jobs
     assert back == job
@@ -191,12 +199,7 @@ items:
              sampler: DPM++ 2M SDE Heun, schedule_type: Align Your Steps, guidance_scale: 4.5,
              prompt: "a [red:blue:1.5] fox, sharp", negative_prompt: "grainy"}}
 """
-    job, = plan_batch(batch, "b.yaml", "yaml", registry, 10).jobs
-    encoded = encode_png(Image.new("RGB", (128, 96)), job, registry.identity(TINY)[:10])
-    (tmp_path / "new.png").write_bytes(encoded.png)
-    back, = stream_file(tmp_path / "new.png", registry, 10).plan().jobs
-    assert back == job
-    assert back.id == job.id
+    assert_round_trip(batch, registry, tmp_path)
 
 
 def test_a_png_in_a1111s_format_with_schedule_rng_variation_and_hires_fields_submits(

@@ -66,7 +66,7 @@ SAMPLERS: Final[dict[str, tuple[str, ...]]] = {
 # discard_next_to_last_sigma option of each)
 DISCARD_PENULTIMATE: Final = frozenset({"DPM2", "DPM2 a", "DPM++ 3M SDE"})
 # samplers that call the model twice a step (A1111's second_order option: prompts are scheduled over
-# 2 x steps - 1 model calls)
+# 2 x steps)
 SECOND_ORDER: Final = frozenset({"Heun", "DPM2", "DPM2 a", "DPM++ SDE"})
 # A1111 samplers sdfarm refuses, and why
 REFUSED_SAMPLERS: Final[dict[str, str]] = {

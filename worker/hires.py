@@ -44,7 +44,7 @@ def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Te
     pipe.scheduler = make_scheduler(sampler, schedule, loaded.base_scheduler_config, [j.seed for j in jobs],
                                     sdxl=loaded.entry.family == "sdxl")
     if job.varied:  # A1111 varies the hires pass's noise as the first pass's, at its size
-        give_noise(pipe.scheduler, jobs, pipe.unet.config.in_channels, scale, hires.target(job.width, job.height))
+        give_noise(pipe.scheduler, jobs, pipe.vae.config.latent_channels, scale, hires.target(job.width, job.height))
     guidance = hires.guidance_scale if hires.guidance_scale is not None else job.guidance_scale
     steps = hires.steps or job.steps
     n, strength = hires_call(steps, hires.denoising_strength, loaded.base_scheduler_config["num_train_timesteps"])

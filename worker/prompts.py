@@ -162,7 +162,10 @@ def chunk_prompt(pipe: Any, text: str, tokenizer: Any = None, embeddings: Collec
 def _base_ids(tokenizer: Any, text: str) -> list[int]:
     """The text's token ids from the tokenizer's own vocabulary: its normaliser, pre-tokeniser and BPE
     model without the added (embedding) tokens, which it would otherwise split out of a word."""
-    backend = tokenizer.backend_tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (pure Python) tokenizer, as transformers 4 loads CLIP's
+        unknown = tokenizer.encoder.get(tokenizer.unk_token, tokenizer.eos_token_id)
+        return [tokenizer.encoder.get(t, unknown) for t in tokenizer._tokenize(text)] if text else []
     if backend.normalizer is not None:
         text = backend.normalizer.normalize_str(text)
     splits = [split for split, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]

@@ -119,8 +119,13 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
             init = torch.stack([masked_content(j, latents, inputs[j.id][1]) for j, latents in zip(jobs, init,
                                                                                                      strict=True)])
         call.update(image=init, strength=strength, num_inference_steps=steps)
-        if first.varied:
-            give_noise(pipe.scheduler, jobs, pipe.unet.config.in_channels, pipe.vae_scale_factor,
+        if first.varied and strength >= 1.0 and first.mode == "inpaint":
+            # at full strength the inpaint pipeline starts from pure noise and never adds any: it takes the
+            # variation noise as its latents, drawn from the jobs' generators as txt2img's is
+            noise = start_noise(jobs, gens, pipe.vae.config.latent_channels, pipe.vae_scale_factor)
+            call.update(latents=noise.to(device=pipe.unet.device, dtype=pipe.unet.dtype))
+        elif first.varied:
+            give_noise(pipe.scheduler, jobs, pipe.vae.config.latent_channels, pipe.vae_scale_factor,
                        (first.width, first.height))
         if first.mode == "inpaint":  # the masked image's latents only feed 9-channel inpainting UNets
             call.update(mask_image=[inputs[j.id][1] for j in jobs], masked_image_latents=init, width=first.width,

@@ -87,6 +87,10 @@ def make_scheduler(sampler: str, schedule_type: str, base_config: Any, seeds: li
     kwargs["timestep_spacing"] = "linspace"
     if class_name in _FINAL_SIGMA:  # A1111's KL Optimal ends at sigma_min
         kwargs["final_sigmas_type"] = "sigma_min" if schedule == KL_OPTIMAL else "zero"
+    if class_name == "DPMSolverMultistepScheduler":
+        # k-diffusion keeps the full order to the end but for the step to sigma 0 (which diffusers makes
+        # first order for the final sigma "zero"); diffusers' lower_order_final lowers the last steps'
+        kwargs["lower_order_final"] = False
     if class_name == "EulerAncestralDiscreteScheduler":
         return _euler_ancestral(sigmas).from_config(base_config, **kwargs)
     # their Karras conversion is where A1111's sigmas go in: everything after follows from them
@@ -142,13 +146,31 @@ def _brownian(cls: type) -> Any:
             if self.step_index is None:
                 self._init_step_index(timestep)
             sigma, sigma_next = (float(s) for s in self.sigmas[self.step_index:self.step_index + 2])
-            if self._noise is None:  # the sigmas from the first step sampled on (img2img starts late)
-                rest = self.sigmas[self.step_index:]
-                self._noise = BrownianTreeNoiseSampler(sample.float().cpu(), float(rest[rest > 0].min()),
-                                                       float(rest.max()), seed=self.seeds)
+            if self._noise is None:  # over the whole schedule, as A1111's, where img2img starts late too
+                whole = self.sigmas
+                self._noise = BrownianTreeNoiseSampler(sample.float().cpu(), float(whole[whole > 0].min()),
+                                                       float(whole.max()), seed=self.seeds)
             noise = self._noise(sigma, sigma_next) if sigma_next > 0 else torch.zeros(sample.shape)
             return super().step(model_output, timestep, sample, generator, noise.to(sample.device, sample.dtype),
                                 return_dict)
+
+        def multistep_dpm_solver_third_order_update(self, model_output_list: Any, *args: Any, sample: Any = None,
+                                                    noise: Any = None, **kwargs: Any) -> Any:
+            """DPM++ 3M SDE's step as k-diffusion's sample_dpmpp_3m_sde takes it: diffusers' SDE branch
+            weighs the second difference D2 by ((1 - e^-2h - 2h) / (2h)^2 - 0.5) where k-diffusion's
+            -phi_3 is the same fraction + 0.5, so alpha_t x D2 is added back."""
+            x = super().multistep_dpm_solver_third_order_update(model_output_list, *args, sample=sample,
+                                                                noise=noise, **kwargs)
+            i = self.step_index
+            alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(self.sigmas[i + 1])
+            lambdas = [torch.log(a) - torch.log(s) for a, s in
+                       (self._sigma_to_alpha_sigma_t(self.sigmas[j]) for j in (i, i - 1, i - 2))]
+            lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+            h, h_0, h_1 = lambda_t - lambdas[0], lambdas[0] - lambdas[1], lambdas[1] - lambdas[2]
+            r0, r1 = h_0 / h, h_1 / h
+            m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
+            d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+            return x + alpha_t * (d1_0 - d1_1) / (r0 + r1)
 
     Brownian.__name__ = Brownian.__qualname__ = f"Brownian{cls.__name__}"
     return Brownian

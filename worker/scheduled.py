@@ -50,9 +50,9 @@ class ImagePlan:
 
 
 def model_calls(sampler: str, steps: int) -> int:
-    """The steps A1111 schedules prompts over: model calls, 2 x steps - 1 for second-order samplers
-    (sd_samplers_common.py, SamplerData.total_steps)."""
-    return steps * 2 - 1 if sampler in SECOND_ORDER else steps
+    """The steps A1111 schedules prompts over (sd_samplers_common.py, SamplerData.total_steps): 2 x
+    steps for second-order samplers, which make about two model calls a step."""
+    return steps * 2 if sampler in SECOND_ORDER else steps
 
 
 @contextmanager

@@ -299,3 +299,45 @@ def test_beta_is_recorded_as_a1111_records_it_and_reads_back(tmp_path: Path, reg
     with pytest.raises(BatchInvalid) as e:
         stream_file(_png(tmp_path / "other.png", other), registry, 10).plan()
     assert "Beta schedule alpha: '0.5': sdfarm runs the Beta schedule at A1111's default alpha 0.6" in str(e.value)
+
+
+def test_dpmpp_3m_sde_takes_k_diffusions_third_order_step() -> None:
+    # k_diffusion/sampling.py, sample_dpmpp_3m_sde (eta 1): in EDM space, with t = -log(sigma),
+    # x' = e^(-2h) x + (1 - e^(-2h)) d + phi_2 d1 - phi_3 d2, phi_2 = expm1(-2h) / (2h) + 1,
+    # phi_3 = phi_2 / (2h) - 0.5; diffusers works on x_vp = alpha x with alpha = 1 / sqrt(1 + sigma^2)
+    s = make_scheduler("DPM++ 3M SDE", "Exponential", SD_SCHEDULER, [1])
+    assert s.config.lower_order_final is False  # full order to the end, as k-diffusion
+    s.set_timesteps(6)
+    s._step_index = 3
+    g = torch.Generator().manual_seed(0)
+    x_vp, m2, m1, m0 = (torch.randn((1, 4, 4, 4), generator=g, dtype=torch.float64) for _ in range(4))
+    sig = [float(v) for v in s.sigmas]
+    got = s.multistep_dpm_solver_third_order_update([m2, m1, m0], sample=x_vp.float(), noise=torch.zeros((1, 4, 4, 4)))
+
+    def alpha(sigma: float) -> float:
+        return 1 / math.sqrt(1 + sigma * sigma)
+
+    t = [-math.log(v) for v in sig[1:5]]  # s2, s1, s0, t
+    h, h1, h2 = t[3] - t[2], t[2] - t[1], t[1] - t[0]
+    x = x_vp / alpha(sig[3])
+    eta_h = 2 * h
+    want = math.exp(-eta_h) * x + -math.expm1(-eta_h) * m0
+    r0, r1 = h1 / h, h2 / h
+    d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+    d1, d2 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1), (d1_0 - d1_1) / (r0 + r1)
+    phi_2 = math.expm1(-eta_h) / eta_h + 1
+    phi_3 = phi_2 / eta_h - 0.5
+    want = (want + phi_2 * d1 - phi_3 * d2) * alpha(sig[4])
+    assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+def test_the_brownian_tree_spans_the_whole_schedule_when_sampling_starts_late() -> None:
+    # sd_samplers_kdiffusion.py, sample_img2img: create_noise_sampler(x, sigmas, p) with the whole schedule
+    s = make_scheduler("DPM++ 2M SDE", "Karras", SD_SCHEDULER, [3])
+    s.set_timesteps(10)
+    s.set_begin_index(6)  # an img2img or hires pass that starts at step 6
+    sample = torch.zeros((1, 4, 8, 8))
+    s.step(torch.zeros_like(sample), s.timesteps[6], sample)
+    tree = s._noise.tree.trees[0]
+    assert float(tree._start) == pytest.approx(float(s.sigmas[s.sigmas > 0].min()), rel=1e-4)
+    assert float(tree._end) == pytest.approx(float(s.sigmas.max()), rel=1e-4)  # 14.6, not sigma at step 6

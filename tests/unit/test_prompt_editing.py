@@ -64,9 +64,9 @@ def test_and_splits_the_positive_prompt_with_weights() -> None:
 
 
 def test_second_order_samplers_schedule_over_their_model_calls() -> None:
-    # SamplerData.total_steps: steps * 2 - 1 for the second-order ones
-    assert model_calls("Heun", 10) == 19
-    assert model_calls("DPM++ SDE", 4) == 7
+    # sd_samplers_common.py, SamplerData.total_steps: steps * 2 for the second-order ones
+    assert model_calls("Heun", 10) == 20
+    assert model_calls("DPM++ SDE", 4) == 8
     assert model_calls("Euler", 10) == 10
 
 
@@ -166,11 +166,11 @@ def test_a_plain_job_is_not_scheduled_and_scheduled_jobs_chunk_apart() -> None:
 
 
 def test_a_second_order_sampler_switches_at_a1111s_model_call(loaded: LoadedModel) -> None:
-    # Heun, 4 steps: 7 model calls; [red:blue:0.5] switches after call int(0.5 x 7) = 3
+    # Heun, 4 steps: 7 model calls, scheduled over 8; [red:blue:0.5] switches after call int(0.5 x 8) = 4
     seen = conditionings(loaded, [job(loaded, prompt="a [red:blue:0.5] fox", steps=4, sampler="Heun")])
     red = encoded(loaded, "a red fox")
     assert len(seen) == 7
-    assert [torch.equal(rows[0], red) for rows in seen] == [True] * 4 + [False] * 3
+    assert [torch.equal(rows[0], red) for rows in seen] == [True] * 5 + [False] * 2
 
 
 def test_the_hires_pass_switches_on_its_own_clock(loaded: LoadedModel) -> None:

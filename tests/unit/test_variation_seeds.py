@@ -151,3 +151,21 @@ def test_img2img_is_noised_with_the_variation(loaded: LoadedModel) -> None:
                  subseed=9, subseed_strength=0.7, seed_resize_from=[96, 96])
     start, = noised(loaded, [varied], {varied.id: (init, None)})
     assert torch.equal(start[0], job_noise(varied, torch.Generator("cpu").manual_seed(5), 4, 8))
+
+
+def test_inpainting_at_full_strength_keeps_the_variation(loaded: LoadedModel) -> None:
+    # at strength 1 diffusers' inpaint pipeline starts from pure noise and adds none to the init
+    # latents: the variation goes in as its latents (it was dropped before: the same image either way)
+    import hashlib
+
+    init = Image.new("RGB", (64, 64), (40, 120, 200))
+    mask = Image.new("L", (64, 64), 255)
+    ref = {"key": "inputs/i.png", "sha256": hashlib.sha256(init.tobytes()).hexdigest(), "width": 64, "height": 64}
+    mref = {"key": "inputs/m.png", "sha256": hashlib.sha256(mask.tobytes()).hexdigest(), "width": 64, "height": 64}
+    base = {"model_hash": loaded.identity, "steps": 3, "sampler": "Euler", "strength": 1.0, "init_image": ref,
+            "mask_image": mref, "mask_blur": 0}
+    plain, varied = job(**base), job(**base, subseed=9, subseed_strength=0.6)
+    a, b, again = (np.asarray(render(loaded, [j], {j.id: (init, mask)})[0], dtype=np.int16)
+                   for j in (plain, varied, varied))
+    assert np.abs(a - b).max() > 0
+    assert np.array_equal(b, again)

@@ -276,7 +276,8 @@ def a1111_lora_hash(path: Path) -> str:
 # LoCon, lora_down/lora_up on linear and conv layers, load)
 _LYCORIS: Final = ((re.compile(r"\.hada_w1_a$"), "LoHa"), (re.compile(r"\.lokr_w1(_a)?$"), "LoKr"),
                    (re.compile(r"\.oft_(blocks|diag)$"), "OFT"), (re.compile(r"\.on_input$"), "(IA)^3"),
-                   (re.compile(r"\.a1\.weight$"), "GLoRA"), (re.compile(r"\.diff(_b)?$"), "Full"))
+                   (re.compile(r"\.a1\.weight$"), "GLoRA"), (re.compile(r"\.diff(_b)?$"), "Full"),
+                   (re.compile(r"\.lora_mid\.weight$"), "LoCon with a Tucker (CP) decomposition"))
 
 
 def lora_refusal(path: Path) -> str | None:

@@ -32,6 +32,7 @@ def locon(tmp_path: Path, loaded: LoadedModel) -> Path:
     """A kohya LoRA plus a conv layer's lora_down (3x3) and lora_up (1x1), as LyCORIS saves LoCon."""
     layers = kohya(tmp_path)
     conv = loaded.pipe.unet.down_blocks[0].resnets[0].conv1
+    conv = getattr(conv, "base_layer", conv)  # wrapped by peft once a LoCon has loaded
     generator = torch.Generator().manual_seed(3)
     base = "lora_unet_down_blocks_0_resnets_0_conv1"
     layers[f"{base}.lora_down.weight"] = torch.randn(2, conv.in_channels, 3, 3, generator=generator) * 0.5
@@ -103,3 +104,13 @@ def test_loha_and_lokr_in_local_files_are_refused_at_submit(tmp_path: Path, kind
         plan_batch("items: [{model: tiny-sd15, prompt: 'a fox <lora:net:0.8>', seed: 1}]", "b.yaml", "yaml",
                    registry, 10)
     assert f"loras.0.name: lora 'net': {path.name} is a LyCORIS {kind}" in str(e.value)
+
+
+def test_a_locon_with_a_tucker_decomposition_is_refused_by_name(loaded: LoadedModel, tmp_path: Path) -> None:
+    path = locon(tmp_path, loaded)
+    layers = load_file(str(path))
+    layers["lora_unet_down_blocks_0_resnets_0_conv1.lora_mid.weight"] = torch.ones(2, 2, 3, 3)
+    save_file(layers, str(path))
+    refusal = lora_refusal(path)
+    assert refusal is not None
+    assert refusal.startswith("locon.safetensors is a LyCORIS LoCon with a Tucker (CP) decomposition")

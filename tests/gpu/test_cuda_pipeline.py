@@ -135,3 +135,21 @@ def test_a_chunk_that_really_runs_out_of_memory_is_split_and_gives_the_single_im
     whole = render(eager, jobs)  # without the cap the chunk fits: the cap, not the chunk, ran out
     for image, single in zip(whole, singles, strict=True):
         assert differences(image, single)[1] <= CHUNK_MAX_DIFF
+
+
+LONG = "a lighthouse on a cliff at dusk, storm clouds, crashing waves, seagulls, " * 2  # two 75-token chunks
+
+
+@pytest.mark.parametrize("prompt", ["a [red:blue:0.5] fox AND a hen:0.6", LONG])
+def test_scheduled_and_long_prompts_render_on_cuda_as_eager(eager: LoadedModel, compiled: LoadedModel,
+                                                            prompt: str) -> None:
+    """The UNet hooks (prompt editing and AND on the scheduled path; a cond and uncond of different
+    lengths masked) run eagerly around the CUDA UNet, eager and compiled, fp16; a job renders alone as
+    in a chunk."""
+    jobs = [job(eager, i, prompt=prompt, sampler="DPM++ 2M SDE") for i in range(3)]
+    alone = render(eager, jobs[:1])[0]
+    chunked = render(eager, jobs)
+    assert differences(alone, chunked[0])[1] <= CHUNK_MAX_DIFF
+    assert pixels(alone).std() > 0
+    fast = render(compiled, [job(compiled, 0, prompt=prompt, sampler="DPM++ 2M SDE")])[0]
+    assert differences(alone, fast)[0] <= COMPILED_MEAN_DIFF

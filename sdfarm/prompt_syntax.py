@@ -15,6 +15,7 @@ A1111's useful range is about 0..2; far past it the text encoder's output overfl
 
 from __future__ import annotations
 
+import functools
 import re
 
 BREAK = ("BREAK", -1.0)
@@ -143,6 +144,7 @@ class _Runs:
         return merged or [("", 1.0)]
 
 
+@functools.cache
 def embedding_pattern(name: str) -> re.Pattern[str]:
     """Where a textual-inversion embedding's name stands in a prompt, as A1111 finds it by CLIP
     tokens: case-insensitively, not inside a longer word (CLIP's pre-tokeniser splits letters from

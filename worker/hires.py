@@ -17,13 +17,14 @@ from sdfarm.jobs import LATENT_UPSCALERS, RenderJob
 from .noise import give_noise
 from .pipeline import LoadedModel
 from .samplers import hires_call, make_scheduler
-from .scheduled import conditioned, model_calls
+from .scheduled import Encodings, conditioned, model_calls
 from .vae import decode, encode
 
 
 def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Tensor,
-                generators: list[torch.Generator]) -> torch.Tensor:
-    """first_pass: the first pass's latents. Returns the second pass's latents."""
+                generators: list[torch.Generator], encodings: Encodings) -> torch.Tensor:
+    """first_pass: the first pass's latents; encodings: the first pass's prompts, reused where the pass
+    renders the same. Returns the second pass's latents."""
     job = jobs[0]
     hires = job.hires
     assert hires is not None
@@ -49,7 +50,8 @@ def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Te
     steps = hires.steps or job.steps
     n, strength = hires_call(steps, hires.denoising_strength, loaded.base_scheduler_config["num_train_timesteps"])
     # prompts scheduled over the pass's model calls, edit times counting on from the first pass's
-    with conditioned(pipe, jobs, sampler, steps, guidance, hires_of=model_calls(job.sampler, job.steps)) as prompts:
+    with conditioned(pipe, jobs, sampler, steps, guidance, encodings,
+                     hires_of=model_calls(job.sampler, job.steps)) as prompts:
         out = pipe(image=image, strength=strength, num_inference_steps=n, generator=generators, output_type="latent",
                    guidance_scale=guidance, **prompts)
     latents: torch.Tensor = out.images

@@ -26,7 +26,7 @@ from .only_masked import uncrop
 from .pipeline import LoadedModel
 from .prompts import chunk_counts
 from .samplers import img2img_call, make_scheduler
-from .scheduled import conditioned
+from .scheduled import Encodings, conditioned
 from .vae import decode_each, encode, or_raise
 
 log = logging.getLogger("sdfarm.worker")
@@ -131,10 +131,11 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
             call.update(mask_image=[inputs[j.id][1] for j in jobs], masked_image_latents=init, width=first.width,
                         height=first.height)
     with torch.inference_mode():
-        with conditioned(pipe, jobs, first.sampler, first.steps, first.guidance_scale) as prompts:
+        encodings: Encodings = {}
+        with conditioned(pipe, jobs, first.sampler, first.steps, first.guidance_scale, encodings) as prompts:
             latents = pipe(output_type="latent", **call, **shared, **prompts).images
         if first.hires is not None:
-            latents = second_pass(loaded, jobs, latents, generators(jobs))
+            latents = second_pass(loaded, jobs, latents, generators(jobs), encodings)
         return decode_each(pipe, latents)
 
 

@@ -29,7 +29,7 @@ from sdfarm.prompt_schedule import at_step, schedule, split_and
 from sdfarm.samplers import SECOND_ORDER
 
 from .adapters import embedding_tokens
-from .prompts import encode_prompts, own_lengths
+from .prompts import CHUNK_TOKENS, Conditioning, encode_prompts, own_lengths
 
 
 @dataclass(frozen=True)
@@ -55,23 +55,29 @@ def model_calls(sampler: str, steps: int) -> int:
     return steps * 2 if sampler in SECOND_ORDER else steps
 
 
+# a render's plain conditionings by the texts encoded: a hires pass with the first pass's prompts
+# reuses them rather than running the text encoders again
+Encodings = dict[tuple[tuple[str, str], ...], Conditioning]
+
+
 @contextmanager
 def conditioned(pipe: Any, jobs: list[RenderJob], sampler: str, steps: int, guidance_scale: float,
-                hires_of: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                encodings: Encodings, hires_of: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """The prompt arguments of one pass's pipeline call (steps: the pass's; hires_of: the first pass's
     model calls, for the hires pass), with the UNet hooks the pass needs installed while it runs:
     this module's for jobs that may schedule or combine prompts (RenderJob.scheduled), else each
-    side at its own length (prompts.own_lengths)."""
+    side at its own length (prompts.own_lengths). encodings: the render's, shared by its passes."""
     if jobs[0].scheduled:
         plans = plan_pass(pipe, jobs, model_calls(sampler, steps), hires_of)
         with scheduled(pipe.unet, plans, guidance_scale):
-            yield placeholder(pipe, jobs)
+            yield placeholder(plans)
         return
-    texts = [j.texts(hires=hires_of is not None) for j in jobs]
-    conditioning = encode_prompts(pipe, [strip_tags(p) for p, _ in texts], [n for _, n in texts],
-                                  jobs[0].clip_skip, [embedding_tokens(j) for j in jobs])
-    with own_lengths(pipe.unet, conditioning):
-        yield conditioning.kwargs()
+    texts = tuple(j.texts(hires=hires_of is not None) for j in jobs)
+    if texts not in encodings:
+        encodings[texts] = encode_prompts(pipe, [strip_tags(p) for p, _ in texts], [n for _, n in texts],
+                                          jobs[0].clip_skip, [embedding_tokens(j) for j in jobs])
+    with own_lengths(pipe.unet, encodings[texts]):
+        yield encodings[texts].kwargs()
 
 
 def plan_pass(pipe: Any, jobs: list[RenderJob], calls: int, hires_of: int | None = None) -> list[ImagePlan]:
@@ -123,11 +129,16 @@ def _encode(pipe: Any, keys: list[tuple[str, frozenset[str], bool]], clip_skip: 
     return out
 
 
-def placeholder(pipe: Any, jobs: list[RenderJob]) -> dict[str, torch.Tensor]:
-    """Prompt embeddings of the shape the pipeline expects (one row a job, each side); the hooks
-    replace them at every UNet call."""
-    with torch.inference_mode():
-        return encode_prompts(pipe, ["" for _ in jobs], ["" for _ in jobs], jobs[0].clip_skip).kwargs()
+def placeholder(plans: list[ImagePlan]) -> dict[str, torch.Tensor]:
+    """Prompt embeddings of the shape, dtype and device the pipeline expects (one row a job, each
+    side), zeros: the hooks replace them at every UNet call."""
+    sample = plans[0].uncond[0][1]
+    embeds = sample.embeds.new_zeros((len(plans), CHUNK_TOKENS + 2, sample.embeds.shape[-1]))
+    out = {"prompt_embeds": embeds, "negative_prompt_embeds": embeds}
+    if sample.pooled is not None:
+        pooled = sample.pooled.new_zeros((len(plans), sample.pooled.shape[-1]))
+        out |= {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled}
+    return out
 
 
 class _Takeover:

@@ -1,10 +1,11 @@
 """`make demo`: the farm on the embedded stack, start to finish, on this machine's CPU.
 
-Writes tiny random-weight SD 1.5 and SDXL models, starts a real Redis and a real S3 server, starts
-two SD 1.5 worker processes and one SDXL worker, submits examples/demo.yaml and examples/features.yaml
-(LoRAs, embeddings, a VAE, weighted and long prompts, hires fix, upscaling, img2img, inpainting with
-image and text masks, SDXL) through the real CLI, watches them finish, fetches the images and draws
-a contact sheet of each, then shuts everything down. State lives under .sdfarm/demo/.
+Writes tiny random-weight SD 1.5, SDXL and SDXL-refiner models, starts a real Redis and a real S3
+server, starts two SD 1.5 worker processes and one SDXL worker, submits examples/demo.yaml and
+examples/features.yaml (LoRAs, embeddings, a VAE, weighted and long prompts, hires fix, upscaling,
+img2img, inpainting with image and text masks, SDXL and its refiner) through the real CLI, watches
+them finish, fetches the images and draws a contact sheet of each, then shuts everything down. State
+lives under .sdfarm/demo/.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".sdfarm" / "demo"
 MODEL = "tiny-sd15"
 XL_MODEL = "tiny-sdxl"
+XL_REFINER = "tiny-xl-refiner"  # no worker of its own: the SDXL worker loads it for the jobs that name it
 BATCHES = [ROOT / "examples" / "demo.yaml", ROOT / "examples" / "features.yaml"]
 WORKERS = [MODEL, MODEL, XL_MODEL]  # one process per entry, each serving that model
 # the demo's assets (written by worker.testing), relative to STATE
@@ -44,7 +46,7 @@ def write_files() -> Path:
     """The tiny models and their assets under STATE (kept from an earlier run), and the registry
     that names them; returns the registry's path."""
     STATE.mkdir(parents=True, exist_ok=True)
-    for name, family in ((MODEL, "sd15"), (XL_MODEL, "sdxl")):
+    for name, family in ((MODEL, "sd15"), (XL_MODEL, "sdxl"), (XL_REFINER, "sdxl-refiner")):
         model_dir = STATE / "models" / name
         if not (model_dir / "model_index.json").exists():
             from worker.testing import write_tiny_model
@@ -60,6 +62,7 @@ def write_files() -> Path:
     registry = STATE / "models.yaml"
     registry.write_text(f"models:\n  {MODEL}: {{path: models/{MODEL}}}\n"
                         f"  {XL_MODEL}: {{path: models/{XL_MODEL}, family: sdxl}}\n"
+                        f"  {XL_REFINER}: {{path: models/{XL_REFINER}, family: sdxl-refiner}}\n"
                         f"loras:\n  tiny-detail: {{file: {ASSETS['tiny-detail']}}}\n"
                         f"  tiny-grain: {{file: {ASSETS['tiny-grain']}}}\n"
                         f"  xl-detail: {{file: {XL_ASSETS['xl-detail']}, family: sdxl}}\n"

@@ -364,9 +364,10 @@ def worker(model: str, device: str, hostname: str | None, loglevel: str) -> None
 @cli.command("make-tiny-model")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--family", type=click.Choice(["sd15", "sdxl"]), default="sd15", show_default=True)
+@click.option("--family", type=click.Choice(["sd15", "sdxl", "sdxl-refiner"]), default="sd15", show_default=True)
 def make_tiny_model(dest: Path, seed: int, family: str) -> None:
-    """Write a tiny random-weight SD1.5- or SDXL-architecture pipeline (diffusers folder) to DEST."""
+    """Write a tiny random-weight SD1.5-, SDXL- or SDXL-refiner-architecture pipeline (diffusers folder)
+    to DEST."""
     write = importlib.import_module("worker.testing").write_tiny_model
     console.print(f"tiny {family} model written to {write(dest, seed, family)}", highlight=False)
 

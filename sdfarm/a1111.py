@@ -42,7 +42,12 @@ _UPSCALE: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "Postprocess upscale by": ("factor", float), "Postprocess upscaler": ("upscaler", str)}
 # the Beta schedule's distribution: sdfarm runs A1111's default
 BETA_FIELDS: Final = {"Beta schedule alpha": BETA_ALPHA, "Beta schedule beta": BETA_BETA}
+# A1111's refiner options away from their defaults, which sdfarm runs
+_REFINER_OPTIONS: Final = {
+    "Hires refiner": "sdfarm's refiner takes over in the hires pass only (A1111's default, 'second pass')",
+    "Refiner switch by sampling steps": "sdfarm switches at the sampler's sigma (A1111's default), not by steps"}
 _HANDLED: Final = frozenset({"Prompt", "Negative prompt", "Model", "Model hash", "VAE", "VAE hash", "RNG",
+                             "Refiner", "Refiner switch at", *_REFINER_OPTIONS,
                              "Lora hashes", "TI hashes", "Emphasis", "Seed resize from-1", "Seed resize from-2",
                              "Hires resize-1", "Hires resize-2", *BETA_FIELDS,
                              *_SCALARS, *_HIRES, *_UPSCALE, *IGNORED})
@@ -250,6 +255,7 @@ def _checks(info: dict[str, Any], known: Registered, item: dict[str, Any], cpu_n
         item["model"] = model
     else:
         yield model
+    yield from _refiner_fields(info, known, item)
     if "VAE" in info or "VAE hash" in info:
         vae = _vae(known, info.get("VAE hash"), info.get("VAE"))
         if vae is None:
@@ -281,6 +287,36 @@ def _model(info: dict[str, Any], known: Registered) -> str | tuple[str, str]:
     if named:
         return named[0]
     return "Model", f"{brief(wanted_name)} is no registered model (registered: {', '.join(names) or 'none'})"
+
+
+def _refiner_fields(info: dict[str, Any], known: Registered, item: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    if "Refiner" in info:
+        refiner = _refiner(info["Refiner"], known)
+        if refiner is None:
+            yield "Refiner", (f"{brief(info['Refiner'])} is no registered model"
+                              f" (registered: {', '.join(known.model_names) or 'none'})")
+        else:
+            item["refiner"] = refiner
+    if "Refiner switch at" in info:
+        if "Refiner" not in info:
+            yield "Refiner switch at", "without `Refiner` (the model that takes over)"
+        switch_at = _float_or_none(info["Refiner switch at"])
+        item["refiner_switch_at"] = info["Refiner switch at"] if switch_at is None else switch_at
+    for key, why in _REFINER_OPTIONS.items():
+        if key in info:
+            yield key, f"{brief(info[key])}: {why}"
+
+
+def _refiner(value: str, known: Registered) -> str | None:
+    """The registered model A1111's `Refiner: name [short hash]` names: by the hash when given, else by
+    the name (registry name, or checkpoint file stem)."""
+    name, bracket, short = value.rpartition(" [")
+    if not bracket or not short.endswith("]"):
+        name, short = value, ""
+    short = short.removesuffix("]")
+    if short:
+        return next((n for n, held, _ in known.models if held == short), None)
+    return next((n for n, _, stem in known.models if name.strip() in (n, stem)), None)
 
 
 def _vae(known: Registered, short: str | None, name: str | None) -> str | None:

@@ -72,10 +72,12 @@ def infotext_prompt(job: RenderJob) -> str:
 
 
 def job_parameters(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[str, str] | None = None, *,
-                   model_name: str | None = None, vae_name: str | None = None) -> dict[str, Any]:
+                   model_name: str | None = None, vae_name: str | None = None,
+                   refiner_name: str | None = None) -> dict[str, Any]:
     """The last line's parameters, in A1111's order. model_name: the checkpoint's file stem, as A1111
     names a model (default: the registry name); vae_name: the VAE's file name with its extension
-    (default: the registry name)."""
+    (default: the registry name); refiner_name: the refiner's, as model_name."""
+    refiner = job.refiner
     hires, upscale = job.hires, job.upscale
     beta = BETA in (job.schedule_type, hires and hires.schedule_type)
     return {
@@ -115,6 +117,9 @@ def job_parameters(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[s
         "Beta schedule beta": _number(BETA_BETA) if beta else None,
         "Lora hashes": _hashes(_loras_in_prompt_order(job), lora_hashes),
         "TI hashes": _hashes(_embeddings_in_prompt_order(job)),
+        # A1111's checkpoint short_title: name [sha256[:10]]
+        "Refiner": f"{refiner_name or refiner.name} [{refiner.sha256[:10]}]" if refiner else None,
+        "Refiner switch at": _number(job.refiner_switch_at) if refiner else None,
         "Postprocess upscale by": _number(upscale.factor) if upscale else None,
         "Postprocess upscaler": upscale.upscaler if upscale else None,
         "Version": f"sdfarm {__version__}",
@@ -122,10 +127,10 @@ def job_parameters(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[s
 
 
 def job_infotext(job: RenderJob, model_short_hash: str, lora_hashes: Mapping[str, str] | None = None, *,
-                 model_name: str | None = None, vae_name: str | None = None) -> str:
+                 model_name: str | None = None, vae_name: str | None = None, refiner_name: str | None = None) -> str:
     return format_infotext(infotext_prompt(job), job.negative_prompt,
                            job_parameters(job, model_short_hash, lora_hashes, model_name=model_name,
-                                          vae_name=vae_name))
+                                          vae_name=vae_name, refiner_name=refiner_name))
 
 
 def is_parameters_line(line: str) -> bool:

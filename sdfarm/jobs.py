@@ -35,8 +35,8 @@ from .samplers import (
 # `unet_weight` (A1111's <lora:name:te:unet>). 4: variation seeds, the hires pass's own size, sampler
 # and CFG; A1111's other schedule types and the DPM++ 2M SDE Heun and 3M SDE samplers. Renders otherwise:
 # cond and uncond at their own lengths, DPM++ 2M SDE's noise from a Brownian tree per image, embeddings
-# found at token boundaries, prompt editing, alternation and AND (literal text before).
-SCHEMA_VERSION: Final = 4
+# found at token boundaries, prompt editing, alternation and AND (literal text before). 5: the refiner.
+SCHEMA_VERSION: Final = 5
 # Fields added after version 1, (section of a job, "" for the job itself, field): the version that
 # added them; and values added to a field. A message names the oldest version that reads it: the
 # highest of these that it sets, else RENDERS_SINCE.
@@ -45,7 +45,8 @@ FIELD_VERSIONS: Final[dict[tuple[str, str], int]] = {
     **{("", f): 4 for f in ("subseed", "subseed_strength", "seed_resize_from", "resize_mode", "inpaint_fill",
                             "inpaint_invert", "inpaint_full_res", "inpaint_full_res_padding")},
     **{("hires", f): 4 for f in ("resize_x", "resize_y", "sampler", "schedule_type", "guidance_scale", "prompt",
-                                 "negative_prompt")}}
+                                 "negative_prompt")},
+    ("", "refiner"): 5, ("", "refiner_switch_at"): 5}
 VALUE_VERSIONS: Final[dict[tuple[str, str], dict[Any, int]]] = {
     ("", "sampler"): {"DPM++ 2M SDE Heun": 4, "DPM++ 3M SDE": 4},
     ("", "schedule_type"): {s: 4 for s in SCHEDULE_TYPES if s not in (AUTOMATIC, UNIFORM, KARRAS, EXPONENTIAL)}}
@@ -71,6 +72,7 @@ ASSET_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # LoRAs, embed
 SHA256_PATTERN: Final = r"^[0-9a-f]{64}$"
 INPUT_KEY_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,511}$"  # an input image's key in the bucket
 MAX_LORA_WEIGHT: Final = 5.0
+REFINER_SWITCH_AT: Final = 0.8  # A1111's default "Switch at"
 MAX_LORAS: Final = 8
 MAX_HIRES_SIZE: Final = 4096
 MAX_UPSCALED_SIZE: Final = 8192
@@ -119,6 +121,8 @@ USER_FIELDS: Final = (
     "subseed",
     "subseed_strength",
     "seed_resize_from",
+    "refiner",
+    "refiner_switch_at",
 )
 MASK_FIELDS: Final = ("mask_threshold", "mask_dilate", "mask_blur", "inpaint_fill", "inpaint_invert",
                       "inpaint_full_res", "inpaint_full_res_padding")
@@ -201,6 +205,16 @@ class AssetRef(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=ASSET_NAME_PATTERN)
+    sha256: str = Field(pattern=SHA256_PATTERN)
+
+
+class ModelRef(BaseModel):
+    """A registered model a job uses besides its own (its refiner), with its identity. Filled in by
+    the planner."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
     sha256: str = Field(pattern=SHA256_PATTERN)
 
 
@@ -383,6 +397,10 @@ class RenderJob(BaseModel):
     subseed_strength: float = Field(default=0.0, ge=0.0, le=1.0)
     # A1111's "resize seed from width/height": the noise of a (width, height) image, centred
     seed_resize_from: tuple[int, int] | None = None
+    # A1111's refiner: another registered model takes over the render once the sampler has done this
+    # share of the schedule (worker/refiner.py); with hires fix, in the hires pass (A1111's default)
+    refiner: ModelRef | None = None
+    refiner_switch_at: float = Field(default=REFINER_SWITCH_AT, gt=0.0, lt=1.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -472,6 +490,20 @@ class RenderJob(BaseModel):
     def _variation(self) -> RenderJob:
         if self.subseed_strength > 0 and self.subseed is None:
             raise ValueError("subseed_strength needs subseed (the variation seed), 0..4294967295")
+        return self
+
+    @model_validator(mode="after")
+    def _refiner(self) -> RenderJob:
+        if self.refiner is None:
+            if self.refiner_switch_at != REFINER_SWITCH_AT:
+                raise ValueError("refiner_switch_at goes with refiner (the model that takes over)")
+            return self
+        if self.refiner.sha256 == self.model_hash:
+            raise ValueError(f"refiner {self.refiner.name!r} is the job's own model: nothing to switch to")
+        for what, refs in (("LoRAs", self.loras), ("embeddings", self.embeddings)):
+            if refs:
+                raise ValueError(f"a refiner with {what} ({', '.join(r.name for r in refs)}) is not supported: the"
+                                 f" refiner renders without them; leave out refiner or the {what}")
         return self
 
     @property
@@ -660,6 +692,8 @@ class RenderJob(BaseModel):
             self.strength if self.init_image else None,
             self.varied,  # varied noise is drawn by the worker, plain noise by the pipeline
             self.scheduled,  # scheduled or combined prompts take over the UNet's conditioning call by call
+            self.refiner,  # the second model takes over the whole batch at one model call
+            self.refiner_switch_at,
         )
 
 

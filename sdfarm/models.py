@@ -7,7 +7,10 @@ A registry is YAML (a file, or inline text in SDFARM_MODELS):
         path: models/tiny-sd15          # a diffusers folder (relative to the registry file)
       sdxl-base:
         path: models/sdxl-base-1.0
-        family: sdxl                    # sd15 (the default) or sdxl: which pipeline renders it
+        family: sdxl                    # sd15 (the default), sdxl or sdxl-refiner: which pipeline renders it
+      sdxl-refiner:
+        path: models/sdxl-refiner-1.0
+        family: sdxl-refiner            # renders only as a job's `refiner:`, never as its model
       v1-5:
         file: /models/v1-5-pruned-emaonly.safetensors   # a single-file checkpoint
         config: /models/sd15-config     # diffusers-format folder with the configs (offline)
@@ -69,6 +72,11 @@ ASSET_KEY_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$"
 ASSETS_PREFIX: Final = "models/"  # where s3: sources live in the bucket
 AssetKind = Literal["lora", "embedding", "vae", "upscaler", "mask_model"]
 Family = Literal["sd15", "sdxl"]  # SD 1.x; SDXL base
+ModelFamily = Literal["sd15", "sdxl", "sdxl-refiner"]  # a model's: SDXL's refiner only takes over a render
+REFINER: Final = "sdxl-refiner"
+# a job's model family -> the families of models that may take over its render as its refiner (A1111
+# switches to any checkpoint whose latents are the same: the same family, or SDXL's refiner for SDXL)
+REFINES: Final[dict[str, tuple[str, ...]]] = {"sd15": ("sd15",), "sdxl": ("sdxl", REFINER)}
 ASSET_SECTIONS: Final[dict[str, AssetKind]] = {"loras": "lora", "embeddings": "embedding", "vaes": "vae",
                                                "upscalers": "upscaler", "mask_models": "mask_model"}
 FAMILY_FREE: Final[tuple[AssetKind, ...]] = ("upscaler", "mask_model")  # fit any model family
@@ -82,7 +90,7 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
-    family: Family = "sd15"
+    family: ModelFamily = "sd15"
     path: Path | None = None
     file: Path | None = None
     s3: str | None = Field(default=None, pattern=ASSET_KEY_PATTERN)  # a single file under the bucket's models/
@@ -360,6 +368,26 @@ class Registry:
         if name not in self._identities:
             self._identities[name] = entry.identity(self.cache)
         return self._identities[name]
+
+    def renderable(self, name: str) -> ModelEntry:
+        """A model a job may name as its model: an SDXL refiner only ever takes over another's render."""
+        entry = self.get(name)
+        if entry.family == REFINER:
+            others = ", ".join(n for n in self.names() if self.entries[n].family != REFINER) or "none registered"
+            raise InvalidInput(f"model {name!r} is an SDXL refiner: it renders only as a job's refiner, after an"
+                               f" sdxl model (allowed: {others})")
+        return entry
+
+    def refiner_names(self, family: str) -> list[str]:
+        return [n for n in self.names() if self.entries[n].family in REFINES.get(family, ())]
+
+    def refiner_identity(self, name: str, family: str) -> str:
+        """The sha256 of a model that takes over a render of a `family` model (REFINES)."""
+        entry = self.get(name)
+        if entry.family not in REFINES.get(family, ()):
+            raise InvalidInput(f"refiner {name!r} is a {entry.family} model; this job's model is {family}"
+                               f" (allowed: {', '.join(self.refiner_names(family)) or 'none registered'})")
+        return self.identity(name)
 
 
     def asset_names(self, kind: AssetKind, family: str | None = None) -> list[str]:

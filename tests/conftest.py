@@ -37,6 +37,11 @@ OUTAGE = "tiny-outage"  # served only by the workers of the Redis/S3 outage test
 BROKEN = "tiny-broken"  # a diffusers folder whose UNet weights are garbage: it cannot load
 FEATURES = "tiny-features"  # served only by the workers of the render-feature farm tests
 SDXL = "tiny-sdxl"  # the tiny SDXL-architecture model (family: sdxl)
+XL_REFINER = "tiny-xl-refiner"  # the tiny SDXL-refiner-architecture model (family: sdxl-refiner)
+# the same weights as tiny-sd15 and tiny-sdxl under another identity (a note in the folder): refiners
+# that, taking over, must leave the image as it was
+SD15_TWIN = "tiny-sd15-twin"
+XL_TWIN = "tiny-sdxl-twin"
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
@@ -72,7 +77,15 @@ def tiny_sdxl(tiny_model_dir: Path) -> dict[str, Path]:
     from worker.testing import write_tiny_model, write_tiny_sdxl_assets
 
     folder = tiny_model_dir.parent / "sdxl"
-    return {"model": write_tiny_model(folder / "tiny-sdxl", family="sdxl"), **write_tiny_sdxl_assets(folder)}
+    return {"model": write_tiny_model(folder / "tiny-sdxl", family="sdxl"), **write_tiny_sdxl_assets(folder),
+            "refiner": write_tiny_model(folder / "tiny-xl-refiner", family="sdxl-refiner")}
+
+
+def _twin(folder: Path, at: Path) -> Path:
+    """A copy of a model folder with a note added: the same weights, another identity."""
+    shutil.copytree(folder, at)
+    (at / "twin.txt").write_text(f"the weights of {folder.name}\n")
+    return at
 
 
 def sha256_of(path: Path) -> str:
@@ -95,6 +108,9 @@ def registry_file(tiny_model_dir: Path, tiny_assets: dict[str, Path], tiny_sdxl:
     path.write_text(
         "models:\n" + "".join(f"  {name}:\n    path: {folder}\n" for name, folder in entries.items())
         + f"  {SDXL}: {{path: {tiny_sdxl['model']}, family: sdxl}}\n"
+        f"  {XL_REFINER}: {{path: {tiny_sdxl['refiner']}, family: sdxl-refiner}}\n"
+        f"  {SD15_TWIN}: {{path: {_twin(tiny_model_dir, tiny_model_dir.parent / SD15_TWIN)}}}\n"
+        f"  {XL_TWIN}: {{path: {_twin(tiny_sdxl['model'], tiny_model_dir.parent / XL_TWIN)}, family: sdxl}}\n"
         f"loras:\n  tiny-grain: {{file: {tiny_assets['tiny-grain']}}}\n"
         f"  s3-detail: {{s3: loras/detail.safetensors, sha256: '{detail}'}}\n"
         f"  s3-tampered: {{s3: loras/tampered.safetensors, sha256: '{unseen}'}}\n"

@@ -38,10 +38,11 @@ class Encoded:
 
 def encode_png(image: Image.Image, job: RenderJob, model_short_hash: str,
                lora_hashes: Mapping[str, str] | None = None, *, model_name: str | None = None,
-               vae_name: str | None = None) -> Encoded:
+               vae_name: str | None = None, refiner_name: str | None = None) -> Encoded:
     """lora_hashes: A1111's short LoRA hashes by sha256 (worker.assets.AssetFiles.lora_hashes);
-    model_name, vae_name: as job_infotext records them."""
-    infotext = job_infotext(job, model_short_hash, lora_hashes, model_name=model_name, vae_name=vae_name)
+    model_name, vae_name, refiner_name: as job_infotext records them."""
+    infotext = job_infotext(job, model_short_hash, lora_hashes, model_name=model_name, vae_name=vae_name,
+                            refiner_name=refiner_name)
     info = PngInfo()
     info.add_text("parameters", infotext)  # tEXt, or iTXt when not Latin-1 (Pillow decides)
     info.add_text(PNG_JOB_KEY, json.dumps({"id": job.id, **job.model_dump(mode="json")}, ensure_ascii=False))

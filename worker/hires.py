@@ -16,8 +16,9 @@ from sdfarm.jobs import LATENT_UPSCALERS, RenderJob
 
 from .noise import give_noise
 from .pipeline import LoadedModel
+from .refiner import denoise, refiner_of
 from .samplers import hires_call, make_scheduler
-from .scheduled import Encodings, conditioned, model_calls
+from .scheduled import Encodings, model_calls
 from .vae import decode, encode
 
 
@@ -50,9 +51,7 @@ def second_pass(loaded: LoadedModel, jobs: list[RenderJob], first_pass: torch.Te
     steps = hires.steps or job.steps
     n, strength = hires_call(steps, hires.denoising_strength, loaded.base_scheduler_config["num_train_timesteps"])
     # prompts scheduled over the pass's model calls, edit times counting on from the first pass's
-    with conditioned(pipe, jobs, sampler, steps, guidance, encodings,
-                     hires_of=model_calls(job.sampler, job.steps)) as prompts:
-        out = pipe(image=image, strength=strength, num_inference_steps=n, generator=generators, output_type="latent",
-                   guidance_scale=guidance, **prompts)
-    latents: torch.Tensor = out.images
-    return latents
+    call = {"image": image, "strength": strength, "num_inference_steps": n, "generator": generators}
+    return denoise(pipe, jobs, call, sampler=sampler, steps=steps, guidance_scale=guidance, encodings=encodings,
+                   refiner=refiner_of(loaded, job, hires=True), mode="img2img",
+                   hires_of=model_calls(job.sampler, job.steps))

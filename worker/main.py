@@ -135,6 +135,7 @@ def preflight(settings: Settings, model: str, device: str) -> None:
     check_device(device)
     try:
         registry = Registry.from_settings(settings)
+        registry.renderable(model)
         registry.identity(model)
     except SdfarmError as e:
         raise WorkerFatal(f"cannot serve model {model!r}: {e}") from e

@@ -62,6 +62,7 @@ class LoadedModel:
     adapters: Adapters = field(init=False)  # LoRAs and embeddings in the pipeline
     vaes: Vaes = field(init=False)  # the model's VAE and registered ones
     upscalers: Upscalers = field(init=False)  # registered upscaler models (hires and final upscale)
+    refiner: LoadedModel | None = field(default=None, init=False)  # the one held beside it (worker/refiner.py)
     _variants: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -109,6 +110,10 @@ _CLASSES: dict[str, dict[str, str]] = {
              "inpaint": "StableDiffusionInpaintPipeline"},
     "sdxl": {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
              "inpaint": "StableDiffusionXLInpaintPipeline"},
+    # SDXL's refiner (no CLIP-L, aesthetic-score conditioning) has no text-to-image pipeline: it loads as
+    # its own img2img one, and only ever takes over another model's render (worker/refiner.py)
+    "sdxl-refiner": {"txt2img": "StableDiffusionXLImg2ImgPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
+                     "inpaint": "StableDiffusionXLInpaintPipeline"},
 }
 
 
@@ -124,6 +129,8 @@ def _extra(family: str) -> dict[str, Any]:
     A1111 adds none either)."""
     if family == "sdxl":
         return {"add_watermarker": False}
+    if family == "sdxl-refiner":
+        return {"add_watermarker": False, "requires_aesthetics_score": True}
     return {"safety_checker": None, "requires_safety_checker": False}
 
 
@@ -159,6 +166,36 @@ def load_model(registry: Registry, name: str, device: str, files: AssetFiles | N
     also in the bucket through `shared_cache` (worker/compile.py)."""
     t0 = time.perf_counter()
     try:
+        registry.renderable(name)
+    except Exception as e:
+        raise WorkerFatal(f"cannot serve model {name!r}: {e}") from e
+    loaded = _place(registry, name, resolve_device(device), files)
+    dev = loaded.device
+    pipe = loaded.pipe
+    if compiling.wanted(compile, dev):
+        if cache_root is not None:
+            compiling.cache_dir(cache_root)
+        compiling.compile_pipeline(pipe, compile_mode)
+        loaded.static_batch = static_batch
+    shared_key = None
+    if shared_cache is not None and loaded.compiled:
+        shared_key = shared_cache.key(loaded.identity, loaded.device_name,
+                                      f"{native_size(pipe)}px-b{static_batch}-{compile_mode}")
+        if shared_cache.fetch(shared_key):
+            shared_key = None  # warm from the bucket: nothing new to publish
+    warm_up(loaded)
+    if shared_cache is not None and shared_key is not None:
+        shared_cache.publish(shared_key)
+    loaded.load_s = time.perf_counter() - t0
+    log.info("model=%s hash=%s device=%s dtype=%s compiled=%s loaded in %.1fs", name, loaded.short_hash, dev,
+             loaded.dtype, loaded.compiled, loaded.load_s)
+    return loaded
+
+
+def _place(registry: Registry, name: str, dev: torch.device, files: AssetFiles | None) -> LoadedModel:
+    """The registered model's pipeline on the device, eager (fp16 on CUDA). Raises WorkerFatal."""
+    t0 = time.perf_counter()
+    try:
         entry = registry.get(name)
         identity = registry.identity(name)
         fetched = None
@@ -168,7 +205,6 @@ def load_model(registry: Registry, name: str, device: str, files: AssetFiles | N
             fetched = files.checkpoint(entry)
     except Exception as e:
         raise WorkerFatal(f"cannot serve model {name!r}: {e}") from e
-    dev = resolve_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     try:
         pipe = _from_entry(entry, dtype, fetched)
@@ -180,24 +216,15 @@ def load_model(registry: Registry, name: str, device: str, files: AssetFiles | N
     if dev.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
-    loaded = LoadedModel(entry, identity, pipe, dev, dtype, dict(pipe.scheduler.config), 0.0)
-    if compiling.wanted(compile, dev):
-        if cache_root is not None:
-            compiling.cache_dir(cache_root)
-        compiling.compile_pipeline(pipe, compile_mode)
-        loaded.static_batch = static_batch
-    shared_key = None
-    if shared_cache is not None and loaded.compiled:
-        shared_key = shared_cache.key(identity, loaded.device_name,
-                                      f"{native_size(pipe)}px-b{static_batch}-{compile_mode}")
-        if shared_cache.fetch(shared_key):
-            shared_key = None  # warm from the bucket: nothing new to publish
-    warm_up(loaded)
-    if shared_cache is not None and shared_key is not None:
-        shared_cache.publish(shared_key)
-    loaded.load_s = time.perf_counter() - t0
-    log.info("model=%s hash=%s device=%s dtype=%s compiled=%s loaded in %.1fs", name, loaded.short_hash, dev, dtype,
-             loaded.compiled, loaded.load_s)
+    return LoadedModel(entry, identity, pipe, dev, dtype, dict(pipe.scheduler.config), time.perf_counter() - t0)
+
+
+def load_refiner(registry: Registry, name: str, device: torch.device, files: AssetFiles | None = None
+                 ) -> LoadedModel:
+    """A model that takes over renders of the worker's own (worker/refiner.py): loaded beside it on the
+    same device, eager (its calls are a fraction of a render's), with no warm-up of its own."""
+    loaded = _place(registry, name, device, files)
+    log.info("refiner=%s hash=%s device=%s loaded in %.1fs", name, loaded.short_hash, device, loaded.load_s)
     return loaded
 
 

@@ -90,11 +90,17 @@ def own_lengths(unet: Any, conditioning: Conditioning) -> Iterator[None]:
 
 
 def encoders(pipe: Any) -> list[tuple[Any, Any]]:
-    """(tokenizer, text encoder) pairs: one for SD 1.x, two for SDXL."""
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    """(tokenizer, text encoder) pairs: one for SD 1.x, two for SDXL, one (OpenCLIP-G) for SDXL's refiner."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)] if getattr(pipe, "text_encoder", None) is not None else []
     if getattr(pipe, "text_encoder_2", None) is not None:
         pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
     return pairs
+
+
+def is_sdxl(pipe: Any) -> bool:
+    """Whether the pipeline encodes as SDXL's conditioner does (OpenCLIP-G's penultimate state, a pooled
+    embedding): SDXL and its refiner."""
+    return getattr(pipe, "text_encoder_2", None) is not None
 
 
 def chunk_prompt(pipe: Any, text: str, tokenizer: Any = None, embeddings: Collection[str] | None = None
@@ -106,7 +112,7 @@ def chunk_prompt(pipe: Any, text: str, tokenizer: Any = None, embeddings: Collec
     chunk when they do not fit in this one. embeddings: the (lower-cased) names of those the job uses
     (None: every one loaded), so an embedding loaded for another job never changes this one. After
     the end token, the tokenizer's pad id (A1111: everything after the first end token is padding)."""
-    tokenizer = tokenizer or pipe.tokenizer
+    tokenizer = tokenizer or encoders(pipe)[0][0]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     comma = tokenizer.get_vocab().get(",</w>")
@@ -221,7 +227,7 @@ def encode_prompts(pipe: Any, prompts: list[str], negatives: list[str], clip_ski
     own length as in A1111. clip_skip applies to SD 1.x only.
     embeddings: each job's, as chunk_prompt takes them."""
     pairs = encoders(pipe)
-    sdxl = len(pairs) == 2
+    sdxl = is_sdxl(pipe)
     uses = list(embeddings or [None] * len(prompts)) * 2  # a job's prompt and negative use its embeddings
     texts = list(zip([*prompts, *negatives], uses, strict=True))
     per_encoder = [[chunk_prompt(pipe, text, tokenizer, e) for text, e in texts] for tokenizer, _ in pairs]

@@ -25,8 +25,9 @@ from .noise import give_noise, start_noise
 from .only_masked import uncrop
 from .pipeline import LoadedModel
 from .prompts import chunk_counts
+from .refiner import denoise, refiner_of, use_refiner
 from .samplers import img2img_call, make_scheduler
-from .scheduled import Encodings, conditioned
+from .scheduled import Encodings
 from .vae import decode_each, encode, or_raise
 
 log = logging.getLogger("sdfarm.worker")
@@ -51,6 +52,7 @@ def prepare(loaded: LoadedModel, assets: AssetFiles, masks: MaskModels, jobs: li
     loaded.adapters.activate(first.loras, tuple({e for j in jobs for e in j.embeddings}), files)
     loaded.use_vae(first.vae, files)
     loaded.upscalers.prepare(first, files)
+    use_refiner(loaded, first, assets)
     return job_inputs(assets, masks, jobs)
 
 
@@ -103,7 +105,6 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
     pipe = loaded.variant(first.mode)
     pipe.scheduler = make_scheduler(first.sampler, first.schedule_type, loaded.base_scheduler_config,
                                     [j.seed for j in jobs], sdxl=loaded.entry.family == "sdxl")
-    shared: dict[str, Any] = {"guidance_scale": first.guidance_scale}  # kept for the pipeline call below
     gens = generators(jobs)
     call: dict[str, Any] = {"num_inference_steps": first.steps, "generator": gens}
     if first.mode == "txt2img":
@@ -132,8 +133,9 @@ def _generate(loaded: LoadedModel, jobs: list[RenderJob], inputs: Inputs | None)
                         height=first.height)
     with torch.inference_mode():
         encodings: Encodings = {}
-        with conditioned(pipe, jobs, first.sampler, first.steps, first.guidance_scale, encodings) as prompts:
-            latents = pipe(output_type="latent", **call, **shared, **prompts).images
+        latents = denoise(pipe, jobs, call, sampler=first.sampler, steps=first.steps,
+                          guidance_scale=first.guidance_scale, encodings=encodings,
+                          refiner=refiner_of(loaded, first, hires=False), mode=first.mode)
         if first.hires is not None:
             latents = second_pass(loaded, jobs, latents, generators(jobs), encodings)
         return decode_each(pipe, latents)

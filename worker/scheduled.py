@@ -62,14 +62,17 @@ Encodings = dict[tuple[tuple[str, str], ...], Conditioning]
 
 @contextmanager
 def conditioned(pipe: Any, jobs: list[RenderJob], sampler: str, steps: int, guidance_scale: float,
-                encodings: Encodings, hires_of: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                encodings: Encodings, hires_of: int | None = None, first_call: int = 0
+                ) -> Iterator[dict[str, torch.Tensor]]:
     """The prompt arguments of one pass's pipeline call (steps: the pass's; hires_of: the first pass's
     model calls, for the hires pass), with the UNet hooks the pass needs installed while it runs:
     this module's for jobs that may schedule or combine prompts (RenderJob.scheduled), else each
-    side at its own length (prompts.own_lengths). encodings: the render's, shared by its passes."""
+    side at its own length (prompts.own_lengths). encodings: the render's, shared by its passes, for
+    this pipeline's text encoders. first_call: the pass's model calls made before this UNet's first
+    (a refiner's, taking over)."""
     if jobs[0].scheduled:
         plans = plan_pass(pipe, jobs, model_calls(sampler, steps), hires_of)
-        with scheduled(pipe.unet, plans, guidance_scale):
+        with scheduled(pipe.unet, plans, guidance_scale, first_call):
             yield placeholder(plans)
         return
     texts = tuple(j.texts(hires=hires_of is not None) for j in jobs)
@@ -145,9 +148,9 @@ class _Takeover:
     """The UNet hooks of one pass: `before` puts in each image's conditionings at this model call,
     `after` gives back what the pipeline's guidance expects."""
 
-    def __init__(self, plans: list[ImagePlan], guidance_scale: float) -> None:
+    def __init__(self, plans: list[ImagePlan], guidance_scale: float, first_call: int = 0) -> None:
         self.plans, self.guidance_scale = plans, guidance_scale
-        self.call = 0  # A1111's step: model calls so far
+        self.call = first_call  # A1111's step: model calls so far
         self.rows: list[tuple[int, list[float]]] = []  # per image: its uncond row and its conds' weights
         self.cfg = True
 
@@ -208,10 +211,11 @@ class _Takeover:
 
 
 @contextmanager
-def scheduled(unet: Any, plans: list[ImagePlan], guidance_scale: float) -> Iterator[None]:
-    """While the pipeline runs, every UNet call renders each image's conditionings at this call. The
-    hooks run eagerly (torch.compiler.disable), between a compiled UNet's calls."""
-    takeover = _Takeover(plans, guidance_scale)
+def scheduled(unet: Any, plans: list[ImagePlan], guidance_scale: float, first_call: int = 0) -> Iterator[None]:
+    """While the pipeline runs, every UNet call renders each image's conditionings at this call (the
+    first one this UNet gets is call `first_call`). The hooks run eagerly (torch.compiler.disable),
+    between a compiled UNet's calls."""
+    takeover = _Takeover(plans, guidance_scale, first_call)
     hooks = [unet.register_forward_pre_hook(torch.compiler.disable(takeover.before), with_kwargs=True),
              unet.register_forward_hook(torch.compiler.disable(takeover.after), with_kwargs=True)]
     try:

@@ -150,9 +150,11 @@ def _record_failure(state: WorkerState, batch_id: str, entry: ChunkEntry, record
 def _store_one(state: WorkerState, batch_id: str, entry: ChunkEntry, image: Any, timings: dict[str, float]) -> None:
     t0 = time.perf_counter()
     job = entry.job
+    registry = state.assets.registry
     encoded = encode_png(image, job, state.loaded.short_hash, state.assets.lora_hashes,  # 5. encode
                          model_name=state.loaded.entry.infotext_name,
-                         vae_name=state.assets.registry.asset("vae", job.vae.name).file_name if job.vae else None)
+                         vae_name=registry.asset("vae", job.vae.name).file_name if job.vae else None,
+                         refiner_name=registry.get(job.refiner.name).infotext_name if job.refiner else None)
     until_back(state, f"storing job {entry.job.id}", partial(_put_one, state, batch_id, entry, encoded,
                                                              {**timings, "encode_s": time.perf_counter() - t0}))
 

@@ -101,27 +101,52 @@ def build_tiny_vae(scaling_factor: float = 0.18215) -> Any:
 
 
 def build_tiny(family: str = "sd15", seed: int = 0) -> Any:
-    """The tiny pipeline of a family ("sd15" or "sdxl"). Same seed, same weights."""
+    """The tiny pipeline of a family ("sd15", "sdxl" or "sdxl-refiner"). Same seed, same weights."""
     if family == "sdxl":
         return build_tiny_sdxl(seed)
+    if family == "sdxl-refiner":
+        return build_tiny_sdxl_refiner(seed)
     return build_tiny_sd15(seed)
 
 
-def build_tiny_sdxl(seed: int = 0) -> Any:
-    """The tiny SDXL-architecture pipeline (two text encoders, size-conditioned UNet). Same seed, same weights."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+def build_tiny_sdxl_refiner(seed: int = 0) -> Any:
+    """The tiny SDXL-refiner-architecture pipeline: OpenCLIP-G alone (the tiny SDXL's second encoder's
+    shape), a UNet conditioned on its states and on five size and aesthetic-score numbers, SDXL's VAE
+    layout; it loads as SDXL's img2img pipeline with requires_aesthetics_score, as the real refiner."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet = _tiny_xl_unet(48, 5)  # OpenCLIP-G's hidden states alone; size, crop and aesthetic score
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=build_tiny_vae(scaling_factor=0.13025), text_encoder=None, text_encoder_2=_text_encoder(48, True),
+        tokenizer=None, tokenizer_2=build_tokenizer(pad_token="!"), unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SD_SCHEDULER), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False, add_watermarker=False,
+    )
+
+
+def _tiny_xl_unet(cross_attention_dim: int, time_ids: int) -> Any:
+    """The tiny SDXL-layout UNet: conditioned on text states of `cross_attention_dim` and on `time_ids`
+    numbers (8 features each) beside the pooled embedding (48, OpenCLIP-G's)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64), attention_head_dim=(2, 4), use_linear_projection=True,
-        transformer_layers_per_block=(1, 2), norm_num_groups=16,
-        cross_attention_dim=32 + 48,  # both encoders' hidden states, side by side
+        transformer_layers_per_block=(1, 2), norm_num_groups=16, cross_attention_dim=cross_attention_dim,
         addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 48,  # six size numbers, then the pooled embedding
+        projection_class_embeddings_input_dim=time_ids * 8 + 48,
     )
+
+
+def build_tiny_sdxl(seed: int = 0) -> Any:
+    """The tiny SDXL-architecture pipeline (two text encoders, size-conditioned UNet). Same seed, same weights."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    torch.manual_seed(seed)
+    unet = _tiny_xl_unet(32 + 48, 6)  # both encoders' hidden states side by side; six size numbers
     vae = build_tiny_vae(scaling_factor=0.13025)  # force_upcast stays True, as SDXL's own VAE
     text_encoder, text_encoder_2 = _text_encoder(32), _text_encoder(48, with_projection=True)
     scheduler = EulerDiscreteScheduler.from_config(SD_SCHEDULER)

@@ -146,8 +146,8 @@ class _Planner:
                                        f" (allowed: {', '.join(self.registry.names()) or 'none registered'})")
         else:
             try:
+                family = self.registry.renderable(model).family
                 model_hash = self.registry.identity(model)
-                family = self.registry.get(model).family
             except InvalidInput as e:
                 self.problem(raw, "model", str(e))
         values, assets_ok = self.assets(raw, values, family)
@@ -198,7 +198,8 @@ class _Planner:
         embedding of another family is not one: its name in an SDXL prompt is plain text."""
         out = dict(values)
         oks = [self._loras(raw, values, family, out), self._embeddings(raw, values, family, out),  # each reports
-               self._vae(raw, values, family, out), self._upscalers(raw, values, out),
+               self._vae(raw, values, family, out), self._refiner(raw, values, family, out),
+               self._upscalers(raw, values, out),
                self._inputs(raw, values, out), self._mask_model(raw, values, out)]
         return out, all(oks)
 
@@ -260,6 +261,22 @@ class _Planner:
             self.problem(raw, "vae", str(e))
             out.pop("vae")
             return False
+
+    def _refiner(self, raw: RawItem, values: dict[str, Any], family: str | None, out: dict[str, Any]) -> bool:
+        name = values.get("refiner")
+        if name is None:
+            return True
+        out["refiner"] = {"name": "unknown", "sha256": "0" * 64}  # in its place, so the job's checks go on
+        if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
+            self.problem(raw, "refiner", f"unknown refiner {brief(name)} (allowed: a registered model's name)")
+            return False
+        try:
+            sha256 = self.registry.refiner_identity(name, family) if family else self.registry.identity(name)
+        except InvalidInput as e:
+            self.problem(raw, "refiner", str(e))
+            return False
+        out["refiner"] = {"name": name, "sha256": sha256}
+        return True
 
     def _upscalers(self, raw: RawItem, values: dict[str, Any], out: dict[str, Any]) -> bool:
         ok = True

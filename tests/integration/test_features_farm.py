@@ -21,7 +21,7 @@ from sdfarm.layout import failed_key, image_key, sidecar_key
 from sdfarm.models import Registry, addnet_hash
 from sdfarm.progress import ProgressBoard
 from sdfarm.store import Store
-from tests.conftest import FEATURES, SDXL, WorkerProcess, cli, sha256_of, wait_for
+from tests.conftest import FEATURES, SDXL, XL_REFINER, WorkerProcess, cli, sha256_of, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -166,11 +166,12 @@ items:
   - {{prompt: "a (fox:1.2), xl-sparkle <lora:xl-detail:0.7>", vae: xl-vae,
      hires: {{scale: 2, steps: 2, denoising_strength: 0.5}}}}
   - {{prompt: a fox, loras: [xl-grain], init_image: "local:xl-init.png", mask_prompt: background}}
+  - {{prompt: a lighthouse, sampler: DPM++ 2M, refiner: {XL_REFINER}, refiner_switch_at: 0.6}}
 """)
     result = cli(["submit", str(path), "--watch"], env)
     assert result.returncode == 0, result.stdout + result.stderr + worker.tail()
     plan = plan_file(path, registry, 100, inputs=Inputs(store, inputs_dir))
-    first, inpaint = (Image.open(io.BytesIO(store.get(image_key(j.id)))) for j in plan.jobs)
+    first, inpaint, refined = (Image.open(io.BytesIO(store.get(image_key(j.id)))) for j in plan.jobs)
     info = parse_infotext(first.text["parameters"])
     assert first.size == (128, 128)
     assert (info["Model"], info["VAE"], info["Hires upscale"]) == (SDXL, "xl-vae", "2")
@@ -178,6 +179,9 @@ items:
     assert info["TI hashes"] == f"xl-sparkle: {sha256_of(tiny_sdxl['xl-sparkle'])[:12]}"
     assert inpaint.size == (64, 64)
     assert store.get_json(sidecar_key(plan.jobs[1].id))["job"]["mask_prompt"] == "background"
+    info = parse_infotext(refined.text["parameters"])  # the worker loaded the refiner beside its model
+    assert (info["Refiner"], info["Refiner switch at"]) == (f"{XL_REFINER} [{registry.identity(XL_REFINER)[:10]}]",
+                                                            "0.6")
     worker.stop()
 
 

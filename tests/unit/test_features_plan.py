@@ -295,7 +295,8 @@ def test_the_features_example_uses_every_feature(tmp_path: Path) -> None:
         (tmp_path / f"{name}.safetensors").write_bytes(name.encode())
     xl = "family: sdxl"
     text = f"""
-models: {{tiny-sd15: {{hub: test/tiny, sha256: '{SHA}'}}, tiny-sdxl: {{hub: test/xl, sha256: '{S3_SHA}', {xl}}}}}
+models: {{tiny-sd15: {{hub: test/tiny, sha256: '{SHA}'}}, tiny-sdxl: {{hub: test/xl, sha256: '{S3_SHA}', {xl}}},
+         tiny-xl-refiner: {{hub: test/xl-refiner, sha256: '{"cd" * 32}', family: sdxl-refiner}}}}
 loras: {{tiny-detail: {{file: detail.safetensors}}, tiny-grain: {{file: grain.safetensors}},
         xl-detail: {{file: xl-detail.safetensors, {xl}}}, xl-grain: {{file: xl-grain.safetensors, {xl}}}}}
 embeddings: {{tiny-sparkle: {{file: sparkle.safetensors}}, xl-sparkle: {{file: xl-sparkle.safetensors, {xl}}}}}
@@ -309,7 +310,7 @@ mask_models: {{clipseg: {{path: clipseg}}}}
     examples = Path(__file__).resolve().parents[2] / "examples"
     path = examples / "features.yaml"
     jobs = plan_batch(path.read_text(), str(path), "yaml", reg, 1000, inputs=Inputs(None, examples / "inputs")).jobs
-    assert len(jobs) == 23
+    assert len(jobs) == 24
     sd, xl = jobs[:21], jobs[21:]
     assert any(j.scheduled and " AND " in j.prompt for j in sd)
     assert any(j.inpaint_full_res and j.inpaint_fill == "latent noise" for j in sd)
@@ -328,7 +329,9 @@ mask_models: {{clipseg: {{path: clipseg}}}}
     assert xl[0].vae is not None
     assert xl[0].hires is not None
     assert {lora.name for j in xl for lora in j.loras} == {"xl-detail", "xl-grain"}
-    assert xl[1].mode == "inpaint"
+    assert xl[1].refiner is not None
+    assert (xl[1].refiner.name, xl[1].refiner_switch_at) == ("tiny-xl-refiner", 0.8)
+    assert xl[2].mode == "inpaint"
     assert any(len(j.loras) == 2 for j in jobs)
     assert {j.hires.upscaler for j in jobs if j.hires} == {"Latent", "Lanczos", "tiny-esrgan"}
     assert {j.upscale.upscaler for j in jobs if j.upscale} == {"Lanczos", "tiny-esrgan"}

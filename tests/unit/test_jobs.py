@@ -67,6 +67,11 @@ VARIATION = {"subseed": 9, "subseed_strength": 0.5}
 VARIATION_CHANGES = {"subseed": 10, "subseed_strength": 0.4, "seed_resize_from": [128, 64]}
 
 
+# the same for the refiner, over a job that has one
+REFINER = {"refiner": {"name": "sdxl-refiner", "sha256": "0a" * 32}}
+REFINER_CHANGES = {"refiner": {"name": "sdxl-refiner", "sha256": "0b" * 32}, "refiner_switch_at": 0.7}
+
+
 def job(**changes: object) -> RenderJob:
     return RenderJob.model_validate({**BASE, **changes})
 
@@ -104,7 +109,13 @@ def test_every_img2img_field_changes_the_id(field: str, value: object) -> None:
 def test_every_field_is_classified() -> None:
     labels = {"model", "schema_version"}
     assert set(RenderJob.model_fields) == set(PIXEL_CHANGES) | set(IMG2IMG_CHANGES) | set(VARIATION_CHANGES) \
-        | labels | {"prompt", "seed"}
+        | set(REFINER_CHANGES) | labels | {"prompt", "seed"}
+
+
+@pytest.mark.parametrize(("field", "value"), REFINER_CHANGES.items())
+def test_every_refiner_field_changes_the_id(field: str, value: object) -> None:
+    assert job(**{**REFINER, field: value}).id != job(**REFINER).id
+    assert job(**REFINER).id != job().id
 
 
 @pytest.mark.parametrize(("field", "value"), VARIATION_CHANGES.items())

@@ -297,9 +297,9 @@ def _refiner_fields(info: dict[str, Any], known: Registered, item: dict[str, Any
                               f" (registered: {', '.join(known.model_names) or 'none'})")
         else:
             item["refiner"] = refiner
-    if "Refiner switch at" in info:
-        if "Refiner" not in info:
-            yield "Refiner switch at", "without `Refiner` (the model that takes over)"
+    if "Refiner switch at" in info and "Refiner" not in info:
+        yield "Refiner switch at", "without `Refiner` (the model that takes over)"
+    elif "Refiner switch at" in info:
         switch_at = _float_or_none(info["Refiner switch at"])
         item["refiner_switch_at"] = info["Refiner switch at"] if switch_at is None else switch_at
     for key, why in _REFINER_OPTIONS.items():
@@ -313,10 +313,12 @@ def _refiner(value: str, known: Registered) -> str | None:
     name, bracket, short = value.rpartition(" [")
     if not bracket or not short.endswith("]"):
         name, short = value, ""
-    short = short.removesuffix("]")
-    if short:
-        return next((n for n, held, _ in known.models if held == short), None)
-    return next((n for n, _, stem in known.models if name.strip() in (n, stem)), None)
+    short, name = short.removesuffix("]"), name.strip()
+    named = [n for n, _, stem in known.models if name in (n, stem)]
+    if short:  # the hash decides; the name picks among models that share it, as for `Model`
+        hashed = [n for n, held, _ in known.models if held == short]
+        return next((n for n in hashed if n in named), hashed[0] if hashed else None)
+    return named[0] if named else None
 
 
 def _vae(known: Registered, short: str | None, name: str | None) -> str | None:

@@ -31,13 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdfarm.errors import AssetError, SdfarmError, WorkerFatal
+from sdfarm.errors import AssetError, InvalidInput, SdfarmError, WorkerFatal
 from sdfarm.jobs import RenderJob
+from sdfarm.models import REFINER
 from sdfarm.samplers import SECOND_ORDER
 
 from .assets import AssetFiles
 from .pipeline import LoadedModel, load_refiner
-from .samplers import K_DIFFUSION
+from .samplers import K_DIFFUSION, hires_call, img2img_call, make_scheduler
 from .scheduled import Encodings, conditioned
 from .schedules import training_sigmas
 
@@ -51,7 +52,8 @@ def use_refiner(loaded: LoadedModel, job: RenderJob, files: AssetFiles) -> Loade
     """The refiner a chunk's jobs name, loaded beside the worker's model on first use and kept for the
     chunks after; one at a time (another one is let go first). A refiner that cannot be loaded, whose
     weights are not the ones the job was planned with, or that cannot take over from the model's UNet
-    (an inpainting model's 9 input channels) fails the chunk's jobs (AssetError); the worker serves on."""
+    (an inpainting model's 9 input channels) fails the chunk's jobs (AssetError), as a job it would never
+    take over, or not from its first call (check_handover, InvalidInput); the worker serves on."""
     ref = job.refiner
     if ref is None:
         return None
@@ -59,11 +61,8 @@ def use_refiner(loaded: LoadedModel, job: RenderJob, files: AssetFiles) -> Loade
     if held is not None and (held.entry.name, held.identity) == (ref.name, ref.sha256):
         _check_takes_over(loaded, held, job)
         return held
-    loaded.refiner = None
     del held
-    gc.collect()
-    if loaded.device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_refiner(loaded)
     try:
         identity = files.registry.identity(ref.name)
         entry = files.registry.get(ref.name)
@@ -82,11 +81,23 @@ def use_refiner(loaded: LoadedModel, job: RenderJob, files: AssetFiles) -> Loade
     return loaded.refiner
 
 
+def release_refiner(loaded: LoadedModel) -> bool:
+    """Let go of the refiner held beside the model (its memory back to the device); whether one was held."""
+    if loaded.refiner is None:
+        return False
+    loaded.refiner = None
+    gc.collect()
+    if loaded.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return True
+
+
 def _check_takes_over(loaded: LoadedModel, refiner: LoadedModel, job: RenderJob) -> None:
     ours, theirs = loaded.pipe.unet.config.in_channels, refiner.pipe.unet.config.in_channels
-    if job.mode == "inpaint" and ours != theirs:
+    if ours != theirs:
         raise AssetError(f"refiner {refiner.entry.name!r} takes {theirs} input channels and model"
-                         f" {loaded.entry.name!r} {ours} (an inpainting model): it cannot take over an inpaint")
+                         f" {loaded.entry.name!r} {ours} (an inpainting model and a plain one): it cannot take over")
+    check_handover(loaded, refiner, job)
 
 
 def refiner_of(loaded: LoadedModel, job: RenderJob, hires: bool) -> LoadedModel | None:
@@ -128,19 +139,59 @@ def pass_start(steps: int, strength: float | None) -> int:
     return max(steps - min(int(steps * strength), steps), 0)
 
 
-def switch_call(scheduler: Any, sampler: str, steps: int, strength: float | None, switch_at: float) -> int:
-    """How many model calls of the pass run before the refiner takes over (the pass's own call count if
-    it never does). k-diffusion samplers: from A1111's sigmas for the pass (the scheduler's, built by
-    worker/samplers.py) and the sampler's calls on them; timestep samplers: the pass's timesteps."""
+def call_timesteps(scheduler: Any, sampler: str, steps: int, strength: float | None) -> list[int]:
+    """The training timestep A1111 gives each model call of a pass (diffusers' `num_inference_steps` and
+    img2img `strength`, as worker/samplers.py computes them). k-diffusion samplers: the nearest to each
+    call's sigma, from A1111's sigmas for the pass (the scheduler's, built by worker/samplers.py) and the
+    sampler's calls on them; timestep samplers: the pass's own timesteps."""
     start = pass_start(steps, strength)
     if sampler in K_DIFFUSION:
         full = scheduler.a1111_schedule.build(steps, scheduler.alphas_cumprod)
         train = training_sigmas(scheduler.alphas_cumprod)
-        at = [int(np.argmin(np.abs(train - sigma))) for sigma in eval_sigmas(sampler, full[start:])]
+        return [int(np.argmin(np.abs(train - sigma))) for sigma in eval_sigmas(sampler, full[start:])]
+    scheduler.set_timesteps(steps)
+    return [int(t) for t in scheduler.timesteps[start * scheduler.order:]]
+
+
+def completed(timestep: int) -> float:
+    """A1111's share of the schedule done at a model call: (999 - timestep) / 1000."""
+    return (999 - timestep) / 1000
+
+
+def switch_call(timesteps: list[int], switch_at: float) -> int:
+    """How many of the pass's model calls run before the refiner takes over (all of them if it never does)."""
+    return next((i for i, timestep in enumerate(timesteps) if completed(timestep) >= switch_at), len(timesteps))
+
+
+def check_handover(loaded: LoadedModel, refiner: LoadedModel, job: RenderJob) -> None:
+    """Refuse, with the reason, a job whose refiner would never take over (A1111 would render it without
+    one, and record none), or would have to render a text-to-image pass from its first call on SDXL's
+    refiner, which has no text-to-image pipeline."""
+    sdxl = loaded.entry.family == "sdxl"
+    hires = job.hires
+    strength: float | None = None
+    if hires is not None:
+        sampler, schedule = (hires.sampler, hires.schedule_type) if hires.sampler else (job.sampler, job.schedule_type)
+        steps, strength = hires_call(hires.steps or job.steps, hires.denoising_strength,
+                                     loaded.base_scheduler_config["num_train_timesteps"])
+        where = "the hires pass"
     else:
-        scheduler.set_timesteps(steps)
-        at = [int(t) for t in scheduler.timesteps[start * scheduler.order:]]
-    return next((i for i, timestep in enumerate(at) if (999 - timestep) / 1000 >= switch_at), len(at))
+        sampler, schedule = job.sampler, job.schedule_type
+        steps = job.steps
+        if job.mode != "txt2img":
+            steps, strength = img2img_call(job.steps, job.strength)
+        where = "the render"
+    assert schedule is not None
+    at = call_timesteps(make_scheduler(sampler, schedule, loaded.base_scheduler_config, [job.seed], sdxl=sdxl),
+                        sampler, steps, strength)
+    first, switch_at = switch_call(at, job.refiner_switch_at), job.refiner_switch_at
+    if first == len(at):
+        raise InvalidInput(f"refiner_switch_at {switch_at:g} is past the last model call of {where} (timestep"
+                           f" {at[-1]}, completed {completed(at[-1]):g}): the refiner would never take over; lower it")
+    if first == 0 and hires is None and job.mode == "txt2img" and refiner.entry.family == REFINER:
+        raise InvalidInput(f"refiner_switch_at {switch_at:g} is already reached at the first model call (timestep"
+                           f" {at[0]}, completed {completed(at[0]):g}): SDXL's refiner cannot render a text-to-image"
+                           " pass from its start; raise it")
 
 
 def denoise(pipe: Any, jobs: list[RenderJob], call: dict[str, Any], *, sampler: str, steps: int,
@@ -157,8 +208,11 @@ def denoise(pipe: Any, jobs: list[RenderJob], call: dict[str, Any], *, sampler: 
     if refiner is None:
         with conditioned(pipe, jobs, sampler, steps, guidance_scale, encodings, hires_of) as prompts:
             return run(pipe, prompts)
-    first = switch_call(pipe.scheduler, sampler, call["num_inference_steps"], call.get("strength"),
-                        jobs[0].refiner_switch_at)
+    at = call_timesteps(pipe.scheduler, sampler, call["num_inference_steps"], call.get("strength"))
+    first = switch_call(at, jobs[0].refiner_switch_at)
+    if first == len(at):  # never reached (check_handover refuses such jobs)
+        return denoise(pipe, jobs, call, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                       encodings=encodings, refiner=None, mode=mode, hires_of=hires_of)
     if first == 0:  # the pass starts past the switch: the refiner renders all of it
         own = refiner.variant(mode)
         own.scheduler = pipe.scheduler

@@ -25,7 +25,7 @@ from .noise import give_noise, start_noise
 from .only_masked import uncrop
 from .pipeline import LoadedModel
 from .prompts import chunk_counts
-from .refiner import denoise, refiner_of, use_refiner
+from .refiner import denoise, refiner_of, release_refiner, use_refiner
 from .samplers import img2img_call, make_scheduler
 from .scheduled import Encodings
 from .vae import decode_each, encode, or_raise
@@ -199,10 +199,17 @@ def render_split(loaded: LoadedModel, jobs: list[RenderJob],
     try:
         return render_fn(loaded, jobs)
     except torch.OutOfMemoryError:
-        if (loaded.static_batch if loaded.static_batch is not None else len(jobs)) == 1:
+        # a refiner held for earlier chunks goes first: this chunk, without one, is tried again whole
+        retry = jobs[0].refiner is None and loaded.refiner is not None
+        if not retry and (loaded.static_batch if loaded.static_batch is not None else len(jobs)) == 1:
             raise
     # split only after the except block: its traceback keeps the failed call's tensors alive, so
     # inside it empty_cache() frees nothing and the halves would run out of memory too
+    if retry:
+        release_refiner(loaded)
+        log.warning("out of memory rendering %d images at %dx%d: the refiner held beside the model let go",
+                    len(jobs), jobs[0].width, jobs[0].height)
+        return render_split(loaded, jobs, render_fn)
     if loaded.device.type == "cuda":
         torch.cuda.empty_cache()
     if loaded.static_batch is not None:

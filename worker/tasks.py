@@ -40,7 +40,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
-from sdfarm.errors import AssetError, NewerSchema, NodeFault, RenderError, is_transient
+from sdfarm.errors import AssetError, InvalidInput, NewerSchema, NodeFault, RenderError, is_transient
 from sdfarm.jobs import RECORDED, SCHEMA_VERSION, Chunk, ChunkEntry
 from sdfarm.layout import dead_letter_key, failed_key, image_key, sidecar_key
 from sdfarm.progress import ACTIVE, ProgressBoard, worker_key
@@ -322,7 +322,7 @@ def _prepare(state: WorkerState, chunk: Chunk, todo: list[ChunkEntry]) -> Inputs
     except Exception as e:
         if is_transient(e):
             raise  # S3 blinked: retried, not failed
-        reason = str(e) if isinstance(e, AssetError) else f"preparing the chunk: {type(e).__name__}: {e}"
+        reason = str(e) if isinstance(e, AssetError | InvalidInput) else f"preparing the chunk: {type(e).__name__}: {e}"
         log.error("chunk %s: %s", chunk.id, reason)
         fail_entries(state, chunk.batch_id, todo, reason)
         raise _Stop({"failed": len(todo)}) from e

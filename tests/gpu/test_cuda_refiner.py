@@ -48,7 +48,14 @@ def test_the_refiner_takes_over_on_cuda_from_an_eager_or_compiled_model(registry
     else:
         assert differences(plain, same)[1] <= CHUNK_MAX_DIFF
     refined = job(registry, XL_REFINER, hires={"scale": 1.5, "steps": 4, "denoising_strength": 0.5})
-    use_refiner(loaded, refined, files)
-    image = render(loaded, [refined])[0]
+    refiner = use_refiner(loaded, refined, files)
+    assert refiner is not None
+    calls: list[int] = []
+    hook = refiner.pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        image = render(loaded, [refined])[0]
+    finally:
+        hook.remove()
+    assert calls  # the refiner's UNet rendered the hires pass's last calls
     assert np.asarray(image).std() > 1
     assert loaded.pipe.unet.config.cross_attention_dim == 32 + 48  # the model's own UNet is given back

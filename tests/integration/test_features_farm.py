@@ -167,11 +167,12 @@ items:
      hires: {{scale: 2, steps: 2, denoising_strength: 0.5}}}}
   - {{prompt: a fox, loras: [xl-grain], init_image: "local:xl-init.png", mask_prompt: background}}
   - {{prompt: a lighthouse, sampler: DPM++ 2M, refiner: {XL_REFINER}, refiner_switch_at: 0.6}}
+  - {{prompt: a lighthouse, sampler: DPM++ 2M}}
 """)
     result = cli(["submit", str(path), "--watch"], env)
     assert result.returncode == 0, result.stdout + result.stderr + worker.tail()
     plan = plan_file(path, registry, 100, inputs=Inputs(store, inputs_dir))
-    first, inpaint, refined = (Image.open(io.BytesIO(store.get(image_key(j.id)))) for j in plan.jobs)
+    first, inpaint, refined, plain = (Image.open(io.BytesIO(store.get(image_key(j.id)))) for j in plan.jobs)
     info = parse_infotext(first.text["parameters"])
     assert first.size == (128, 128)
     assert (info["Model"], info["VAE"], info["Hires upscale"]) == (SDXL, "xl-vae", "2")
@@ -182,6 +183,7 @@ items:
     info = parse_infotext(refined.text["parameters"])  # the worker loaded the refiner beside its model
     assert (info["Refiner"], info["Refiner switch at"]) == (f"{XL_REFINER} [{registry.identity(XL_REFINER)[:10]}]",
                                                             "0.6")
+    assert plain.tobytes() != refined.tobytes()  # the refiner rendered the last calls
     worker.stop()
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from sdfarm.batchfile import plan_batch, stream_file
-from sdfarm.errors import AssetError, BatchInvalid, WorkerFatal
+from sdfarm.errors import AssetError, BatchInvalid, InvalidInput, WorkerFatal
 from sdfarm.infotext import job_infotext, parse_infotext
 from sdfarm.jobs import Chunk, ChunkEntry, RenderJob
 from sdfarm.models import Registry
@@ -33,8 +33,8 @@ from tests.conftest import SD15_TWIN, SDXL, TINY, XL_REFINER, XL_TWIN
 from worker.assets import AssetFiles
 from worker.encode import encode_png
 from worker.pipeline import LoadedModel, load_model
-from worker.refiner import eval_sigmas, pass_start, switch_call, use_refiner
-from worker.render import render
+from worker.refiner import call_timesteps, eval_sigmas, pass_start, switch_call, use_refiner
+from worker.render import render, render_split
 from worker.samplers import make_scheduler
 from worker.schedules import a1111_sigmas, training_sigmas
 
@@ -66,12 +66,14 @@ def job(registry: Registry, model: str, refiner: str | None = None, **changes: A
 
 @contextmanager
 def counted(*unets: Any) -> Iterator[list[list[dict[str, Any]]]]:
-    """Each UNet's calls, in order: their keyword arguments as the UNet got them (after its pre-hooks)."""
+    """Each UNet's calls, in order: their keyword arguments as the UNet got them (after its pre-hooks),
+    and the timestep."""
     calls: list[list[dict[str, Any]]] = [[] for _ in unets]
     hooks = []
     for seen, unet in zip(calls, unets, strict=True):
-        def grab(_m: Any, _args: Any, kwargs: dict[str, Any], seen: list[dict[str, Any]] = seen) -> None:
-            seen.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        def grab(_m: Any, args: Any, kwargs: dict[str, Any], seen: list[dict[str, Any]] = seen) -> None:
+            given = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            seen.append({"timestep": args[1] if len(args) > 1 else kwargs["timestep"], **given})
         hooks.append(unet.register_forward_pre_hook(grab, with_kwargs=True, prepend=False))
     try:
         yield calls
@@ -121,18 +123,18 @@ def test_the_refiner_takes_over_at_a1111s_model_call(sd15: LoadedModel, sampler:
         sigmas = a1111_sigmas(schedule, steps, train, discard_penultimate=sampler == "DPM2")
         start = pass_start(steps, strength)
         expected = a1111_switch(sampler, [float(s) for s in sigmas[start:]], train, switch_at)
-        assert switch_call(scheduler, sampler, steps, strength, switch_at) == expected
+        assert switch_call(call_timesteps(scheduler, sampler, steps, strength), switch_at) == expected
     # DPM++ 2M (Karras), 20 steps, at 0.8: the 12th call's sigma 0.7909 is nearest timestep 285 (completed
     # 0.714), the 13th's 0.5647 is 197 (0.802): the refiner makes the last 8 calls
     if (sampler, switch_at) == ("DPM++ 2M", 0.8):
-        assert switch_call(scheduler, sampler, 20, None, 0.8) == 12
+        assert switch_call(call_timesteps(scheduler, sampler, 20, None), 0.8) == 12
 
 
 def test_ddim_switches_at_its_own_timesteps(sd15: LoadedModel) -> None:
     scheduler = make_scheduler("DDIM", "Automatic", sd15.base_scheduler_config)
     # A1111's DDIM at 20 steps calls the UNet at 951, 901, .., 51 (T = 1, 51, .., 951 less the first):
     # (999 - 201) / 1000 = 0.798 < 0.8 at the 16th call, (999 - 151) / 1000 = 0.848 at the 17th (index 16)
-    assert switch_call(scheduler, "DDIM", 20, None, 0.8) == 16
+    assert switch_call(call_timesteps(scheduler, "DDIM", 20, None), 0.8) == 16
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M SDE", "Heun", "DPM2",
@@ -142,11 +144,36 @@ def test_the_model_and_the_refiner_share_the_passs_calls_as_a1111_counts_them(
     j = job(registry, TINY, SD15_TWIN, sampler=sampler, steps=7, refiner_switch_at=0.6)
     _, (ours, theirs) = rendered(sd15, files, j)
     scheduler = make_scheduler(sampler, j.schedule_type, sd15.base_scheduler_config, [j.seed])
-    assert ours == switch_call(scheduler, sampler, 7, None, 0.6)
+    assert ours == switch_call(call_timesteps(scheduler, sampler, 7, None), 0.6)
     assert theirs > 0
     if sampler not in ("DDIM", "UniPC"):  # k-diffusion: one diffusers call per k-diffusion model call
         sigmas = scheduler.a1111_schedule.build(7, scheduler.alphas_cumprod)
         assert ours + theirs == len(eval_sigmas(sampler, sigmas))
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M", "DPM++ 3M SDE", "Heun", "DPM2", "DPM2 a",
+                                     "DPM++ SDE", "LMS"])
+@pytest.mark.parametrize("schedule", ["Automatic", "Karras", "DDIM"])
+def test_each_model_calls_timestep_is_the_one_a1111_reads_the_switch_from(
+        registry: Registry, sd15: LoadedModel, sampler: str, schedule: str) -> None:
+    """The timesteps diffusers' scheduler gives the UNet, call by call, in a txt2img and an img2img pass,
+    are the nearest training timesteps of the sigmas k-diffusion's sampler calls the model at (diffusers
+    interpolates log sigma, A1111 takes the nearest sigma: one step apart at most)."""
+    from worker.samplers import img2img_call
+
+    with counted(sd15.pipe.unet) as (seen,):
+        for strength in (None, 0.6):
+            kind = {} if strength is None else {"init_image": {"key": "inputs/x.png", "sha256": "ab" * 32,
+                                                               "width": 64, "height": 64}, "strength": strength}
+            j = job(registry, TINY, sampler=sampler, schedule_type=schedule, steps=9, **kind)
+            steps, given = (9, None) if strength is None else img2img_call(9, strength)
+            scheduler = make_scheduler(sampler, j.schedule_type, sd15.base_scheduler_config, [j.seed])
+            expected = call_timesteps(scheduler, sampler, steps, given)
+            seen.clear()
+            render(sd15, [j], {j.id: (Image.new("RGB", (64, 64), "gray"), None)} if strength else None)
+            actual = [float(call["timestep"]) for call in seen]
+            assert len(actual) == len(expected)
+            assert all(abs(a - e) <= 1 for a, e in zip(actual, expected, strict=True)), (actual, expected)
 
 
 # ------------------------------------------------------------------ what the refiner renders
@@ -202,6 +229,39 @@ def test_with_hires_fix_the_refiner_takes_over_in_the_hires_pass(registry: Regis
     assert (ours, theirs) == (8, 6)
 
 
+def test_a_job_the_refiner_would_never_take_over_or_not_from_its_start_is_refused(
+        registry: Registry, sd15: LoadedModel, sdxl: LoadedModel, files: AssetFiles) -> None:
+    # DDIM at 10 steps last calls the UNet at timestep 101 (completed 0.898): A1111 never switches
+    with pytest.raises(InvalidInput, match=r"refiner_switch_at 0\.95 is past the last model call of the render"
+                                           r" \(timestep 101, completed 0\.898\): the refiner would never take over"):
+        use_refiner(sdxl, job(registry, SDXL, XL_REFINER, sampler="DDIM", steps=10, refiner_switch_at=0.95), files)
+    # DDIM at 5 steps first calls it at 801 (completed 0.198): past 0.1 from the start, which SDXL's refiner
+    # (img2img only) cannot render; a refiner of the model's own family renders the whole pass
+    early = {"sampler": "DDIM", "steps": 5, "refiner_switch_at": 0.1}
+    with pytest.raises(InvalidInput, match=r"already reached at the first model call \(timestep 801, completed"
+                                           r" 0\.198\): SDXL's refiner cannot render a text-to-image pass"):
+        use_refiner(sdxl, job(registry, SDXL, XL_REFINER, **early), files)
+    _, (ours, theirs) = rendered(sd15, files, job(registry, TINY, SD15_TWIN, **early))
+    assert (ours, theirs) == (0, 4)
+
+
+def test_out_of_memory_first_lets_go_of_a_refiner_the_chunk_does_not_use(registry: Registry, sd15: LoadedModel,
+                                                                          files: AssetFiles) -> None:
+    use_refiner(sd15, job(registry, TINY, SD15_TWIN), files)
+    sizes: list[int] = []
+
+    def short_of_memory_while_it_is_held(loaded: LoadedModel, jobs: list[RenderJob]) -> list[int]:
+        sizes.append(len(jobs))
+        if loaded.refiner is not None:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return [j.seed for j in jobs]
+
+    jobs = [job(registry, TINY, seed=seed) for seed in range(4)]
+    assert render_split(sd15, jobs, short_of_memory_while_it_is_held) == [0, 1, 2, 3]
+    assert sizes == [4, 4]  # tried again whole, not in halves
+    assert sd15.refiner is None
+
+
 def test_a_refiner_whose_weights_changed_fails_the_job_clearly(registry: Registry, sd15: LoadedModel,
                                                                files: AssetFiles) -> None:
     j = job(registry, TINY).model_copy(update={"refiner": {"name": SD15_TWIN, "sha256": "ab" * 32}})
@@ -238,8 +298,9 @@ def test_the_batch_names_a_refiner_of_the_models_family(registry: Registry) -> N
     j, = plan_batch(item(SDXL, refiner=XL_REFINER, refiner_switch_at=0.7), "b.yaml", "yaml", registry, 10).jobs
     assert j.refiner is not None
     assert (j.refiner.name, j.refiner.sha256, j.refiner_switch_at) == (XL_REFINER, registry.identity(XL_REFINER), 0.7)
-    assert j.id != job(registry, SDXL, XL_REFINER, **{k: getattr(j, k) for k in ("prompt", "seed", "width", "height",
-                                                                                "steps", "sampler")}).id
+    same = {k: getattr(j, k) for k in ("prompt", "seed", "width", "height", "steps", "sampler", "refiner_switch_at")}
+    assert j.id == job(registry, SDXL, XL_REFINER, **same).id
+    assert j.id != job(registry, SDXL, XL_TWIN, **same).id  # another refiner, another job
     for text, message in [
         (item(TINY, refiner=XL_REFINER), f"refiner {XL_REFINER!r} is a sdxl-refiner model; this job's model is sd15"
                                          " (allowed: tiny-broken, "),
@@ -294,3 +355,8 @@ def test_an_a1111_refiner_infotext_submits_and_its_other_options_are_refused(tmp
     shown = "\n".join(str(p) for p in e.value.problems)
     assert "Hires refiner: 'first pass': sdfarm's refiner takes over in the hires pass only" in shown
     assert "Refiner switch by sampling steps: 'True': sdfarm switches at the sampler's sigma" in shown
+    (tmp_path / "c.txt").write_text(f"a fox\n{line.split(', Refiner:')[0]}, Refiner switch at: 0.8\n")
+    with pytest.raises(BatchInvalid) as e:
+        stream_file(tmp_path / "c.txt", registry, 10).plan()
+    assert [(p.field, p.message) for p in e.value.problems] == [
+        ("Refiner switch at", "without `Refiner` (the model that takes over)")]

@@ -28,6 +28,7 @@ from croniter import croniter
 from sdfarm.datasets import WEBHOOK_SECRET_PREFIX, load_spec, webhook_secret_variable
 from sdfarm.errors import SdfarmError, TransientError, printable
 from sdfarm.layout import batch_key
+from sdfarm.logs import configure_logging
 from sdfarm.progress import ProgressBoard
 from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, DATASET_TICK_TASK, make_celery
 from sdfarm.settings import Settings
@@ -144,7 +145,7 @@ def finished_notice(store: Store, board: ProgressBoard, batch_id: str, spec: dic
 
 
 def run_scheduler(settings: Settings, loglevel: str = "INFO") -> int:
-    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings, loglevel)
     from celery.schedules import schedule
     from redbeat import RedBeatSchedulerEntry
 
@@ -164,7 +165,8 @@ def run_scheduler(settings: Settings, loglevel: str = "INFO") -> int:
                               options={"queue": CONTROL_QUEUE, "expires": settings.scheduler_tick_s}).save()
     else:
         RedBeatSchedulerEntry("reconcile-tick", RECONCILE_TICK_TASK, tick, app=app).delete()
-    argv = ["worker", "-B", f"--queues={CONTROL_QUEUE}", "--concurrency=1", f"--loglevel={loglevel}",
+    quiet = ["--quiet"] if settings.log_format == "json" else []  # JSON logs: no banner (celery's own option)
+    argv = [*quiet, "worker", "-B", f"--queues={CONTROL_QUEUE}", "--concurrency=1", f"--loglevel={loglevel}",
             "--without-gossip", "--without-mingle", f"--hostname=scheduler-{os.getpid()}@%h",
             f"--schedule={settings.cache_dir / 'beat-schedule'}"]
     try:

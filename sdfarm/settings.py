@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     task_time_limit: int = Field(default=1800, ge=10)  # hard kill of one chunk, seconds
     progress_ttl: int = Field(default=30 * 24 * 3600, ge=60)  # live progress kept in Redis, seconds
 
+    # Logs of the worker and the scheduler: text lines, or one JSON object a line (sdfarm/logs.py)
+    log_format: Literal["text", "json"] = "text"
+
     # Worker
     retry_backoff_s: float = Field(default=5.0, gt=0)  # first delay after a transient failure (S3, Redis)
     retry_backoff_max_s: float = Field(default=300.0, gt=0)  # delays double up to this

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any
 from celery import Celery, signals
 
 from sdfarm.errors import SdfarmError, TransientError, WorkerFatal
+from sdfarm.logs import configure_logging
 from sdfarm.models import Registry
 from sdfarm.progress import ProgressBoard, worker_key
 from sdfarm.queue import make_celery, queue_name
@@ -153,7 +153,7 @@ def preflight(settings: Settings, model: str, device: str) -> None:
 
 def run_worker(settings: Settings, model: str, device: str = "auto", hostname: str | None = None,
                loglevel: str = "INFO") -> int:
-    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    configure_logging(settings, loglevel)
     hostname = hostname or f"{model}-{os.getpid()}@{socket.gethostname()}"
     try:
         preflight(settings, model, device)
@@ -173,7 +173,8 @@ def run_worker(settings: Settings, model: str, device: str = "auto", hostname: s
         with contextlib.suppress(Exception):
             get_state().board.r.delete(worker_key(hostname))
 
-    argv = ["worker", f"--queues={queue_name(model)}", "--concurrency=1", "--pool=prefork",
+    quiet = ["--quiet"] if settings.log_format == "json" else []  # JSON logs: no banner (celery's own option)
+    argv = [*quiet, "worker", f"--queues={queue_name(model)}", "--concurrency=1", "--pool=prefork",
             f"--hostname={hostname}", f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
             "--prefetch-multiplier=1"]
     try:

@@ -100,9 +100,14 @@ def get_state() -> WorkerState:
     return _state
 
 
-def _log_job(entry: ChunkEntry, batch_id: str, outcome: str, seconds: float, extra: str = "") -> None:
+def _log_job(entry: ChunkEntry, batch_id: str, outcome: str, seconds: float, reason: str | None = None) -> None:
+    """A job's line: its outcome; in JSON logs (sdfarm/logs.py) each field its own key too."""
+    fields = {"job": entry.job.id, "batch": batch_id, "index": entry.index, "outcome": outcome,
+              "seconds": round(seconds, 3), "model": entry.job.model, "worker": _state.hostname if _state else None}
+    if reason is not None:
+        fields["reason"] = reason
     log.info("job=%s batch=%s index=%d outcome=%s seconds=%.3f%s", entry.job.id, batch_id, entry.index, outcome,
-             seconds, f" {extra}" if extra else "")
+             seconds, f" reason={json.dumps(reason)}" if reason is not None else "", extra=fields)
 
 
 def until_back(state: WorkerState, what: str, step: Callable[[], T]) -> T:
@@ -139,7 +144,7 @@ def fail_entries(state: WorkerState, batch_id: str, entries: list[ChunkEntry], r
         until_back(state, f"recording job {entry.job.id} failed", partial(_record_failure, state, batch_id, entry,
                                                                           record))
         state.counters["failed"] += 1
-        _log_job(entry, batch_id, "failed", 0.0, f"reason={json.dumps(reason)}")
+        _log_job(entry, batch_id, "failed", 0.0, reason)
 
 
 def _record_failure(state: WorkerState, batch_id: str, entry: ChunkEntry, record: dict[str, Any]) -> None:

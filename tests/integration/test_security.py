@@ -13,7 +13,7 @@ import pytest
 from infra.stack import StackInfo
 from sdfarm.layout import image_key
 from sdfarm.store import Store
-from tests.conftest import TINY, WorkerProcess, cli
+from tests.conftest import LOGS, TINY, WorkerProcess, cli
 
 
 @pytest.fixture(scope="module")
@@ -54,5 +54,27 @@ def test_no_secret_reaches_a_log_or_an_output(tmp_path: Path, env: dict[str, str
     worker.stop()
     text = worker.tail(10**9) + "".join(o.stdout + o.stderr for o in outputs)
     assert "secretive@tests" in text
+    for secret in (stack_info.redis_password, stack_info.s3_secret_key):
+        assert secret not in text
+
+
+def test_json_logs_are_one_object_a_line_with_each_jobs_fields_and_no_secret(
+        tmp_path: Path, env: dict[str, str], stack_info: StackInfo, start_worker: Callable[..., WorkerProcess]) -> None:
+    worker = start_worker("json-logs", model=LOGS, extra_env={"SDFARM_LOG_FORMAT": "json"})
+    path = tmp_path / "logged.yaml"
+    path.write_text(f"defaults: {{model: {LOGS}, width: 64, height: 64, steps: 4}}\nitems: [a logged image]\n")
+    submitted = cli(["submit", str(path), "--watch"], env)
+    assert submitted.returncode == 0, submitted.stderr + worker.tail()
+    worker.stop()
+    text = worker.tail(10**9)
+    lines = [line for line in text.splitlines() if line.strip()]
+    # every line one object, but the shutdown notice Celery writes to the terminal itself (sdfarm/logs.py)
+    assert [line for line in lines if not line.startswith("{")] == ["worker: Warm shutdown (MainProcess)"]
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    job, = (r for r in records if r.get("outcome") == "rendered")
+    assert (job["worker"], job["model"], job["index"], job["logger"]) == ("json-logs@tests", LOGS, 0, "sdfarm.worker")
+    assert {"job", "batch", "seconds"} <= job.keys()
+    assert job["batch"] == submitted.stdout.split()[1].rstrip(":")
     for secret in (stack_info.redis_password, stack_info.s3_secret_key):
         assert secret not in text

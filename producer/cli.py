@@ -22,11 +22,11 @@ from rich.table import Table
 
 from sdfarm.batchfile import load_yaml, stream_file
 from sdfarm.datasets import load_spec
-from sdfarm.errors import BatchInvalid, ConfigError, SdfarmError, brief, printable
+from sdfarm.errors import BatchInvalid, ConfigError, InvalidInput, SdfarmError, brief, printable
 from sdfarm.inputs import Inputs
 from sdfarm.models import FAMILY_FREE, Registry
 from sdfarm.progress import ACTIVE, CANCELLED, ProgressBoard
-from sdfarm.queue import DEFAULT_PRIORITY, make_celery
+from sdfarm.queue import DEFAULT_PRIORITY, DRAIN_COMMAND, make_celery
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
@@ -255,6 +255,19 @@ def workers_cmd(check_host: str | None) -> None:
     if check_host is not None:
         sys.exit(0 if any(r["hostname"] == check_host for r in rows) else EXIT_FAILED)
     console.print(workers_table(rows))
+
+
+@cli.command("drain")
+@click.argument("worker")
+def drain_cmd(worker: str) -> None:
+    """Drain WORKER (a name `sdfarm workers` lists): it takes no more chunks, finishes and stores the one
+    in hand, then exits 0, as on SIGTERM; past SDFARM_DRAIN_TIMEOUT its chunk is handed back."""
+    replies = make_celery(_settings()).control.broadcast(DRAIN_COMMAND, destination=[worker], reply=True,
+                                                         timeout=5.0)
+    if not replies:
+        live = ", ".join(sorted(r["hostname"] for r in worker_rows(_board(_settings())))) or "none"
+        raise InvalidInput(f"no worker named {brief(worker)} answered (live workers: {live})")
+    console.print(f"{printable(worker)}: draining (it finishes the chunk in hand, then exits)", highlight=False)
 
 
 @cli.command("export")

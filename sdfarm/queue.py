@@ -19,6 +19,7 @@ RENDER_TASK: Final = "sdfarm.render_chunk"
 CONTROL_QUEUE: Final = "sdfarm.control"
 BATCH_FINISHED_TASK: Final = "sdfarm.batch_finished"
 DATASET_TICK_TASK: Final = "sdfarm.dataset_tick"
+DRAIN_COMMAND: Final = "sdfarm_drain"  # the remote control command of `sdfarm drain` (worker/drain.py)
 QUEUE_PREFIX: Final = "render."
 PRIORITY_LEVELS: Final = 10  # user priority 0 (lowest) .. 9 (highest)
 DEFAULT_PRIORITY: Final = 5

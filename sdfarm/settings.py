@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, le=100)  # deliveries of a job whose worker died, before it fails
     block_after_failures: int = Field(default=5, ge=1)  # failures in a row, while peers succeed, block a worker
     heartbeat_interval: float = Field(default=10.0, gt=0)
+    # a draining worker (SIGTERM, `sdfarm drain`) hands the chunk in hand back if it still renders this
+    # long after the first SIGTERM: keep it below the pod's terminationGracePeriodSeconds (worker/drain.py)
+    drain_timeout: float = Field(default=270.0, gt=0)
     upload_threads: int = Field(default=8, ge=1, le=64)  # PNG encoding and uploads, beside the render
     # torch's CPU threads per worker (None: torch's default, every core). Several CPU workers on one
     # node each taking every core thrash (measured: 20x slower); give each cores // workers.

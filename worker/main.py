@@ -32,6 +32,7 @@ from sdfarm.store import Store
 
 from .assets import AssetFiles
 from .compile import SharedCache
+from .drain import Drain
 from .encode import versions
 from .masks import MaskModels
 from .pipeline import check_device, load_model
@@ -162,6 +163,7 @@ def run_worker(settings: Settings, model: str, device: str = "auto", hostname: s
         return EXIT_FATAL
     app = make_celery(settings)
     register_tasks(app)
+    Drain(settings.drain_timeout).install()  # and its remote control command, `sdfarm drain`
     fail_file = Path(tempfile.mkdtemp(prefix="sdfarm-worker-")) / "fatal"
 
     @signals.worker_process_init.connect(weak=False)

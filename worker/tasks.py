@@ -49,6 +49,7 @@ from sdfarm.settings import Settings
 from sdfarm.store import Store
 
 from .assets import AssetFiles
+from .drain import ChildDrain, HandBack
 from .encode import Encoded, encode_png, sidecar
 from .health import NodeHealth, succeeding_peer
 from .masks import Inputs, MaskModels
@@ -78,6 +79,7 @@ class WorkerState:
     masks: MaskModels
     counters: dict[str, Any] = field(default_factory=lambda: {"chunks": 0, "images": 0, "failed": 0})
     health: NodeHealth = field(default_factory=NodeHealth)
+    drain: ChildDrain = field(default_factory=ChildDrain)  # SIGUSR2 from the parent: hand the chunk back
     retry_until: float = math.inf  # time.monotonic() until which the chunk in hand waits out an outage
     delivered_at: float = 0.0  # time.monotonic() when the chunk in hand was delivered
 
@@ -308,12 +310,13 @@ def _still_active(state: WorkerState, batch_id: str, entries: list[ChunkEntry]) 
 
 @contextmanager
 def _attempts_kept_on_transient(state: WorkerState, batch_id: str, todo: list[ChunkEntry]) -> Iterator[None]:
-    """An outage the chunk could not wait out is handed back; it is not a death of the worker, so
-    this delivery must not count against the jobs' attempts (best effort: Redis may be down still)."""
+    """An outage the chunk could not wait out, or a drain out of time, is handed back; it is not a
+    death of the worker, so this delivery must not count against the jobs' attempts (best effort:
+    Redis may be down still)."""
     try:
         yield
-    except Exception as e:
-        if is_transient(e):
+    except (Exception, HandBack) as e:
+        if isinstance(e, HandBack) or is_transient(e):
             _best_effort("taking back the delivery's attempts",
                          partial(state.board.release_attempts, batch_id, [entry.index for entry in todo]))
         raise
@@ -342,6 +345,9 @@ def _render(state: WorkerState, chunk: Chunk, todo: list[ChunkEntry], inputs: In
     _set_busy(state, chunk)
     t0 = time.perf_counter()
     try:
+        if state.drain.requested:  # the drain's time ran out while the chunk was prepared
+            raise HandBack("the worker is draining and its time is up")
+        state.drain.rendering = True
         images = render_split(state.loaded, [e.job for e in todo], partial(render_each, inputs=inputs))
     except Exception as e:
         log.exception("render failed for chunk %s", chunk.id)
@@ -350,6 +356,7 @@ def _render(state: WorkerState, chunk: Chunk, todo: list[ChunkEntry], inputs: In
             state.health.failure(f"{type(e).__name__}: {e}")
         raise _Stop({"failed": len(todo)}) from e
     finally:
+        state.drain.rendering = False
         _set_busy(state, None)
     render_s = time.perf_counter() - t0
     if warning := visibility_warning(time.monotonic() - state.delivered_at, state.settings.visibility_timeout):
@@ -420,11 +427,15 @@ def register_tasks(app: Celery) -> None:
     @app.task(name=RENDER_TASK, bind=True)
     def render_chunk(self: Task, payload: Any) -> dict[str, int]:
         state = get_state()
+        state.drain.install()  # here, in the task: billiard resets the child's signals after its initializer
         soft_limit = self.app.conf.task_soft_time_limit or state.settings.task_time_limit
         state.delivered_at = time.monotonic()
         state.retry_until = state.delivered_at + RETRY_SHARE * soft_limit
         try:
             return run_chunk(self.app, state, payload, message_digest(self.request.id or "", payload))
+        except HandBack as e:  # a drain out of time: back in the queue at once, for another worker
+            log.warning("handing the chunk back unacknowledged: %s", e)
+            raise Reject(str(e), requeue=True) from e
         except Exception as e:  # an outage outlasted the wait in place: never acknowledged
             if not is_transient(e):
                 raise

@@ -94,8 +94,8 @@ def make_celery(settings: Settings) -> Celery:
         task_soft_time_limit=max(settings.task_time_limit - 30, settings.task_time_limit // 2),
         task_default_priority=broker_priority(DEFAULT_PRIORITY),
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        task_send_sent_event=False,
+        worker_send_task_events=settings.task_events,  # for Flower: received, started, succeeded ...
+        task_send_sent_event=settings.task_events,  # and, from the producer, sent
         worker_enable_remote_control=True,
     )
     return app

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     task_time_limit: int = Field(default=1800, ge=10)  # hard kill of one chunk, seconds
     progress_ttl: int = Field(default=30 * 24 * 3600, ge=60)  # live progress kept in Redis, seconds
 
+    # Celery task events from workers (Flower, `celery events`): off by default, each costs a Redis publish
+    task_events: bool = False
+
     # Logs of the worker and the scheduler: text lines, or one JSON object a line (sdfarm/logs.py)
     log_format: Literal["text", "json"] = "text"
 

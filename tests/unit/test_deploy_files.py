@@ -65,3 +65,11 @@ def test_every_service_gets_credentials_from_the_environment_not_the_file() -> N
     assert "${MINIO_ROOT_PASSWORD:?" in text
     env = compose()["x-sdfarm-env"]
     assert env["SDFARM_REDIS_URL"].startswith("redis://:${REDIS_PASSWORD")
+
+
+def test_flower_runs_on_the_farms_celery_app_behind_a_password_on_loopback() -> None:
+    flower = compose()["services"]["flower"]
+    assert flower["profiles"] == ["monitoring"]
+    assert flower["entrypoint"][:4] == ["celery", "-A", "sdfarm.celery_app", "flower"]
+    assert any(arg.startswith("--basic_auth=${FLOWER_BASIC_AUTH:?") for arg in flower["entrypoint"])
+    assert flower["ports"] == ["127.0.0.1:5555:5555"]

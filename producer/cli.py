@@ -267,6 +267,9 @@ def drain_cmd(worker: str) -> None:
     if not replies:
         live = ", ".join(sorted(r["hostname"] for r in worker_rows(_board(_settings())))) or "none"
         raise InvalidInput(f"no worker named {brief(worker)} answered (live workers: {live})")
+    answer: Any = next(iter(replies[0].values()), {}) if isinstance(replies[0], dict) else {}
+    if "ok" not in answer:  # an older worker, or a process that is no render worker
+        raise InvalidInput(f"{brief(worker)} cannot drain: it answered {brief(answer)}")
     console.print(f"{printable(worker)}: draining (it finishes the chunk in hand, then exits)", highlight=False)
 
 

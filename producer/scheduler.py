@@ -30,7 +30,7 @@ from sdfarm.errors import SdfarmError, TransientError, printable
 from sdfarm.layout import batch_key
 from sdfarm.logs import configure_logging
 from sdfarm.progress import ProgressBoard
-from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, DATASET_TICK_TASK, make_celery
+from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, DATASET_TICK_TASK, make_celery, run_worker_command
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
@@ -169,8 +169,4 @@ def run_scheduler(settings: Settings, loglevel: str = "INFO") -> int:
     argv = [*quiet, "worker", "-B", f"--queues={CONTROL_QUEUE}", "--concurrency=1", f"--loglevel={loglevel}",
             "--without-gossip", "--without-mingle", f"--hostname=scheduler-{os.getpid()}@%h",
             f"--schedule={settings.cache_dir / 'beat-schedule'}"]
-    try:
-        app.worker_main(argv)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    return 0
+    return run_worker_command(app, argv)

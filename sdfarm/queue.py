@@ -56,6 +56,24 @@ def in_flight(client: Any, batch_id: str, limit: int = 5000) -> bool | None:
     return any(batch_id.encode() in raw for raw in client.hvals("unacked"))
 
 
+def run_worker_command(app: Celery, argv: list[str]) -> int:
+    """`celery worker ...` (argv) in this process, and the exit code the worker gives: app.worker_main
+    drops it (Celery runs its click command with standalone_mode off, which returns the code)."""
+    import click
+    from celery.bin.celery import celery
+
+    celery.params[0].default = app  # the --app option's default, as app.start sets it
+    try:
+        code = celery.main(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        celery.params[0].default = None
+    return code if isinstance(code, int) else 0
+
+
 def make_celery(settings: Settings) -> Celery:
     url = settings.redis_url.get_secret_value()
     transport: dict[str, Any] = {

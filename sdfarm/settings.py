@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     task_time_limit: int = Field(default=1800, ge=10)  # hard kill of one chunk, seconds
     progress_ttl: int = Field(default=30 * 24 * 3600, ge=60)  # live progress kept in Redis, seconds
 
+    # Prometheus metrics of a worker (worker/metrics.py): served on this port when set (one per worker
+    # on a node), on this address
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_addr: str = "0.0.0.0"
+
     # Celery task events from workers (Flower, `celery events`): off by default, each costs a Redis publish
     task_events: bool = False
 

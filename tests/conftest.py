@@ -10,10 +10,12 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +42,36 @@ SDXL = "tiny-sdxl"  # the tiny SDXL-architecture model (family: sdxl)
 LOGS = "tiny-logs"  # served only by the worker of the JSON log test
 DRAIN = "tiny-drain"  # served only by the workers of the drain tests
 EVENTS = "tiny-events"  # served only by the worker of the Flower test (task events on)
+METRICS = "tiny-metrics"  # served only by the worker that Prometheus scrapes
 XL_REFINER = "tiny-xl-refiner"  # the tiny SDXL-refiner-architecture model (family: sdxl-refiner)
 # the same weights as tiny-sd15 and tiny-sdxl under another identity (a note in the folder): refiners
 # that, taking over, must leave the image as it was
 SD15_TWIN = "tiny-sd15-twin"
 XL_TWIN = "tiny-sdxl-twin"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def served(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A server a test starts (Flower, Prometheus): its output in `log`, stopped when the block ends."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
@@ -105,7 +132,7 @@ def registry_file(tiny_model_dir: Path, tiny_assets: dict[str, Path], tiny_sdxl:
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     entries = {TINY: tiny_model_dir, IDLE: tiny_model_dir, VICTIM: tiny_model_dir, FAULTS: tiny_model_dir,
                OUTAGE: tiny_model_dir, FEATURES: tiny_model_dir, LOGS: tiny_model_dir, DRAIN: tiny_model_dir,
-               EVENTS: tiny_model_dir,
+               EVENTS: tiny_model_dir, METRICS: tiny_model_dir,
                BROKEN: broken}
     detail = sha256_of(tiny_assets["tiny-detail"])
     unseen = hashlib.sha256(b"a file no worker has: the bucket holds other bytes under its key").hexdigest()

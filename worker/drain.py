@@ -5,13 +5,15 @@ A drain may not take forever: a pod is killed at the end of its grace period, an
 wait out the broker's visibility timeout (an hour) before another worker saw it. So when the chunk in
 hand is still rendering SDFARM_DRAIN_TIMEOUT seconds after the first SIGTERM (set it below the
 grace period), or when a second SIGTERM comes, the chunk is handed back: the pool child stops the
-render at its next model call, takes back the delivery's attempts (a drain is not a crash), and
-rejects the message with requeue, so it is in the queue at once for another worker; jobs it had
-stored already are skipped there. The worker then exits 0 as well.
+render at its next model call (or gives up waiting out an S3 or Redis outage), takes back the
+delivery's attempts (a drain is not a crash), and rejects the message with requeue, so it is in the
+queue at once (at the back of its priority) for another worker; jobs it had stored already are
+skipped there. The worker then exits 0 as well. What the signal cannot cut short: a file being
+fetched for the chunk (a refiner checkpoint), and the last image's upload.
 
 The parent (Celery's MainProcess) counts the SIGTERMs and keeps the timer; it tells the pool child
 with SIGUSR2, which the child turns into HandBack while it renders (worker/tasks.py). Outside the
-render (preparing, storing: seconds) the child finishes the chunk.
+render the child finishes the chunk (storing takes seconds), unless it waits out an outage.
 """
 
 from __future__ import annotations
@@ -53,9 +55,14 @@ class Drain:
         self.timeout_s = timeout_s
         self.asked = 0
         self.timer: threading.Timer | None = None
+        self.pool: Any = None
 
     def install(self) -> None:
+        signals.worker_ready.connect(self._on_ready, weak=False)
         signals.worker_shutting_down.connect(self._on_shutting_down, weak=False)
+
+    def _on_ready(self, sender: Any = None, **_: Any) -> None:
+        self.pool = getattr(sender, "pool", None)  # the consumer's: its processes' pids, read when needed
 
     def _on_shutting_down(self, how: str = "", **_: Any) -> None:
         if how != "Warm":
@@ -71,15 +78,14 @@ class Drain:
             self.hand_back("a second SIGTERM")
 
     def hand_back(self, why: str) -> None:
-        import billiard.process
-
-        children = billiard.process.active_children()
-        log.warning("draining: %s, the chunk in hand is handed back (%d pool process%s told)", why, len(children),
-                    "" if len(children) == 1 else "es")
-        for child in children:
-            if child.pid is not None:
-                with contextlib.suppress(ProcessLookupError):  # gone already
-                    os.kill(child.pid, HAND_BACK_SIGNAL)
+        """Tell the pool processes (the pool's own list of pids: nothing here waits on them, billiard
+        does) to hand a chunk they still render back."""
+        pids = [pid for pid in (self.pool.info.get("processes", []) if self.pool is not None else []) if pid]
+        log.warning("draining: %s; a chunk still in hand is handed back (%d pool process%s told)", why, len(pids),
+                    "" if len(pids) == 1 else "es")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # gone already
+                os.kill(pid, HAND_BACK_SIGNAL)
 
 
 class ChildDrain:

@@ -26,7 +26,7 @@ from sdfarm.errors import SdfarmError, TransientError, WorkerFatal
 from sdfarm.logs import configure_logging
 from sdfarm.models import Registry
 from sdfarm.progress import ProgressBoard, worker_key
-from sdfarm.queue import make_celery, queue_name
+from sdfarm.queue import make_celery, queue_name, run_worker_command
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
@@ -35,6 +35,7 @@ from .compile import SharedCache
 from .drain import Drain
 from .encode import versions
 from .masks import MaskModels
+from .metrics import WorkerMetrics
 from .pipeline import check_device, load_model
 from .tasks import WorkerState, get_state, maybe_block, register_tasks, set_state
 
@@ -60,6 +61,7 @@ def _heartbeat_loop(state: WorkerState, stop: threading.Event, app: Celery) -> N
             })
             pipe.expire(key, int(state.settings.heartbeat_interval * 3) + 1)
             pipe.execute()
+            state.metrics.beat(bool(state.health.blocked), state.loaded.device)
         except Exception as e:  # Redis blinking must not kill the renderer
             log.warning("heartbeat failed: %s", e)
         if state.health.streak and not state.health.blocked:
@@ -95,7 +97,11 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
             pool=ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload"),
             assets=assets,
             masks=MaskModels(loaded.device),
+            metrics=WorkerMetrics(model, hostname),
         )
+        state.metrics.loaded(loaded.load_s, loaded.compiled)
+        if settings.metrics_port is not None:  # a port in use fails the start, loudly
+            state.metrics.serve(settings.metrics_port, settings.metrics_addr)
     except Exception as e:
         reason = str(e) if isinstance(e, SdfarmError) else f"{type(e).__name__}: {e}"
         log.error("worker cannot start: %s", reason)
@@ -103,6 +109,7 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
         os.kill(os.getppid(), signal.SIGTERM)
         os._exit(EXIT_FATAL)
     set_state(state)
+    state.drain.install()  # before any task: a hand-back signal must never kill the child
     with contextlib.suppress(Exception):  # before any task can mark this child busy
         state.board.r.hdel(worker_key(hostname), "current_chunk", "current_batch")  # a killed predecessor's
     threading.Thread(target=_heartbeat_loop, args=(state, threading.Event(), app), daemon=True,
@@ -179,12 +186,7 @@ def run_worker(settings: Settings, model: str, device: str = "auto", hostname: s
     argv = [*quiet, "worker", f"--queues={queue_name(model)}", "--concurrency=1", "--pool=prefork",
             f"--hostname={hostname}", f"--loglevel={loglevel}", "--without-gossip", "--without-mingle",
             "--prefetch-multiplier=1"]
-    try:
-        app.worker_main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    else:
-        code = 0
+    code = run_worker_command(app, argv)
     if fail_file.exists():
         log.error("worker stopped: the pipeline could not load: %s", fail_file.read_text())
         return EXIT_FATAL

@@ -53,6 +53,7 @@ from .drain import ChildDrain, HandBack
 from .encode import Encoded, encode_png, sidecar
 from .health import NodeHealth, succeeding_peer
 from .masks import Inputs, MaskModels
+from .metrics import WorkerMetrics
 from .pipeline import LoadedModel
 from .render import Rendered, prepare, render_each, render_split
 
@@ -77,6 +78,7 @@ class WorkerState:
     pool: ThreadPoolExecutor
     assets: AssetFiles
     masks: MaskModels
+    metrics: WorkerMetrics
     counters: dict[str, Any] = field(default_factory=lambda: {"chunks": 0, "images": 0, "failed": 0})
     health: NodeHealth = field(default_factory=NodeHealth)
     drain: ChildDrain = field(default_factory=ChildDrain)  # SIGUSR2 from the parent: hand the chunk back
@@ -110,18 +112,21 @@ def _log_job(entry: ChunkEntry, batch_id: str, outcome: str, seconds: float, rea
         fields["reason"] = reason
     log.info("job=%s batch=%s index=%d outcome=%s seconds=%.3f%s", entry.job.id, batch_id, entry.index, outcome,
              seconds, f" reason={json.dumps(reason)}" if reason is not None else "", extra=fields)
+    if _state is not None:
+        _state.metrics.outcome(outcome)
 
 
 def until_back(state: WorkerState, what: str, step: Callable[[], T]) -> T:
     """Run an idempotent step; while it fails because Redis or S3 cannot be reached (is_transient),
     run it again after a backoff (retry_backoff_s, doubling to retry_backoff_max_s) until the
-    chunk's deadline (state.retry_until), then raise what it raised."""
+    chunk's deadline (state.retry_until), then raise what it raised. A draining worker out of time
+    waits no longer: the chunk goes back to the queue (its attempts taken back)."""
     delay = state.settings.retry_backoff_s
     while True:
         try:
             return step()
         except Exception as e:
-            if not is_transient(e) or time.monotonic() + delay > state.retry_until:
+            if not is_transient(e) or time.monotonic() + delay > state.retry_until or state.drain.requested:
                 raise
             log.warning("%s failed, trying again in %gs: %s", what, delay, e)
             time.sleep(delay)
@@ -138,8 +143,10 @@ def _best_effort(what: str, step: Callable[[], object]) -> None:
         log.warning("%s failed: %s", what, e)
 
 
-def fail_entries(state: WorkerState, batch_id: str, entries: list[ChunkEntry], reason: str) -> None:
-    """Record the jobs as failed with their reason: under the batch in S3, and on the board."""
+def fail_entries(state: WorkerState, batch_id: str, entries: list[ChunkEntry], reason: str, kind: str) -> None:
+    """Record the jobs as failed with their reason: under the batch in S3, and on the board; counted by
+    class (worker/metrics.py FAILURE_KINDS)."""
+    state.metrics.failed(kind, len(entries))
     for entry in entries:
         record = {"job_id": entry.job.id, "index": entry.index, "batch_id": batch_id, "reason": reason,
                   "worker": state.hostname, "at": time.time()}
@@ -179,6 +186,7 @@ def _put_one(state: WorkerState, batch_id: str, entry: ChunkEntry, encoded: Enco
                    {**timings, "upload_s": time.perf_counter() - t1}, state.worker_info(), state.versions)
     state.store.put_json_if_absent(sidecar_key(job.id), meta)
     state.board.mark_done(batch_id, entry.index, rendered=True)  # 7. report
+    state.metrics.stored(timings["encode_s"], time.perf_counter() - t1)
     _log_job(entry, batch_id, "rendered" if png_written else "rendered-existing", timings["render_s_per_image"])
 
 
@@ -287,9 +295,8 @@ def _within_attempts(state: WorkerState, batch_id: str, entries: list[ChunkEntry
     keep = [e for e, count in zip(entries, counts, strict=True) if count <= cap]
     poison = [e for e, count in zip(entries, counts, strict=True) if count > cap]
     if poison:
-        fail_entries(state, batch_id, poison,
-                     f"gave up after {cap} attempts: the worker rendering it died each time"
-                     " (killed, out of memory or crashed)")
+        fail_entries(state, batch_id, poison, f"gave up after {cap} attempts: the worker rendering it died each"
+                     " time (killed, out of memory or crashed)", "poison")
     return keep
 
 
@@ -332,7 +339,7 @@ def _prepare(state: WorkerState, chunk: Chunk, todo: list[ChunkEntry]) -> Inputs
             raise  # S3 blinked: retried, not failed
         reason = str(e) if isinstance(e, AssetError | InvalidInput) else f"preparing the chunk: {type(e).__name__}: {e}"
         log.error("chunk %s: %s", chunk.id, reason)
-        fail_entries(state, chunk.batch_id, todo, reason)
+        fail_entries(state, chunk.batch_id, todo, reason, "asset")
         raise _Stop({"failed": len(todo)}) from e
 
 
@@ -345,20 +352,23 @@ def _render(state: WorkerState, chunk: Chunk, todo: list[ChunkEntry], inputs: In
     _set_busy(state, chunk)
     t0 = time.perf_counter()
     try:
-        if state.drain.requested:  # the drain's time ran out while the chunk was prepared
-            raise HandBack("the worker is draining and its time is up")
-        state.drain.rendering = True
-        images = render_split(state.loaded, [e.job for e in todo], partial(render_each, inputs=inputs))
+        state.drain.rendering = True  # first, then the check: a request in between is not lost
+        try:
+            if state.drain.requested:  # the drain's time ran out while the chunk was prepared
+                raise HandBack("the worker is draining and its time is up")
+            images = render_split(state.loaded, [e.job for e in todo], partial(render_each, inputs=inputs))
+        finally:
+            state.drain.rendering = False  # the failure handling below is never interrupted
     except Exception as e:
         log.exception("render failed for chunk %s", chunk.id)
-        fail_entries(state, chunk.batch_id, todo, f"{type(e).__name__}: {e}")
+        fail_entries(state, chunk.batch_id, todo, f"{type(e).__name__}: {e}", "render")
         if not isinstance(e, RenderError):  # NaN comes from the job (weights, model), not this node
             state.health.failure(f"{type(e).__name__}: {e}")
         raise _Stop({"failed": len(todo)}) from e
     finally:
-        state.drain.rendering = False
         _set_busy(state, None)
     render_s = time.perf_counter() - t0
+    state.metrics.rendered(render_s, len(todo), todo[0].job.width, todo[0].job.height)
     if warning := visibility_warning(time.monotonic() - state.delivered_at, state.settings.visibility_timeout):
         log.warning("chunk %s: %s", chunk.id, warning)
     return images, {"render_started_at": started_at, "chunk_render_s": render_s,
@@ -384,7 +394,7 @@ def _store_all(state: WorkerState, batch_id: str, todo: list[ChunkEntry], images
     futures = [state.pool.submit(_store_one, state, batch_id, e, img, timings)
                for e, img in zip(todo, images, strict=True) if not isinstance(img, RenderError)]
     for entry, error in bad:
-        fail_entries(state, batch_id, [entry], str(error))
+        fail_entries(state, batch_id, [entry], str(error), "render")
     wait(futures)  # all of them, before the first error is raised: no upload outlives its chunk
     for f in futures:
         f.result()
@@ -471,7 +481,7 @@ def hand_back(app: Celery, state: WorkerState, payload: Any, digest: str, fault:
         chunk = Chunk.model_validate(payload, context=RECORDED)
         todo = until_back(state, "looking for jobs already done",
                           partial(_skip_done, state, chunk.batch_id, list(chunk.entries)))
-        fail_entries(state, chunk.batch_id, todo, reason)
+        fail_entries(state, chunk.batch_id, todo, reason, "handback")
         return {"failed": len(todo), "skipped": len(chunk.entries) - len(todo)}
     log.error("handing the chunk back (%d of %d times): %s", count, cap, fault)
     time.sleep(HAND_BACK_PAUSE_S)  # by then a peer's success before this failure is in its heartbeat

@@ -72,7 +72,7 @@ def test_a_drain_out_of_time_hands_the_chunk_back_at_once_without_spending_attem
     os.kill(worker.proc.pid, signal.SIGTERM)  # the parent alone, as Kubernetes signals a pod's main process
     assert worker.proc.wait(60) == 0, worker.tail()
     log = worker.tail(10**9)
-    assert "the drain timeout passed, the chunk in hand is handed back" in log
+    assert "draining: the drain timeout passed; a chunk still in hand is handed back (1 pool process told)" in log
     assert "handing the chunk back unacknowledged: the worker is draining and its time is up" in log
     assert queue_depth(redis_client, DRAIN) == 1  # back in the queue at once, not after the visibility timeout
     progress = board.read(plan.batch_id)
@@ -92,6 +92,7 @@ def test_a_second_sigterm_hands_the_chunk_back_now(
     wait_for(lambda: "draining: the chunk in hand is finished" in worker.tail(), 10, "the drain to begin")
     os.kill(worker.proc.pid, signal.SIGTERM)
     assert worker.proc.wait(60) == 0, worker.tail()
-    assert "draining: a second SIGTERM, the chunk in hand is handed back" in worker.tail(10**9)
+    log = worker.tail(10**9)
+    assert "draining: a second SIGTERM; a chunk still in hand is handed back (1 pool process told)" in log
     assert queue_depth(redis_client, DRAIN) == 1
     rescue(start_worker, board, store, plan, renders=8)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -19,16 +18,10 @@ from typing import Any
 import pytest
 
 from sdfarm.queue import RENDER_TASK
-from tests.conftest import EVENTS, ROOT, WorkerProcess, cli, wait_for
+from tests.conftest import EVENTS, WorkerProcess, cli, free_port, served, wait_for
 from tests.integration.test_farm import batch_file
 
 LOGIN = "ops:flower-test-password"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Flower:
@@ -58,18 +51,12 @@ class Flower:
 @pytest.fixture(scope="module")
 def flower(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flower]:
     port, log = free_port(), tmp_path_factory.mktemp("flower") / "flower.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(  # as the README says to run it: the farm's app (its broker options)
-            [sys.executable, "-m", "celery", "-A", "sdfarm.celery_app", "flower", f"--port={port}",
-             "--address=127.0.0.1", f"--basic_auth={LOGIN}"],
-            env={**os.environ, **env}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    f = Flower(port, proc, log)
-    try:
+    # as the README says to run it: on the farm's app (its broker options)
+    with served([sys.executable, "-m", "celery", "-A", "sdfarm.celery_app", "flower", f"--port={port}",
+                 "--address=127.0.0.1", f"--basic_auth={LOGIN}"], log, {**os.environ, **env}) as proc:
+        f = Flower(port, proc, log)
         wait_for(f.answers, 60, "flower to answer")
         yield f
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_flower_sees_a_worker_with_task_events_and_the_chunks_it_rendered(

@@ -34,6 +34,7 @@ from .control import cancel, nothing_queued_or_in_flight, pause, reconcile, resu
 from .datasets import dataset_rows, run_dataset
 from .export import FORMATS as EXPORT_FORMATS
 from .export import export
+from .exporter import serve as serve_metrics
 from .fetch import contact_sheet, fetch, links
 from .scheduler import run_scheduler
 from .submit import describe_stream, submit_stream
@@ -271,6 +272,18 @@ def drain_cmd(worker: str) -> None:
     if "ok" not in answer:  # an older worker, or a process that is no render worker
         raise InvalidInput(f"{brief(worker)} cannot drain: it answered {brief(answer)}")
     console.print(f"{printable(worker)}: draining (it finishes the chunk in hand, then exits)", highlight=False)
+
+
+@cli.command("exporter")
+@click.option("--port", type=click.IntRange(1, 65535), default=9401, show_default=True)
+@click.option("--addr", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--batches", type=click.IntRange(1, 100_000), default=200, show_default=True,
+              help="Recent batches whose states and jobs are exported.")
+def exporter_cmd(port: int, addr: str, batches: int) -> None:
+    """Serve the farm's Prometheus metrics (queue depth per model, unacknowledged chunks, live workers,
+    batches by state, jobs, ETAs), read from Redis at each scrape."""
+    settings = _settings()
+    serve_metrics(_board(settings), Registry.from_settings(settings), port, addr, batches)
 
 
 @cli.command("export")

@@ -43,6 +43,7 @@ LOGS = "tiny-logs"  # served only by the worker of the JSON log test
 DRAIN = "tiny-drain"  # served only by the workers of the drain tests
 EVENTS = "tiny-events"  # served only by the worker of the Flower test (task events on)
 METRICS = "tiny-metrics"  # served only by the worker that Prometheus scrapes
+QUEUED = "tiny-queued"  # no worker serves it: the exporter test's queue only fills
 XL_REFINER = "tiny-xl-refiner"  # the tiny SDXL-refiner-architecture model (family: sdxl-refiner)
 # the same weights as tiny-sd15 and tiny-sdxl under another identity (a note in the folder): refiners
 # that, taking over, must leave the image as it was
@@ -132,7 +133,7 @@ def registry_file(tiny_model_dir: Path, tiny_assets: dict[str, Path], tiny_sdxl:
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
     entries = {TINY: tiny_model_dir, IDLE: tiny_model_dir, VICTIM: tiny_model_dir, FAULTS: tiny_model_dir,
                OUTAGE: tiny_model_dir, FEATURES: tiny_model_dir, LOGS: tiny_model_dir, DRAIN: tiny_model_dir,
-               EVENTS: tiny_model_dir, METRICS: tiny_model_dir,
+               EVENTS: tiny_model_dir, METRICS: tiny_model_dir, QUEUED: tiny_model_dir,
                BROKEN: broken}
     detail = sha256_of(tiny_assets["tiny-detail"])
     unseen = hashlib.sha256(b"a file no worker has: the bucket holds other bytes under its key").hexdigest()

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import METRICS, WorkerProcess, cli, free_port, served, wait_for
+from tests.conftest import METRICS, QUEUED, WorkerProcess, cli, free_port, served, wait_for
 from tests.integration.test_farm import batch_file
 
 
@@ -51,7 +52,17 @@ def worker_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def prometheus(worker_port: int, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+def exporter_port(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A running `sdfarm exporter`, on loopback."""
+    port = free_port()
+    with served([sys.executable, "-m", "producer", "exporter", f"--port={port}", "--addr=127.0.0.1"],
+                tmp_path_factory.mktemp("exporter") / "exporter.log", {**os.environ, **env}):
+        yield port
+
+
+@pytest.fixture(scope="module")
+def prometheus(worker_port: int, exporter_port: int, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[Prometheus]:
     binary = shutil.which("prometheus")
     if binary is None:
         if os.environ.get("CI") == "true":
@@ -60,7 +71,9 @@ def prometheus(worker_port: int, tmp_path_factory: pytest.TempPathFactory) -> It
     folder = tmp_path_factory.mktemp("prometheus")
     config = folder / "prometheus.yml"
     config.write_text("global: {scrape_interval: 1s}\nscrape_configs:\n  - job_name: sdfarm-worker\n"
-                      f"    static_configs: [{{targets: ['127.0.0.1:{worker_port}']}}]\n")
+                      f"    static_configs: [{{targets: ['127.0.0.1:{worker_port}']}}]\n"
+                      "  - job_name: sdfarm-exporter\n"
+                      f"    static_configs: [{{targets: ['127.0.0.1:{exporter_port}']}}]\n")
     port, log = free_port(), folder / "prometheus.log"
     with served([binary, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
                  f"--web.listen-address=127.0.0.1:{port}"], log) as proc:
@@ -89,3 +102,18 @@ def test_prometheus_scrapes_a_worker_and_its_numbers_are_the_batchs(
     assert prometheus.value(f'sdfarm_worker_blocked{{model="{METRICS}",worker="metered@tests"}}') == 0
     assert (prometheus.value(f'sdfarm_model_load_seconds{{model="{METRICS}",compiled="false"}}') or 0) > 0
     worker.stop()
+
+
+def test_the_exporter_gives_queue_depth_per_model_and_the_batches(
+        tmp_path: Path, env: dict[str, str], prometheus: Prometheus) -> None:
+    path = batch_file(tmp_path, "queued", QUEUED, [f"a queued image {i}" for i in range(7)], steps=4)
+    submitted = cli(["submit", str(path)], {**env, "SDFARM_CHUNK_SIZE": "2"})
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.split()[1].rstrip(":")
+    # 7 jobs, 2 to a chunk: 4 chunks wait, no worker serves the model
+    wait_for(lambda: prometheus.value(f'sdfarm_queue_depth{{model="{QUEUED}"}}') == 4, 30,
+             "prometheus to see the 4 queued chunks")
+    assert prometheus.value(f'sdfarm_workers{{model="{QUEUED}"}}') == 0
+    assert (prometheus.value('sdfarm_batches{state="active"}') or 0) >= 1
+    assert (prometheus.value('sdfarm_jobs{state="total"}') or 0) >= 7
+    assert prometheus.value(f'sdfarm_batch_eta_seconds{{batch="{batch_id}"}}') is None  # nothing done: no rate

@@ -1,0 +1,88 @@
+"""`sdfarm exporter`: the farm's own Prometheus metrics, read from Redis at each scrape (nothing is
+kept here, so any number of exporters may run, and a restart loses nothing):
+
+    sdfarm_queue_depth{model}        chunks waiting in render.<model>, every priority list counted
+                                     (the lists Celery's Redis transport keeps: the ones KEDA scales on)
+    sdfarm_unacked_chunks            chunks delivered to a worker and not acknowledged yet
+    sdfarm_workers{model}            workers whose heartbeat is live
+    sdfarm_batches{state}            the recent batches (SDFARM_EXPORTER_BATCHES) by state: active, paused,
+                                     cancelled, done
+    sdfarm_jobs{state}               their jobs: total, done, failed
+    sdfarm_batch_eta_seconds{batch}  per running batch: remaining jobs / its images per second since
+                                     it was submitted
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Final
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sdfarm.models import Registry
+from sdfarm.progress import ACTIVE, ProgressBoard
+from sdfarm.queue import queue_depth
+
+from .watch import worker_rows
+
+log = logging.getLogger("sdfarm.exporter")
+
+RECENT_BATCHES: Final = 200  # batches whose states and jobs are exported
+
+
+class FarmCollector(Collector):
+    def __init__(self, board: ProgressBoard, registry: Registry, recent: int = RECENT_BATCHES) -> None:
+        self.board, self.registry, self.recent = board, registry, recent
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("sdfarm_queue_depth", "Chunks waiting in a model's queue (every priority).",
+                                  labels=["model"])
+        workers = GaugeMetricFamily("sdfarm_workers", "Workers with a live heartbeat.", labels=["model"])
+        live = Counter(row.get("model", "") for row in worker_rows(self.board))
+        for model in self.registry.names():
+            depth.add_metric([model], queue_depth(self.board.r, model))
+            workers.add_metric([model], live.get(model, 0))
+        unacked = GaugeMetricFamily("sdfarm_unacked_chunks", "Chunks delivered and not acknowledged yet.")
+        unacked.add_metric([], int(self.board.r.hlen("unacked")))
+        yield from (depth, workers, unacked)
+        yield from self._batches()
+
+    def _batches(self) -> Iterator[GaugeMetricFamily]:
+        states: Counter[str] = Counter()
+        jobs: Counter[str] = Counter()
+        eta = GaugeMetricFamily("sdfarm_batch_eta_seconds", "Seconds a running batch needs still, at its rate.",
+                                labels=["batch"])
+        now = time.time()
+        for batch_id in self.board.recent(self.recent):
+            progress = self.board.read(batch_id)
+            if progress is None:
+                continue
+            state = "done" if progress.finished else progress.state
+            states[state] += 1
+            jobs.update(total=progress.total, done=progress.done, failed=progress.failed)
+            remaining = progress.total - progress.done - progress.failed
+            elapsed = now - progress.submitted_at
+            if state == ACTIVE and progress.done and elapsed > 0:
+                eta.add_metric([batch_id], remaining / (progress.done / elapsed))
+        batches = GaugeMetricFamily("sdfarm_batches", "Recent batches by state.", labels=["state"])
+        for state in ("active", "paused", "cancelled", "done"):
+            batches.add_metric([state], states.get(state, 0))
+        job_counts = GaugeMetricFamily("sdfarm_jobs", "Jobs of the recent batches.", labels=["state"])
+        for key in ("total", "done", "failed"):
+            job_counts.add_metric([key], jobs.get(key, 0))
+        yield from (batches, job_counts, eta)
+
+
+def serve(board: ProgressBoard, registry: Registry, port: int, addr: str, recent: int = RECENT_BATCHES) -> None:
+    """Serve /metrics until the process is stopped."""
+    metrics = CollectorRegistry()
+    metrics.register(FarmCollector(board, registry, recent))
+    start_http_server(port, addr=addr, registry=metrics)
+    log.info("farm metrics on http://%s:%d/metrics", addr, port)
+    while True:
+        time.sleep(3600)

@@ -40,9 +40,15 @@ def broker_priority(user_priority: int) -> int:
     return PRIORITY_LEVELS - 1 - user_priority
 
 
+def queue_lists(model: str) -> list[str]:
+    """The Redis lists of a model's queue: kombu keeps one per priority level, `render.<model>` for
+    level 0 and `render.<model>:N` for the others (the transport's `sep`). Autoscalers watch these."""
+    return [queue_name(model)] + [f"{queue_name(model)}:{p}" for p in range(1, PRIORITY_LEVELS)]
+
+
 def queue_depth(client: Any, model: str) -> int:
     """Messages waiting in a model's queue, over every priority level (kombu keeps one list each)."""
-    names = [queue_name(model)] + [f"{queue_name(model)}:{p}" for p in range(1, PRIORITY_LEVELS)]
+    names = queue_lists(model)
     pipe = client.pipeline()
     for name in names:
         pipe.llen(name)

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
+from sdfarm.queue import queue_lists, queue_name
 from tests.conftest import METRICS, QUEUED, WorkerProcess, cli, free_port, served, wait_for
 from tests.integration.test_farm import batch_file
 
@@ -105,7 +107,7 @@ def test_prometheus_scrapes_a_worker_and_its_numbers_are_the_batchs(
 
 
 def test_the_exporter_gives_queue_depth_per_model_and_the_batches(
-        tmp_path: Path, env: dict[str, str], prometheus: Prometheus) -> None:
+        tmp_path: Path, env: dict[str, str], prometheus: Prometheus, redis_client: redis.Redis) -> None:
     path = batch_file(tmp_path, "queued", QUEUED, [f"a queued image {i}" for i in range(7)], steps=4)
     submitted = cli(["submit", str(path)], {**env, "SDFARM_CHUNK_SIZE": "2"})
     assert submitted.returncode == 0, submitted.stderr
@@ -114,6 +116,10 @@ def test_the_exporter_gives_queue_depth_per_model_and_the_batches(
     wait_for(lambda: prometheus.value(f'sdfarm_queue_depth{{model="{QUEUED}"}}') == 4, 30,
              "prometheus to see the 4 queued chunks")
     assert prometheus.value(f'sdfarm_workers{{model="{QUEUED}"}}') == 0
+    # the lists the chunks went to are the ones the exporter, and KEDA (infra/k8s/keda.yaml), watch
+    pushed = {key.decode() for key in redis_client.scan_iter(f"{queue_name(QUEUED)}*")}
+    assert pushed
+    assert pushed <= set(queue_lists(QUEUED))
     assert (prometheus.value('sdfarm_batches{state="active"}') or 0) >= 1
     assert (prometheus.value('sdfarm_jobs{state="total"}') or 0) >= 7
     assert prometheus.value(f'sdfarm_batch_eta_seconds{{batch="{batch_id}"}}') is None  # nothing done: no rate

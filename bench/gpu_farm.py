@@ -56,7 +56,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sdfarm.progress import worker_key  # noqa: E402
+from sdfarm.layout import worker_key  # noqa: E402
 
 T0 = float(os.environ.get("GPU_FARM_T0") or time.time())  # main() passes it on: spawned children share the clock
 PROMPTS = ["a lighthouse on a cliff at dusk, photo", "a red fox in fresh snow, telephoto", "a bowl of ramen, steam",

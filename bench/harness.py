@@ -24,9 +24,13 @@ if str(ROOT) not in sys.path:
 
 from infra.stack import EmbeddedStack  # noqa: E402
 from sdfarm.batchfile import BatchPlan  # noqa: E402
-from sdfarm.layout import image_key, sidecar_key  # noqa: E402
+from sdfarm.layout import (  # noqa: E402
+    image_key,
+    sidecar_key,
+    worker_key,
+)
 from sdfarm.models import Registry  # noqa: E402
-from sdfarm.progress import Progress, ProgressBoard, worker_key  # noqa: E402
+from sdfarm.progress import Progress, ProgressBoard  # noqa: E402
 from sdfarm.queue import make_celery  # noqa: E402
 from sdfarm.settings import Settings  # noqa: E402
 from sdfarm.store import Store  # noqa: E402

@@ -38,7 +38,7 @@ from .exporter import serve as serve_metrics
 from .fetch import contact_sheet, fetch, links
 from .scheduler import run_scheduler
 from .submit import describe_stream, submit_stream
-from .watch import status_table, watch, worker_rows, workers_table
+from .watch import status_table, watch, workers_table
 
 EXIT_INVALID = 2
 EXIT_FAILED = 1
@@ -252,10 +252,10 @@ def links_cmd(batch_id: str, expires: int) -> None:
 @click.option("--check", "check_host", metavar="HOSTNAME", help="Exit 0 only if this worker's heartbeat is live.")
 def workers_cmd(check_host: str | None) -> None:
     """Live workers (from their heartbeats): model, device, last heartbeat, counters."""
-    rows = worker_rows(_board(_settings()))
+    beats = _board(_settings()).workers().live()
     if check_host is not None:
-        sys.exit(0 if any(r["hostname"] == check_host for r in rows) else EXIT_FAILED)
-    console.print(workers_table(rows))
+        sys.exit(0 if any(b.hostname == check_host for b in beats) else EXIT_FAILED)
+    console.print(workers_table(beats))
 
 
 @cli.command("drain")
@@ -266,7 +266,7 @@ def drain_cmd(worker: str) -> None:
     replies = make_celery(_settings()).control.broadcast(DRAIN_COMMAND, destination=[worker], reply=True,
                                                          timeout=5.0)
     if not replies:
-        live = ", ".join(sorted(r["hostname"] for r in worker_rows(_board(_settings())))) or "none"
+        live = ", ".join(b.hostname for b in _board(_settings()).workers().live()) or "none"
         raise InvalidInput(f"no worker named {brief(worker)} answered (live workers: {live})")
     answer: Any = next(iter(replies[0].values()), {}) if isinstance(replies[0], dict) else {}
     if "ok" not in answer:  # an older worker, or a process that is no render worker

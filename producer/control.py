@@ -19,7 +19,7 @@ from sdfarm.errors import InvalidInput
 from sdfarm.jobs import RECORDED, RenderJob, make_chunks
 from sdfarm.layout import batch_key, control_key, failed_key, failed_prefix, jobs_key, sidecar_key
 from sdfarm.progress import ACTIVE, CANCELLED, PAUSED, ProgressBoard
-from sdfarm.queue import DEFAULT_PRIORITY, enqueue_chunks, in_flight, queue_depth
+from sdfarm.queue import DEFAULT_PRIORITY, enqueue_chunks
 from sdfarm.store import MissingObject, Store
 
 log = logging.getLogger("sdfarm.control")
@@ -134,7 +134,7 @@ def nothing_queued_or_in_flight(store: Store, board: ProgressBoard, batch_id: st
     models = store.get_json(batch_key(batch_id)).get("models", {})
 
     def idle() -> bool:
-        return not any(queue_depth(board.r, m) for m in models) and in_flight(board.r, batch_id) is False
+        return not any(board.queue_depth(m) for m in models) and board.in_flight(batch_id) is False
 
     if not idle():
         return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,6 @@ from sdfarm.settings import Settings
 from sdfarm.store import Store
 
 from .submit import SubmitResult, submit_plan
-
-
-def _dataset_key(name: str) -> str:
-    return f"sdfarm:dataset:{name}"
 
 
 @dataclass(frozen=True)
@@ -48,9 +43,7 @@ def run_dataset(spec_path: Path, date: dt.date, settings: Settings, store: Store
     plan = plan_run(loaded, date, Registry.from_settings(settings), settings.max_jobs_per_batch)
     plan.spec["hooks"] = hooks_of(loaded, date)
     result = submit_plan(plan, store, app, board, settings.chunk_size)
-    board.r.hset(_dataset_key(loaded.spec.name), mapping={
-        "last_date": date.isoformat(), "last_batch": plan.batch_id, "last_fired_at": time.time()})
-    board.r.hset(f"{_dataset_key(loaded.spec.name)}:runs", date.isoformat(), plan.batch_id)
+    board.datasets().record_run(loaded.spec.name, date.isoformat(), plan.batch_id)
     return RunResult(date, plan.batch_id, result)
 
 
@@ -61,8 +54,7 @@ def dataset_rows(folder: Path, board: ProgressBoard, now: dt.datetime | None = N
     for path in sorted(folder.glob("*.y*ml")):
         loaded = load_spec(path)
         spec = loaded.spec
-        raw: dict[bytes, bytes] = board.r.hgetall(_dataset_key(spec.name))  # type: ignore[assignment]
-        last = {k.decode(): v.decode() for k, v in raw.items()}
+        last = board.datasets().last_run(spec.name)
         progress = board.read(last["last_batch"]) if last.get("last_batch") else None
         rows.append({
             "name": spec.name,

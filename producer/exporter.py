@@ -26,9 +26,6 @@ from prometheus_client.registry import Collector
 
 from sdfarm.models import Registry
 from sdfarm.progress import ACTIVE, ProgressBoard
-from sdfarm.queue import queue_depth
-
-from .watch import worker_rows
 
 log = logging.getLogger("sdfarm.exporter")
 
@@ -43,12 +40,12 @@ class FarmCollector(Collector):
         depth = GaugeMetricFamily("sdfarm_queue_depth", "Chunks waiting in a model's queue (every priority).",
                                   labels=["model"])
         workers = GaugeMetricFamily("sdfarm_workers", "Workers with a live heartbeat.", labels=["model"])
-        live = Counter(row.get("model", "") for row in worker_rows(self.board))
+        live = Counter(beat.model for beat in self.board.workers().live())
         for model in self.registry.names():
-            depth.add_metric([model], queue_depth(self.board.r, model))
+            depth.add_metric([model], self.board.queue_depth(model))
             workers.add_metric([model], live.get(model, 0))
         unacked = GaugeMetricFamily("sdfarm_unacked_chunks", "Chunks delivered and not acknowledged yet.")
-        unacked.add_metric([], int(self.board.r.hlen("unacked")))
+        unacked.add_metric([], self.board.unacked())
         yield from (depth, workers, unacked)
         yield from self._batches()
 

@@ -27,7 +27,7 @@ from croniter import croniter
 
 from sdfarm.datasets import WEBHOOK_SECRET_PREFIX, load_spec, webhook_secret_variable
 from sdfarm.errors import SdfarmError, TransientError, printable
-from sdfarm.layout import batch_key
+from sdfarm.layout import REDBEAT_PREFIX, batch_key
 from sdfarm.logs import configure_logging
 from sdfarm.progress import ProgressBoard
 from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, DATASET_TICK_TASK, make_celery, run_worker_command
@@ -55,9 +55,7 @@ def due_runs(folder: Path, board: ProgressBoard, now: dt.datetime) -> list[tuple
             continue
         if spec.schedule is None:
             continue
-        key = f"sdfarm:dataset:{spec.name}"
-        board.r.hsetnx(key, "since", now.timestamp())
-        since = float(board.r.hget(key, "since") or now.timestamp())
+        since = board.datasets().first_seen(spec.name, now.timestamp())
         local = now.astimezone(ZoneInfo(spec.schedule.timezone))
         latest: dt.datetime = croniter(spec.schedule.cron, local).get_prev(dt.datetime)
         if latest.timestamp() >= since:
@@ -77,8 +75,7 @@ def register_control_tasks(app: Celery, settings: Settings) -> None:
         store, board = services()
         for path, due_at in due_runs(settings.datasets_dir, board, dt.datetime.now(dt.timezone.utc)):
             spec = load_spec(path).spec
-            claim = f"sdfarm:dataset:{spec.name}:fired:{due_at.isoformat()}"
-            if not board.r.set(claim, time.time(), nx=True, ex=400 * 24 * 3600):
+            if not board.datasets().claim(spec.name, due_at.isoformat()):
                 continue  # this due time was already run
             assert spec.schedule is not None
             day = spec.schedule.run_date(due_at)
@@ -152,7 +149,7 @@ def run_scheduler(settings: Settings, loglevel: str = "INFO") -> int:
     app = make_celery(settings)
     app.conf.update(
         redbeat_redis_url=settings.redis_url.get_secret_value(),
-        redbeat_key_prefix="sdfarm:redbeat:",
+        redbeat_key_prefix=REDBEAT_PREFIX,
         redbeat_lock_timeout=max(int(settings.scheduler_tick_s * 5), 30),
         beat_max_loop_interval=max(int(settings.scheduler_tick_s), 1),
         beat_scheduler="producer.beat:ResilientRedBeat",

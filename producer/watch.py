@@ -5,7 +5,6 @@ What a batch file or a worker wrote (batch names, host names, failure reasons) i
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,9 +17,10 @@ from rich.text import Text
 
 from sdfarm.errors import InvalidInput, printable
 from sdfarm.layout import batch_key
-from sdfarm.progress import ACTIVE, CANCELLED, WORKERS_PATTERN, ProgressBoard
+from sdfarm.progress import ACTIVE, CANCELLED, ProgressBoard
 from sdfarm.progress import Progress as BatchProgress
 from sdfarm.store import MissingObject, Store
+from sdfarm.workers import WorkerBeat, uptime_s
 
 
 def cell(text: str) -> Text:
@@ -122,29 +122,15 @@ def status_table(board: ProgressBoard, limit: int = 20) -> Table:
     return table
 
 
-def worker_rows(board: ProgressBoard) -> list[dict[str, str]]:
-    rows = []
-    for key in board.r.scan_iter(WORKERS_PATTERN):
-        raw: dict[bytes, bytes] = board.r.hgetall(key)  # type: ignore[assignment]
-        row = {k.decode(): v.decode() for k, v in raw.items()}
-        if "heartbeat_at" in row:  # a worker that has loaded its model
-            rows.append(row)
-    return sorted(rows, key=lambda r: r["hostname"])
-
-
-def workers_table(rows: list[dict[str, str]]) -> Table:
+def workers_table(beats: list[WorkerBeat]) -> Table:
     table = Table(title="workers")
     for col in ("hostname", "model", "device", "heartbeat", "images", "images/s", "failed", "last failure", "state"):
         table.add_column(col, no_wrap=col == "hostname", overflow="fold")
     now = time.time()
-    for r in rows:
-        counters = json.loads(r.get("counters", "{}"))
-        uptime = max(now - float(r.get("started_at", now)), 1e-9)
-        recent = json.loads(r.get("recent_failures", "[]"))
-        state = f"BLOCKED: {r['blocked']}" if r.get("blocked") else (
-            f"busy ({r['current_chunk']})" if r.get("current_chunk") else "idle")
-        table.add_row(cell(r["hostname"]), cell(f"{r['model']} ({r['model_hash']})"),
-                      cell(f"{r['device']} {r['device_name']}"), f"{now - float(r['heartbeat_at']):.0f}s ago",
-                      str(counters.get("images", 0)), f"{counters.get('images', 0) / uptime:.2f}",
-                      str(counters.get("failed", 0)), cell(recent[-1]["reason"] if recent else ""), cell(state))
+    for b in beats:
+        state = f"BLOCKED: {b.blocked}" if b.blocked else (f"busy ({b.current_chunk})" if b.current_chunk else "idle")
+        images = b.counters.get("images", 0)
+        table.add_row(cell(b.hostname), cell(f"{b.model} ({b.model_hash})"), cell(f"{b.device} {b.device_name}"),
+                      f"{now - b.heartbeat_at:.0f}s ago", str(images), f"{images / uptime_s(b, now):.2f}",
+                      str(b.counters.get("failed", 0)), cell(b.last_failure), cell(state))
     return table

@@ -26,6 +26,7 @@ from PIL import Image
 
 from .errors import InvalidInput, brief
 from .jobs import INPUT_KEY_PATTERN
+from .layout import input_key
 from .store import MissingObject, Store
 
 MAX_INPUT_BYTES: Final = 32 * 1024 * 1024
@@ -72,10 +73,6 @@ def read_regular(path: Path, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise InvalidInput(f"is more than {max_bytes} bytes (allowed: at most {max_bytes})")
     return data
-
-
-def input_key(sha256: str, ext: str) -> str:
-    return f"inputs/{sha256}.{ext}"
 
 
 def open_image(data: bytes, what: str) -> Image.Image:

@@ -64,12 +64,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import InvalidInput, UnknownModel
 from .jobs import ASSET_NAME_PATTERN, HIRES_UPSCALERS, MODEL_NAME_PATTERN, SHA256_PATTERN
+from .layout import ASSETS_PREFIX
 from .settings import Settings
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SAFETENSORS_HEADER_MAX: Final = 100_000_000  # the safetensors format's own bound on its JSON header
 ASSET_KEY_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,255}$"
-ASSETS_PREFIX: Final = "models/"  # where s3: sources live in the bucket
 AssetKind = Literal["lora", "embedding", "vae", "upscaler", "mask_model"]
 Family = Literal["sd15", "sdxl"]  # SD 1.x; SDXL base
 ModelFamily = Literal["sd15", "sdxl", "sdxl-refiner"]  # a model's: SDXL's refiner only takes over a render

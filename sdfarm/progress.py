@@ -14,19 +14,10 @@ from typing import Any
 
 import redis
 
-PREFIX = "sdfarm"
-BATCHES = f"{PREFIX}:batches"  # zset batch_id -> first submit time
-WORKERS_PATTERN = f"{PREFIX}:worker:*"
-
-
-def worker_key(hostname: str) -> str:
-    """A worker's heartbeat hash: model, device, counters, health, the chunk in hand."""
-    return f"{PREFIX}:worker:{hostname}"
-
-
-def _key(batch_id: str, part: str = "") -> str:
-    return f"{PREFIX}:batch:{batch_id}" + (f":{part}" if part else "")
-
+from .layout import BATCHES, dataset_fired_key, dataset_key, handbacks_key
+from .layout import batch_state_key as _key
+from .queue import in_flight, queue_depth
+from .workers import WorkerBoard
 
 ACTIVE, PAUSED, CANCELLED = "active", "paused", "cancelled"
 BATCH_STATES = (ACTIVE, PAUSED, CANCELLED)
@@ -169,12 +160,36 @@ class ProgressBoard:
     def hand_back(self, message_digest: str) -> int:
         """Count one more hand-back of a task message (a hash of it: see worker.tasks), durably.
         Returns the count so far; kept as long as batch progress."""
-        key = f"{PREFIX}:handbacks:{message_digest}"
+        key = handbacks_key(message_digest)
         pipe = self.r.pipeline(transaction=True)
         pipe.incr(key)
         pipe.expire(key, self.ttl)
         count, _ = pipe.execute()
         return int(count)
+
+    def ping(self) -> None:
+        """Raise unless Redis answers."""
+        self.r.ping()
+
+    def datasets(self) -> DatasetBoard:
+        """The datasets' runs, on the same Redis."""
+        return DatasetBoard(self.r)
+
+    def workers(self) -> WorkerBoard:
+        """The workers' heartbeats, on the same Redis."""
+        return WorkerBoard(self.r)
+
+    def queue_depth(self, model: str) -> int:
+        """Chunks waiting in a model's queue (every priority list)."""
+        return queue_depth(self.r, model)
+
+    def in_flight(self, batch_id: str) -> bool | None:
+        """Whether a worker holds a chunk of the batch unacknowledged (None: too many to look)."""
+        return in_flight(self.r, batch_id)
+
+    def unacked(self) -> int:
+        """Chunks delivered to workers and not acknowledged yet."""
+        return int(self.r.hlen("unacked"))
 
     def recent(self, limit: int = 20) -> list[str]:
         ids: list[bytes] = self.r.zrevrange(BATCHES, 0, limit - 1)  # type: ignore[assignment]
@@ -184,3 +199,33 @@ class ProgressBoard:
         """Batches first submitted at or after `since` (a time.time()), oldest first."""
         ids: list[bytes] = self.r.zrangebyscore(BATCHES, since, "+inf")  # type: ignore[assignment]
         return [i.decode() for i in ids]
+
+
+class DatasetBoard:
+    """Scheduled datasets' state: the last run of each, when the scheduler first saw it, and the claim
+    that fires each due time once (sdfarm.layout's dataset keys)."""
+
+    CLAIM_TTL_S = 400 * 24 * 3600  # a claim outlives any schedule's period
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+
+    def record_run(self, name: str, date: str, batch_id: str) -> None:
+        pipe = self.r.pipeline()
+        pipe.hset(dataset_key(name), mapping={"last_date": date, "last_batch": batch_id, "last_fired_at": time.time()})
+        pipe.hset(dataset_key(name, "runs"), date, batch_id)
+        pipe.execute()
+
+    def last_run(self, name: str) -> dict[str, str]:
+        """last_date, last_batch, last_fired_at (absent before the first run)."""
+        raw: dict[bytes, bytes] = self.r.hgetall(dataset_key(name))  # type: ignore[assignment]
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def first_seen(self, name: str, now: float) -> float:
+        """When a scheduler first saw the dataset (`now` if this is the first time)."""
+        self.r.hsetnx(dataset_key(name), "since", now)
+        return float(self.r.hget(dataset_key(name), "since") or now)
+
+    def claim(self, name: str, due_at: str) -> bool:
+        """True for the one scheduler that fires this due time."""
+        return bool(self.r.set(dataset_fired_key(name, due_at), time.time(), nx=True, ex=self.CLAIM_TTL_S))

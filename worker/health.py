@@ -7,13 +7,11 @@ consumer (it stays up, heartbeating, and says why in `sdfarm workers`).
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
-from sdfarm.progress import WORKERS_PATTERN
+from sdfarm.workers import health_fields
 
 
 @dataclass
@@ -35,17 +33,5 @@ class NodeHealth:
         self.recent.append((time.time(), reason))
 
     def fields(self) -> dict[str, str | float | int]:
-        return {"last_success_at": self.last_success_at, "failure_streak": self.streak, "blocked": self.blocked,
-                "recent_failures": json.dumps([{"at": t, "reason": r} for t, r in self.recent])}
-
-
-def succeeding_peer(client: Any, hostname: str, model: str, since: float) -> str | None:
-    """Another live worker of the same model with a success after `since`."""
-    for key in client.scan_iter(WORKERS_PATTERN):
-        raw = client.hgetall(key)
-        peer = {k.decode(): v.decode() for k, v in raw.items()}
-        if peer.get("hostname") in (None, hostname) or peer.get("model") != model:
-            continue
-        if float(peer.get("last_success_at") or 0) > since:
-            return str(peer["hostname"])
-    return None
+        """As the worker's heartbeat holds them (sdfarm/workers.py)."""
+        return health_fields(self.last_success_at, self.streak, self.blocked, list(self.recent))

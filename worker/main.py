@@ -8,7 +8,6 @@ heartbeats, and renders. If the child cannot load, the whole worker exits non-ze
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -25,10 +24,11 @@ from celery import Celery, signals
 from sdfarm.errors import SdfarmError, TransientError, WorkerFatal
 from sdfarm.logs import configure_logging
 from sdfarm.models import Registry
-from sdfarm.progress import ProgressBoard, worker_key
+from sdfarm.progress import ProgressBoard
 from sdfarm.queue import make_celery, queue_name, run_worker_command
 from sdfarm.settings import Settings
 from sdfarm.store import Store
+from sdfarm.workers import WorkerBeat
 
 from .assets import AssetFiles
 from .compile import SharedCache
@@ -48,19 +48,18 @@ def _heartbeat_loop(state: WorkerState, stop: threading.Event, app: Celery) -> N
     """Publish this worker's heartbeat; and while it is failing, look again whether a peer succeeds
     (a peer's success shows in its heartbeat only after this worker's last failure, and no further
     message may come to check it then)."""
-    key = worker_key(state.hostname)
+    workers = state.board.workers()
     started = time.time()
     while not stop.is_set():
         try:
-            pipe = state.board.r.pipeline()
-            pipe.hset(key, mapping={
-                "hostname": state.hostname, "model": state.loaded.entry.name, "model_hash": state.loaded.short_hash,
-                "device": str(state.loaded.device), "device_name": state.loaded.device_name, "pid": os.getpid(),
-                "host": socket.gethostname(), "started_at": started, "heartbeat_at": time.time(),
-                "counters": json.dumps(state.counters), **state.health.fields(),  # type: ignore[dict-item]
-            })
-            pipe.expire(key, int(state.settings.heartbeat_interval * 3) + 1)
-            pipe.execute()
+            health = state.health
+            workers.beat(WorkerBeat(
+                hostname=state.hostname, model=state.loaded.entry.name, model_hash=state.loaded.short_hash,
+                device=str(state.loaded.device), device_name=state.loaded.device_name, pid=os.getpid(),
+                host=socket.gethostname(), started_at=started, heartbeat_at=time.time(), counters=state.counters,
+                last_success_at=health.last_success_at, failure_streak=health.streak, blocked=health.blocked,
+                recent_failures=[{"at": t, "reason": r} for t, r in health.recent],
+            ), int(state.settings.heartbeat_interval * 3) + 1)
             state.metrics.beat(bool(state.health.blocked), state.loaded.device)
         except Exception as e:  # Redis blinking must not kill the renderer
             log.warning("heartbeat failed: %s", e)
@@ -111,7 +110,7 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
     set_state(state)
     state.drain.install()  # before any task: a hand-back signal must never kill the child
     with contextlib.suppress(Exception):  # before any task can mark this child busy
-        state.board.r.hdel(worker_key(hostname), "current_chunk", "current_batch")  # a killed predecessor's
+        state.board.workers().clear_busy(hostname)  # a killed predecessor's chunk
     threading.Thread(target=_heartbeat_loop, args=(state, threading.Event(), app), daemon=True,
                      name="heartbeat").start()
 
@@ -154,7 +153,7 @@ def preflight(settings: Settings, model: str, device: str) -> None:
         raise WorkerFatal(f"S3 is not reachable ({settings.s3_endpoint_url or 'AWS'}): {e}") from e
     fetch_checkpoint(registry, store, settings, model)
     try:
-        ProgressBoard.from_url(settings.redis_url.get_secret_value(), settings.progress_ttl).r.ping()
+        ProgressBoard.from_url(settings.redis_url.get_secret_value(), settings.progress_ttl).ping()
     except Exception as e:
         raise WorkerFatal(f"Redis is not reachable: {e}") from e
 
@@ -180,7 +179,7 @@ def run_worker(settings: Settings, model: str, device: str = "auto", hostname: s
     @signals.worker_process_shutdown.connect(weak=False)
     def _on_child_exit(**_: Any) -> None:
         with contextlib.suppress(Exception):
-            get_state().board.r.delete(worker_key(hostname))
+            get_state().board.workers().remove(hostname)
 
     quiet = ["--quiet"] if settings.log_format == "json" else []  # JSON logs: no banner (celery's own option)
     argv = [*quiet, "worker", f"--queues={queue_name(model)}", "--concurrency=1", "--pool=prefork",

@@ -43,7 +43,7 @@ from pydantic import ValidationError
 from sdfarm.errors import AssetError, InvalidInput, NewerSchema, NodeFault, RenderError, is_transient
 from sdfarm.jobs import RECORDED, SCHEMA_VERSION, Chunk, ChunkEntry
 from sdfarm.layout import dead_letter_key, failed_key, image_key, sidecar_key
-from sdfarm.progress import ACTIVE, ProgressBoard, worker_key
+from sdfarm.progress import ACTIVE, ProgressBoard
 from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, RENDER_TASK, queue_name
 from sdfarm.settings import Settings
 from sdfarm.store import Store
@@ -51,7 +51,7 @@ from sdfarm.store import Store
 from .assets import AssetFiles
 from .drain import ChildDrain, HandBack
 from .encode import Encoded, encode_png, sidecar
-from .health import NodeHealth, succeeding_peer
+from .health import NodeHealth
 from .masks import Inputs, MaskModels
 from .metrics import WorkerMetrics
 from .pipeline import LoadedModel
@@ -105,7 +105,8 @@ def get_state() -> WorkerState:
 
 
 def _log_job(entry: ChunkEntry, batch_id: str, outcome: str, seconds: float, reason: str | None = None) -> None:
-    """A job's line: its outcome; in JSON logs (sdfarm/logs.py) each field its own key too."""
+    """Where every job's outcome goes: its log line (in JSON logs, sdfarm/logs.py, each field its own
+    key too), this worker's counters (its heartbeat) and its metrics (worker/metrics.py)."""
     fields = {"job": entry.job.id, "batch": batch_id, "index": entry.index, "outcome": outcome,
               "seconds": round(seconds, 3), "model": entry.job.model, "worker": _state.hostname if _state else None}
     if reason is not None:
@@ -114,6 +115,10 @@ def _log_job(entry: ChunkEntry, batch_id: str, outcome: str, seconds: float, rea
              seconds, f" reason={json.dumps(reason)}" if reason is not None else "", extra=fields)
     if _state is not None:
         _state.metrics.outcome(outcome)
+        if outcome in ("rendered", "rendered-existing"):
+            _state.counters["images"] += 1
+        elif outcome == "failed":
+            _state.counters["failed"] += 1
 
 
 def until_back(state: WorkerState, what: str, step: Callable[[], T]) -> T:
@@ -152,7 +157,6 @@ def fail_entries(state: WorkerState, batch_id: str, entries: list[ChunkEntry], r
                   "worker": state.hostname, "at": time.time()}
         until_back(state, f"recording job {entry.job.id} failed", partial(_record_failure, state, batch_id, entry,
                                                                           record))
-        state.counters["failed"] += 1
         _log_job(entry, batch_id, "failed", 0.0, reason)
 
 
@@ -404,12 +408,12 @@ def _store_all(state: WorkerState, batch_id: str, todo: list[ChunkEntry], images
 def _set_busy(state: WorkerState, chunk: Chunk | None) -> None:
     """What this worker renders, for `sdfarm workers` and the fault tests. Best effort: Redis
     blinking here must not mask the chunk's own outcome."""
-    key = worker_key(state.hostname)
+    workers = state.board.workers()
     try:
         if chunk is None:
-            state.board.r.hdel(key, "current_chunk", "current_batch")
+            workers.clear_busy(state.hostname)
         else:
-            state.board.r.hset(key, mapping={"current_chunk": chunk.id, "current_batch": chunk.batch_id})
+            workers.set_busy(state.hostname, chunk.id, chunk.batch_id)
     except Exception as e:
         log.warning("could not mark this worker %s: %s", "idle" if chunk is None else "busy", e)
 
@@ -427,7 +431,6 @@ def process_chunk(state: WorkerState, payload: Any, digest: str = "") -> dict[st
     except _Stop as stop:
         return stop.outcome
     state.counters["chunks"] += 1
-    state.counters["images"] += len(todo) - failed
     state.health.success()
     outcome = {"rendered": len(todo) - failed, "skipped": len(chunk.entries) - len(todo)}
     return {**outcome, "failed": failed} if failed else outcome
@@ -512,11 +515,11 @@ def maybe_block(app: Celery, state: WorkerState) -> None:
     if health.blocked or health.streak < state.settings.block_after_failures:
         return
     model = state.loaded.entry.name
-    peer = succeeding_peer(state.board.r, state.hostname, model, health.streak_started_at)
+    peer = state.board.workers().succeeding_peer(state.hostname, model, health.streak_started_at)
     if peer is None:
         return  # everyone fails: the jobs or a shared dependency are at fault, not this node
     health.blocked = (f"stopped taking work after {health.streak} failures in a row while {peer} succeeds on"
                       f" {model}; last: {health.recent[-1][1]}")
     log.error("%s", health.blocked)
-    state.board.r.hset(worker_key(state.hostname), mapping=health.fields())  # type: ignore[arg-type]
+    state.board.workers().set_health(state.hostname, health.fields())
     app.control.cancel_consumer(queue_name(model), destination=[state.hostname])

@@ -13,9 +13,8 @@ import redis
 from PIL import Image
 
 from sdfarm.batchfile import plan_file
-from sdfarm.layout import image_key, sidecar_key
+from sdfarm.layout import image_key, sidecar_key, worker_key
 from sdfarm.models import Registry
-from sdfarm.progress import worker_key
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 from tests.conftest import WorkerProcess, cli

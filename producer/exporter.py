@@ -1,11 +1,12 @@
 """`sdfarm exporter`: the farm's own Prometheus metrics, read from Redis at each scrape (nothing is
-kept here, so any number of exporters may run, and a restart loses nothing):
+kept here, so any number of exporters may run, and a restart loses nothing; a scrape costs a few
+pipelined Redis round trips and a scan of the worker keys):
 
     sdfarm_queue_depth{model}        chunks waiting in render.<model>, every priority list counted
                                      (the lists Celery's Redis transport keeps: the ones KEDA scales on)
     sdfarm_unacked_chunks            chunks delivered to a worker and not acknowledged yet
-    sdfarm_workers{model}            workers whose heartbeat is live
-    sdfarm_batches{state}            the recent batches (SDFARM_EXPORTER_BATCHES) by state: active, paused,
+    sdfarm_workers{model, state}     workers whose heartbeat is live: serving, or blocked (stopped itself)
+    sdfarm_batches{state}            the recent batches (--batches) by state: active, paused,
                                      cancelled, done
     sdfarm_jobs{state}               their jobs: total, done, failed
     sdfarm_batch_eta_seconds{batch}  per running batch: remaining jobs / its images per second since
@@ -39,11 +40,13 @@ class FarmCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily("sdfarm_queue_depth", "Chunks waiting in a model's queue (every priority).",
                                   labels=["model"])
-        workers = GaugeMetricFamily("sdfarm_workers", "Workers with a live heartbeat.", labels=["model"])
-        live = Counter(beat.model for beat in self.board.workers().live())
+        workers = GaugeMetricFamily("sdfarm_workers", "Workers with a live heartbeat: serving, or blocked.",
+                                    labels=["model", "state"])
+        live = Counter((beat.model, "blocked" if beat.blocked else "serving") for beat in self.board.workers().live())
         for model in self.registry.names():
             depth.add_metric([model], self.board.queue_depth(model))
-            workers.add_metric([model], live.get(model, 0))
+            for state in ("serving", "blocked"):
+                workers.add_metric([model, state], live.get((model, state), 0))
         unacked = GaugeMetricFamily("sdfarm_unacked_chunks", "Chunks delivered and not acknowledged yet.")
         unacked.add_metric([], self.board.unacked())
         yield from (depth, workers, unacked)
@@ -55,17 +58,14 @@ class FarmCollector(Collector):
         eta = GaugeMetricFamily("sdfarm_batch_eta_seconds", "Seconds a running batch needs still, at its rate.",
                                 labels=["batch"])
         now = time.time()
-        for batch_id in self.board.recent(self.recent):
-            progress = self.board.read(batch_id)
-            if progress is None:
-                continue
+        for progress in self.board.read_many(self.board.recent(self.recent)):
             state = "done" if progress.finished else progress.state
             states[state] += 1
             jobs.update(total=progress.total, done=progress.done, failed=progress.failed)
             remaining = progress.total - progress.done - progress.failed
             elapsed = now - progress.submitted_at
             if state == ACTIVE and progress.done and elapsed > 0:
-                eta.add_metric([batch_id], remaining / (progress.done / elapsed))
+                eta.add_metric([progress.batch_id], remaining / (progress.done / elapsed))
         batches = GaugeMetricFamily("sdfarm_batches", "Recent batches by state.", labels=["state"])
         for state in ("active", "paused", "cancelled", "done"):
             batches.add_metric([state], states.get(state, 0))

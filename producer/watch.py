@@ -129,8 +129,8 @@ def workers_table(beats: list[WorkerBeat]) -> Table:
     now = time.time()
     for b in beats:
         state = f"BLOCKED: {b.blocked}" if b.blocked else (f"busy ({b.current_chunk})" if b.current_chunk else "idle")
-        images = b.counters.get("images", 0)
+        images = int(b.counters.get("images", 0))
         table.add_row(cell(b.hostname), cell(f"{b.model} ({b.model_hash})"), cell(f"{b.device} {b.device_name}"),
                       f"{now - b.heartbeat_at:.0f}s ago", str(images), f"{images / uptime_s(b, now):.2f}",
-                      str(b.counters.get("failed", 0)), cell(b.last_failure), cell(state))
+                      str(int(b.counters.get("failed", 0))), cell(b.last_failure), cell(state))
     return table

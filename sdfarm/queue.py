@@ -119,7 +119,7 @@ def make_celery(settings: Settings) -> Celery:
         task_default_priority=broker_priority(DEFAULT_PRIORITY),
         worker_hijack_root_logger=False,
         worker_send_task_events=settings.task_events,  # for Flower: received, started, succeeded ...
-        task_send_sent_event=settings.task_events,  # and, from the producer, sent
+        task_send_sent_event=False,  # the producer publishes chunks itself (no task-sent events)
         worker_enable_remote_control=True,
     )
     return app

@@ -6,13 +6,16 @@ hash expires after three missed beats, so `live()` is the workers that are up.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .layout import WORKERS_PATTERN, worker_key
+
+log = logging.getLogger("sdfarm")
 
 
 class WorkerBeat(BaseModel):
@@ -29,7 +32,7 @@ class WorkerBeat(BaseModel):
     host: str = ""
     started_at: float = 0.0
     heartbeat_at: float = 0.0
-    counters: dict[str, int] = Field(default_factory=dict)  # chunks, images, failed
+    counters: dict[str, float] = Field(default_factory=dict)  # chunks, images, failed
     # its health (worker/health.py): successes, failures in a row, why it stopped taking work
     last_success_at: float = 0.0
     failure_streak: int = 0
@@ -88,12 +91,21 @@ class WorkerBoard:
         self.r.delete(worker_key(hostname))
 
     def live(self) -> list[WorkerBeat]:
-        """Every worker whose heartbeat has not expired and which has loaded its model, by hostname."""
+        """Every worker whose heartbeat has not expired and which has loaded its model, by hostname. A
+        beat that does not read (another version's, a hand-edited one) is skipped, with a warning: one
+        such hash must not blind every reader."""
+        keys = list(self.r.scan_iter(WORKERS_PATTERN, count=1000))
+        pipe = self.r.pipeline()
+        for key in keys:
+            pipe.hgetall(key)
         beats = []
-        for key in self.r.scan_iter(WORKERS_PATTERN):
-            raw: dict[bytes, bytes] = self.r.hgetall(key)  # type: ignore[assignment]
-            if b"heartbeat_at" in raw and b"model" in raw:
+        for key, raw in zip(keys, pipe.execute(), strict=True):
+            if b"heartbeat_at" not in raw or b"model" not in raw:
+                continue
+            try:
                 beats.append(WorkerBeat.from_hash(raw))
+            except (ValidationError, ValueError) as e:
+                log.warning("worker heartbeat %s does not read: %s", key.decode(errors="replace"), e)
         return sorted(beats, key=lambda b: b.hostname)
 
     def succeeding_peer(self, hostname: str, model: str, since: float) -> str | None:

@@ -9,7 +9,8 @@ on a node.
                                                pipeline), asset (a file, a refused job at prepare),
                                                poison (its workers died each time), handback (no worker
                                                took a handed-back chunk)
-    sdfarm_chunk_render_seconds{model, chunk_size, size}  one batched render (histogram)
+    sdfarm_chunk_render_seconds{model, chunk_size, size}  one batched render (histogram; size: the
+                                               images' megapixel bucket, "<=0.25MP" .. ">8MP")
     sdfarm_encode_seconds, sdfarm_upload_seconds{model}    per image (histograms)
     sdfarm_model_load_seconds{model, compiled}             loading (and compiling) the model
     sdfarm_worker_up{model, worker}, sdfarm_worker_blocked{model, worker}
@@ -29,6 +30,15 @@ log = logging.getLogger("sdfarm.worker")
 RENDER_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 IMAGE_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 FAILURE_KINDS: Final = ("render", "asset", "poison", "handback")
+OUTCOMES: Final = ("rendered", "rendered-existing", "skipped", "failed", "paused", "cancelled")
+# image sizes by megapixels, an upper bound each: a label a user's width x height cannot multiply
+SIZE_BUCKETS_MP: Final = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def size_bucket(width: int, height: int) -> str:
+    """The size label of an image: the smallest bucket it fits, e.g. "<=1MP" for 1024x1024."""
+    megapixels = width * height / 1e6 * (1e6 / 2**20)  # in 2^20 pixels: 1024x1024 is 1MP
+    return next((f"<={b:g}MP" for b in SIZE_BUCKETS_MP if megapixels <= b), f">{SIZE_BUCKETS_MP[-1]:g}MP")
 
 
 class WorkerMetrics:
@@ -52,8 +62,11 @@ class WorkerMetrics:
         self.blocked = Gauge("sdfarm_worker_blocked", "1 once the worker stopped itself taking work.",
                              ["model", "worker"], registry=r)
         self.gpu_memory = Gauge("sdfarm_gpu_memory_bytes", "CUDA memory allocated.", ["model", "kind"], registry=r)
-        for kind in FAILURE_KINDS:  # every class present from the start, at 0: rates work from the first scrape
+        # every outcome and class present from the start, at 0: rate() then sees a first increment too
+        for kind in FAILURE_KINDS:
             self.failures.labels(model, kind)
+        for outcome in OUTCOMES:
+            self.images.labels(model, outcome)
         self.up.labels(model, hostname).set(1)
         self.blocked.labels(model, hostname).set(0)
 
@@ -68,7 +81,7 @@ class WorkerMetrics:
         self.failures.labels(self.model, kind).inc(count)
 
     def rendered(self, seconds: float, chunk_size: int, width: int, height: int) -> None:
-        self.render_seconds.labels(self.model, str(chunk_size), f"{width}x{height}").observe(seconds)
+        self.render_seconds.labels(self.model, str(chunk_size), size_bucket(width, height)).observe(seconds)
 
     def stored(self, encode_s: float, upload_s: float) -> None:
         self.encode_seconds.labels(self.model).observe(encode_s)

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -91,6 +92,7 @@ class WorkerState:
 
 
 _state: WorkerState | None = None
+_COUNTING = threading.Lock()  # the state's counters, from the chunk's thread and the upload threads
 
 
 def set_state(state: WorkerState | None) -> None:
@@ -115,10 +117,11 @@ def _log_job(entry: ChunkEntry, batch_id: str, outcome: str, seconds: float, rea
              seconds, f" reason={json.dumps(reason)}" if reason is not None else "", extra=fields)
     if _state is not None:
         _state.metrics.outcome(outcome)
-        if outcome in ("rendered", "rendered-existing"):
-            _state.counters["images"] += 1
-        elif outcome == "failed":
-            _state.counters["failed"] += 1
+        with _COUNTING:  # upload threads log jobs too
+            if outcome in ("rendered", "rendered-existing"):
+                _state.counters["images"] += 1
+            elif outcome == "failed":
+                _state.counters["failed"] += 1
 
 
 def until_back(state: WorkerState, what: str, step: Callable[[], T]) -> T:
@@ -150,14 +153,14 @@ def _best_effort(what: str, step: Callable[[], object]) -> None:
 
 def fail_entries(state: WorkerState, batch_id: str, entries: list[ChunkEntry], reason: str, kind: str) -> None:
     """Record the jobs as failed with their reason: under the batch in S3, and on the board; counted by
-    class (worker/metrics.py FAILURE_KINDS)."""
-    state.metrics.failed(kind, len(entries))
+    class (worker/metrics.py FAILURE_KINDS), each once it is recorded."""
     for entry in entries:
         record = {"job_id": entry.job.id, "index": entry.index, "batch_id": batch_id, "reason": reason,
                   "worker": state.hostname, "at": time.time()}
         until_back(state, f"recording job {entry.job.id} failed", partial(_record_failure, state, batch_id, entry,
                                                                           record))
         _log_job(entry, batch_id, "failed", 0.0, reason)
+        state.metrics.failed(kind)
 
 
 def _record_failure(state: WorkerState, batch_id: str, entry: ChunkEntry, record: dict[str, Any]) -> None:

@@ -97,7 +97,7 @@ def test_prometheus_scrapes_a_worker_and_its_numbers_are_the_batchs(
     rendered = f'sdfarm_images_total{{model="{METRICS}",outcome="rendered"}}'
     wait_for(lambda: prometheus.value(rendered) == 5, 60, "prometheus to count the 5 rendered images")
     assert prometheus.value(f'sum(sdfarm_chunk_render_seconds_count{{model="{METRICS}"}})') == chunks
-    assert prometheus.value(f'sdfarm_chunk_render_seconds_count{{model="{METRICS}",chunk_size="1",size="64x64"}}'
+    assert prometheus.value(f'sdfarm_chunk_render_seconds_count{{model="{METRICS}",chunk_size="1",size="<=0.25MP"}}'
                             ) == 1
     assert prometheus.value(f'sdfarm_upload_seconds_count{{model="{METRICS}"}}') == 5
     assert prometheus.value(f'sum(sdfarm_failures_total{{model="{METRICS}"}})') == 0
@@ -115,7 +115,7 @@ def test_the_exporter_gives_queue_depth_per_model_and_the_batches(
     # 7 jobs, 2 to a chunk: 4 chunks wait, no worker serves the model
     wait_for(lambda: prometheus.value(f'sdfarm_queue_depth{{model="{QUEUED}"}}') == 4, 30,
              "prometheus to see the 4 queued chunks")
-    assert prometheus.value(f'sdfarm_workers{{model="{QUEUED}"}}') == 0
+    assert prometheus.value(f'sdfarm_workers{{model="{QUEUED}",state="serving"}}') == 0
     # the lists the chunks went to are the ones the exporter, and KEDA (infra/k8s/keda.yaml), watch
     pushed = {key.decode() for key in redis_client.scan_iter(f"{queue_name(QUEUED)}*")}
     assert pushed

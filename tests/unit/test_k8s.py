@@ -46,7 +46,12 @@ def test_each_scaled_object_watches_every_list_of_its_models_queue() -> None:
         assert [t["metadata"]["listName"] for t in spec["triggers"]] == queue_lists(model)
         assert {t["type"] for t in spec["triggers"]} == {"redis"}
         assert spec["minReplicaCount"] == 0
-        assert spec["cooldownPeriod"] > Settings().task_time_limit
+        chunk_s = Settings().task_time_limit  # the longest a chunk may take
+        assert spec["cooldownPeriod"] > chunk_s
+        assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"][
+            "stabilizationWindowSeconds"] > chunk_s  # no pod scaled away for a queue a chunk emptied
+        names = [t["name"] for t in spec["triggers"]]  # every list counted: their lengths summed
+        assert sorted(spec["advanced"]["scalingModifiers"]["formula"].replace(" ", "").split("+")) == sorted(names)
         for trigger in spec["triggers"]:
             auth = auths[trigger["authenticationRef"]["name"]]
             assert {ref["key"] for ref in auth["spec"]["secretTargetRef"]} <= secret_keys

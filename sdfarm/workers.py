@@ -54,13 +54,6 @@ class WorkerBeat(BaseModel):
         return str(self.recent_failures[-1].get("reason", "")) if self.recent_failures else ""
 
 
-def health_fields(last_success_at: float, streak: int, blocked: str, recent: list[tuple[float, str]]
-                  ) -> dict[str, str | float | int]:
-    """A worker's health as its heartbeat hash holds it."""
-    return {"last_success_at": last_success_at, "failure_streak": streak, "blocked": blocked,
-            "recent_failures": json.dumps([{"at": t, "reason": r} for t, r in recent])}
-
-
 class WorkerBoard:
     """The workers' heartbeats: written by each worker's pool process, read by `sdfarm workers`, the
     exporter and the workers themselves (a failing worker looks for a succeeding peer)."""
@@ -78,7 +71,9 @@ class WorkerBoard:
         pipe.expire(key, ttl_s)
         pipe.execute()
 
-    def set_health(self, hostname: str, fields: dict[str, str | float | int]) -> None:
+    def set_health(self, hostname: str, health: dict[str, Any]) -> None:
+        """The beat's health fields alone (last_success_at, failure_streak, blocked, recent_failures)."""
+        fields = {**health, "recent_failures": json.dumps(health.get("recent_failures", []))}
         self.r.hset(worker_key(hostname), mapping=fields)  # type: ignore[arg-type]
 
     def set_busy(self, hostname: str, chunk_id: str, batch_id: str) -> None:

@@ -54,7 +54,6 @@ class Drain:
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.asked = 0
-        self.timer: threading.Timer | None = None
         self.pool: Any = None
 
     def install(self) -> None:
@@ -71,9 +70,9 @@ class Drain:
         if self.asked == 1:
             log.warning("draining: the chunk in hand is finished and stored, then this worker exits (handed back"
                         " if it still renders in %.0f s)", self.timeout_s)
-            self.timer = threading.Timer(self.timeout_s, self.hand_back, args=("the drain timeout passed",))
-            self.timer.daemon = True
-            self.timer.start()
+            timer = threading.Timer(self.timeout_s, self.hand_back, args=("the drain timeout passed",))
+            timer.daemon = True
+            timer.start()
         else:
             self.hand_back("a second SIGTERM")
 

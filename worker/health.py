@@ -10,8 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-
-from sdfarm.workers import health_fields
+from typing import Any
 
 
 @dataclass
@@ -32,6 +31,7 @@ class NodeHealth:
         self.streak += 1
         self.recent.append((time.time(), reason))
 
-    def fields(self) -> dict[str, str | float | int]:
-        """As the worker's heartbeat holds them (sdfarm/workers.py)."""
-        return health_fields(self.last_success_at, self.streak, self.blocked, list(self.recent))
+    def beat(self) -> dict[str, Any]:
+        """The health fields of the worker's heartbeat (sdfarm/workers.py, WorkerBeat)."""
+        return {"last_success_at": self.last_success_at, "failure_streak": self.streak, "blocked": self.blocked,
+                "recent_failures": [{"at": t, "reason": r} for t, r in self.recent]}

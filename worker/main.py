@@ -52,13 +52,11 @@ def _heartbeat_loop(state: WorkerState, stop: threading.Event, app: Celery) -> N
     started = time.time()
     while not stop.is_set():
         try:
-            health = state.health
             workers.beat(WorkerBeat(
                 hostname=state.hostname, model=state.loaded.entry.name, model_hash=state.loaded.short_hash,
                 device=str(state.loaded.device), device_name=state.loaded.device_name, pid=os.getpid(),
                 host=socket.gethostname(), started_at=started, heartbeat_at=time.time(), counters=state.counters,
-                last_success_at=health.last_success_at, failure_streak=health.streak, blocked=health.blocked,
-                recent_failures=[{"at": t, "reason": r} for t, r in health.recent],
+                **state.health.beat(),
             ), int(state.settings.heartbeat_interval * 3) + 1)
             state.metrics.beat(bool(state.health.blocked), state.loaded.device)
         except Exception as e:  # Redis blinking must not kill the renderer

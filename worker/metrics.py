@@ -37,7 +37,7 @@ SIZE_BUCKETS_MP: Final = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 def size_bucket(width: int, height: int) -> str:
     """The size label of an image: the smallest bucket it fits, e.g. "<=1MP" for 1024x1024."""
-    megapixels = width * height / 1e6 * (1e6 / 2**20)  # in 2^20 pixels: 1024x1024 is 1MP
+    megapixels = width * height / 2**20  # 1024x1024 is 1MP
     return next((f"<={b:g}MP" for b in SIZE_BUCKETS_MP if megapixels <= b), f">{SIZE_BUCKETS_MP[-1]:g}MP")
 
 

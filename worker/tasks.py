@@ -524,5 +524,5 @@ def maybe_block(app: Celery, state: WorkerState) -> None:
     health.blocked = (f"stopped taking work after {health.streak} failures in a row while {peer} succeeds on"
                       f" {model}; last: {health.recent[-1][1]}")
     log.error("%s", health.blocked)
-    state.board.workers().set_health(state.hostname, health.fields())
+    state.board.workers().set_health(state.hostname, health.beat())
     app.control.cancel_consumer(queue_name(model), destination=[state.hostname])

@@ -1,6 +1,11 @@
-"""10,000 jobs through two workers, one worker SIGKILLed and replaced midway, Redis restarted once.
+"""10,000 jobs through two workers, one worker SIGKILLed and replaced midway, Redis restarted once,
+and (on a Sentinel group, the default) the Redis master SIGKILLed so that the sentinels fail over.
 
-    .venv/bin/python bench/chaos.py [--jobs 10000] [--chunk 8]
+    .venv/bin/python bench/chaos.py [--jobs 10000] [--chunk 8] [--redis sentinel|single]
+
+Stages, by jobs done: 30% SIGKILL worker w0 and start w2; 55% restart Redis (SIGTERM, start again:
+on a Sentinel group, the master); 80%, Sentinel only: SIGKILL the master, wait until a replica is
+promoted, then start the killed node again (the sentinels make it a replica).
 
 Reports: jobs lost (must be 0), duplicate objects (must be 0), sidecars whose sha256 does not match
 their PNG (must be 0), jobs rendered more than once (wasted work, allowed), wall time, and Redis
@@ -35,10 +40,32 @@ def chaos_plan(jobs: int, registry: Registry) -> BatchPlan:
     return plan_batch(text, "chaos.yaml", "yaml", registry, jobs)
 
 
+def restart_redis(farm: Farm) -> None:
+    if farm.group is None:
+        farm.stack.stop_redis()
+        farm.stack.start_redis()
+        return
+    port = farm.group.master_port()
+    farm.group.stop_node(port)
+    farm.group.start_node(port)
+
+
+def fail_over(farm: Farm, t0: float, n: int) -> None:
+    assert farm.group is not None
+    killed_at = time.perf_counter()
+    old = farm.group.kill_master()
+    new = farm.group.wait_failover(old)
+    promoted_s = time.perf_counter() - killed_at
+    farm.group.start_node(old)
+    emit(stage="failed_over", at_done=n, t=round(time.perf_counter() - t0, 1), old_master=old, new_master=new,
+         promoted_after_s=round(promoted_s, 1))
+
+
 def run_through_chaos(farm: Farm, plan: BatchPlan, jobs: int, chunk: int, t0: float) -> None:
     """Wait until every job is done or failed: at 30% SIGKILL worker w0 and start w2 in its place, at
-    60% restart Redis, and reconcile whenever progress has stalled for 45 s with nothing queued."""
-    killed = restarted = False
+    55% restart Redis, at 80% (a Sentinel group) SIGKILL its master, and reconcile whenever progress
+    has stalled for 45 s with nothing queued."""
+    killed = restarted = failed_over = False
     last, last_change = 0, time.monotonic()
     while True:
         n = farm.done(plan.batch_id)
@@ -51,11 +78,13 @@ def run_through_chaos(farm: Farm, plan: BatchPlan, jobs: int, chunk: int, t0: fl
             farm.start_worker("w2")
             killed = True
             emit(stage="killed_worker", at_done=n, t=round(time.perf_counter() - t0, 1))
-        if killed and not restarted and n >= jobs * 0.6:
-            farm.stack.stop_redis()
-            farm.stack.start_redis()
+        if killed and not restarted and n >= jobs * 0.55:
+            restart_redis(farm)
             restarted = True
             emit(stage="restarted_redis", at_done=n, t=round(time.perf_counter() - t0, 1))
+        if farm.group is not None and restarted and not failed_over and n >= jobs * 0.8:
+            fail_over(farm, t0, n)
+            failed_over = True
         if (time.monotonic() - last_change > 45 and queue_depth(farm.redis, MODEL) == 0
                 and in_flight(farm.redis, plan.batch_id) is False):
             rec = reconcile(farm.store, farm.board, farm.app, plan.batch_id, chunk)
@@ -68,9 +97,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=10_000)
     ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--redis", choices=("sentinel", "single"), default="sentinel",
+                    help="a Sentinel group (primary, replica, three sentinels) or one Redis server")
     args = ap.parse_args()
 
-    farm = start_farm(Path(tempfile.mkdtemp(prefix="sdfarm-chaos-")), args.chunk)
+    farm = start_farm(Path(tempfile.mkdtemp(prefix="sdfarm-chaos-")), args.chunk, sentinel=args.redis == "sentinel")
     try:
         plan = chaos_plan(args.jobs, farm.registry)
         base = farm.redis_memory()

@@ -97,7 +97,7 @@ def main() -> int:
                 stderr=subprocess.DEVNULL, start_new_session=True))
         while sum(1 for _ in r.scan_iter("sdfarm:worker:bench-*")) < args.workers:
             time.sleep(0.2)
-        store, board = Store.from_settings(settings), ProgressBoard.from_url(info.redis_url, 3600)
+        store, board = Store.from_settings(settings), ProgressBoard(redis.Redis.from_url(info.redis_url), 3600)
         app = make_celery(settings)
         plan = plan_batch(batch_text("tiny-sd15", args.jobs, "farm"), "farm.yaml", "yaml", registry, 10**6)
         t = time.perf_counter()

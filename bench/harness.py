@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from infra.sentinel import SentinelGroup  # noqa: E402
 from infra.stack import EmbeddedStack  # noqa: E402
 from sdfarm.batchfile import BatchPlan  # noqa: E402
 from sdfarm.layout import (  # noqa: E402
@@ -32,6 +33,7 @@ from sdfarm.layout import (  # noqa: E402
 from sdfarm.models import Registry  # noqa: E402
 from sdfarm.progress import Progress, ProgressBoard  # noqa: E402
 from sdfarm.queue import make_celery  # noqa: E402
+from sdfarm.redis_target import RedisTarget  # noqa: E402
 from sdfarm.settings import Settings  # noqa: E402
 from sdfarm.store import Store  # noqa: E402
 
@@ -56,6 +58,7 @@ class Farm:
     logs: Path
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     others: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    group: SentinelGroup | None = None  # the farm's Redis when it runs on a Sentinel group (the stack's is idle)
 
     def _spawn(self, args: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with (self.logs / log).open("ab") as out:
@@ -122,19 +125,26 @@ class Farm:
         for p in [*self.workers.values(), *self.others]:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
+        if self.group is not None:
+            self.group.stop()
         self.stack.stop()
 
 
-def start_farm(tmp: Path, chunk: int, env: dict[str, str] | None = None) -> Farm:
+def start_farm(tmp: Path, chunk: int, env: dict[str, str] | None = None, sentinel: bool = False) -> Farm:
     """The tiny model and its registry under tmp, a started embedded stack, and no process on it yet.
-    `env` overrides the SDFARM_* settings given here."""
+    `env` overrides the SDFARM_* settings given here. With `sentinel`, the farm's Redis is a Sentinel
+    group (a primary, a replica, three sentinels; infra/sentinel.py) and the stack serves S3 only."""
     from worker.testing import write_tiny_model
 
     write_tiny_model(tmp / "tiny")
     (tmp / "models.yaml").write_text(f"models:\n  {MODEL}:\n    path: tiny\n")
     stack = EmbeddedStack(tmp / "stack")
     info = stack.start()
-    full = {**os.environ, **info.env(), "SDFARM_MODELS_FILE": str(tmp / "models.yaml"),
+    group = SentinelGroup(tmp / "redis-group") if sentinel else None
+    if group is not None:
+        group.start()
+    full = {**os.environ, **info.env(), **(group.env() if group else {}),
+            "SDFARM_MODELS_FILE": str(tmp / "models.yaml"),
             "SDFARM_CACHE_DIR": str(tmp / "cache"), "SDFARM_CHUNK_SIZE": str(chunk),
             "SDFARM_VISIBILITY_TIMEOUT": "30", "SDFARM_UNACKED_RESTORE_INTERVAL": "2",
             "SDFARM_RETRY_BACKOFF_S": "1", "SDFARM_RETRY_BACKOFF_MAX_S": "10", "SDFARM_UPLOAD_THREADS": "8",
@@ -142,9 +152,9 @@ def start_farm(tmp: Path, chunk: int, env: dict[str, str] | None = None) -> Farm
     settings = Settings.from_env(full)
     logs = tmp / "logs"
     logs.mkdir()
+    client = RedisTarget.from_settings(settings).client()
     return Farm(stack=stack, env=full, registry=Registry.from_settings(settings), store=Store.from_settings(settings),
-                board=ProgressBoard.from_url(info.redis_url, 3600), app=make_celery(settings),
-                redis=redis.Redis.from_url(info.redis_url), logs=logs)
+                board=ProgressBoard(client, 3600), app=make_celery(settings), redis=client, logs=logs, group=group)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from sdfarm.inputs import Inputs
 from sdfarm.models import FAMILY_FREE, Registry
 from sdfarm.progress import ACTIVE, CANCELLED, ProgressBoard
 from sdfarm.queue import DEFAULT_PRIORITY, DRAIN_COMMAND, make_celery
+from sdfarm.redis_target import RedisTarget
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
@@ -46,8 +47,6 @@ MAX_ERROR_CHARS = 4000  # one error message as printed (a batch's problems are c
 # settings whose values are never printed, even when they are wrong
 _SECRET_SETTINGS = frozenset(name for name, f in Settings.model_fields.items()
                              if f.annotation is SecretStr or SecretStr in get_args(f.annotation))
-_REDIS_URL_FORMS = ("redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS) or unix:///PATH;"
-                    " percent-encode / : @ # in the password")
 
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True)
@@ -61,10 +60,9 @@ def _settings() -> Settings:
     except ValidationError as e:
         raise ConfigError("; ".join(_setting_problem(err) for err in e.errors())) from None
     try:  # Redis clients parse the URL when they first connect: say it now, without the URL
-        redis.Redis.from_url(settings.redis_url.get_secret_value()).close()
+        RedisTarget.from_settings(settings)
     except ValueError as e:
-        reason = "it must start with redis://, rediss:// or unix://" if "scheme" in str(e) else "it does not parse"
-        raise ConfigError(f"SDFARM_REDIS_URL is not a Redis URL: {reason} (allowed: {_REDIS_URL_FORMS})") from None
+        raise ConfigError(str(e)) from None
     return settings
 
 
@@ -75,7 +73,7 @@ def _setting_problem(err: ErrorDetails) -> str:
 
 
 def _board(settings: Settings) -> ProgressBoard:
-    return ProgressBoard.from_url(settings.redis_url.get_secret_value(), settings.progress_ttl)
+    return ProgressBoard.from_settings(settings)
 
 
 def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:

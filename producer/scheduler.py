@@ -31,6 +31,7 @@ from sdfarm.layout import REDBEAT_PREFIX, batch_key
 from sdfarm.logs import configure_logging
 from sdfarm.progress import ProgressBoard
 from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, DATASET_TICK_TASK, make_celery, run_worker_command
+from sdfarm.redis_target import RedisTarget
 from sdfarm.settings import Settings
 from sdfarm.store import Store
 
@@ -65,8 +66,7 @@ def due_runs(folder: Path, board: ProgressBoard, now: dt.datetime) -> list[tuple
 
 def register_control_tasks(app: Celery, settings: Settings) -> None:
     def services() -> tuple[Store, ProgressBoard]:
-        return Store.from_settings(settings), ProgressBoard.from_url(settings.redis_url.get_secret_value(),
-                                                                     settings.progress_ttl)
+        return Store.from_settings(settings), ProgressBoard.from_settings(settings)
 
     @app.task(name=DATASET_TICK_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def dataset_tick() -> None:
@@ -148,7 +148,7 @@ def run_scheduler(settings: Settings, loglevel: str = "INFO") -> int:
 
     app = make_celery(settings)
     app.conf.update(
-        redbeat_redis_url=settings.redis_url.get_secret_value(),
+        **RedisTarget.from_settings(settings).redbeat_conf(),
         redbeat_key_prefix=REDBEAT_PREFIX,
         redbeat_lock_timeout=max(int(settings.scheduler_tick_s * 5), 30),
         beat_max_loop_interval=max(int(settings.scheduler_tick_s), 1),

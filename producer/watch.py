@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from sdfarm.errors import InvalidInput, printable
+from sdfarm.errors import InvalidInput, is_transient, printable
 from sdfarm.layout import batch_key
 from sdfarm.progress import ACTIVE, CANCELLED, ProgressBoard
 from sdfarm.progress import Progress as BatchProgress
@@ -76,17 +76,36 @@ def watch(board: ProgressBoard, store: Store, batch_id: str, console: Console, i
     """Show a live bar until every job is done or failed, or the batch is cancelled.
 
     When nothing has moved for stall_s seconds, on_stall() runs (the CLI passes a reconcile that only
-    acts when no message of the batch is queued or in flight). Returns the final progress."""
+    acts when no message of the batch is queued or in flight). While Redis (or S3) is unreachable, a
+    restart or a Sentinel failover, the bar says so and the watch goes on: it reconnects by itself.
+    Returns the final progress."""
     rate = Rate()
     start = last_change = clock()
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[stats]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
-        p = read_progress(board, store, batch_id)
-        task = bar.add_task(escape(printable(p.name or batch_id)), total=p.total, stats="")
-        seen = p.done + p.failed
+        task: TaskID | None = None
+        last: BatchProgress | None = None
+        seen = 0
         while True:
-            p = read_progress(board, store, batch_id)
+            try:
+                p = read_progress(board, store, batch_id)
+            except Exception as e:
+                timed_out = timeout_s is not None and clock() - start > timeout_s
+                if not is_transient(e) or (timed_out and last is None):
+                    raise
+                if timed_out and last is not None:
+                    return last
+                if task is not None:
+                    bar.update(task, stats=f"unreachable, retrying: {escape(printable(type(e).__name__))}")
+                time.sleep(interval_s)
+                continue
+            if task is None:
+                task = bar.add_task(escape(printable(p.name or batch_id)), total=p.total, stats="")
+                seen = p.done + p.failed
+                if not console.is_terminal:  # no live bar: a first line for the log
+                    console.print(f"watching batch {batch_id}: {p.total} jobs")
+            last = p
             now = clock()
             rate.add(now, p.done + p.failed)
             if p.done + p.failed != seen:
@@ -100,9 +119,18 @@ def watch(board: ProgressBoard, store: Store, batch_id: str, console: Console, i
             if timeout_s is not None and now - start > timeout_s:
                 return p
             if stall_s is not None and on_stall is not None and now - last_change > stall_s and p.state == ACTIVE:
-                on_stall()
                 last_change = now
+                _unless_unreachable(on_stall)
             time.sleep(interval_s)
+
+
+def _unless_unreachable(action: Callable[[], None]) -> None:
+    """action(), but an unreachable Redis or S3 only skips it (the next stall tries again)."""
+    try:
+        action()
+    except Exception as e:
+        if not is_transient(e):
+            raise
 
 
 def status_table(board: ProgressBoard, limit: int = 20) -> Table:

@@ -17,6 +17,8 @@ import redis
 from .layout import BATCHES, dataset_fired_key, dataset_key, handbacks_key
 from .layout import batch_state_key as _key
 from .queue import in_flight, queue_depth
+from .redis_target import RedisTarget
+from .settings import Settings
 from .workers import WorkerBoard
 
 ACTIVE, PAUSED, CANCELLED = "active", "paused", "cancelled"
@@ -49,8 +51,9 @@ class ProgressBoard:
         self.ttl = ttl_s
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int) -> ProgressBoard:
-        return cls(redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5), ttl_s)
+    def from_settings(cls, settings: Settings) -> ProgressBoard:
+        """The board on the farm's Redis: one server, or the master its sentinels name now."""
+        return cls(RedisTarget.from_settings(settings).client(), settings.progress_ttl)
 
     def register(self, batch_id: str, name: str, total: int) -> None:
         now = time.time()

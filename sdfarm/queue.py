@@ -12,6 +12,7 @@ from celery.utils.saferepr import saferepr
 from kombu.utils.uuid import uuid
 
 from .jobs import Chunk, RenderJob, message_version
+from .redis_target import RedisTarget
 from .settings import Settings
 
 RENDER_TASK: Final = "sdfarm.render_chunk"
@@ -81,8 +82,9 @@ def run_worker_command(app: Celery, argv: list[str]) -> int:
 
 
 def make_celery(settings: Settings) -> Celery:
-    url = settings.redis_url.get_secret_value()
+    target = RedisTarget.from_settings(settings)
     transport: dict[str, Any] = {
+        **target.transport_options(),
         "visibility_timeout": settings.visibility_timeout,
         "queue_order_strategy": "priority",
         "priority_steps": list(range(PRIORITY_LEVELS)),
@@ -90,7 +92,7 @@ def make_celery(settings: Settings) -> Celery:
         "unacked_restore_interval": settings.unacked_restore_interval,
         "unacked_restore_throttle": 1,
     }
-    app = Celery("sdfarm", broker=url, set_as_current=False)
+    app = Celery("sdfarm", broker=target.url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -18,6 +18,10 @@ class Settings(BaseSettings):
 
     # Redis: Celery broker and live progress. Put the password in the URL: redis://:PASSWORD@host:6379/0
     redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+    # Redis Sentinel (a sentinel://...;sentinel://... URL, sdfarm/redis_target.py): the monitored master's
+    # name, and the sentinels' own password if they require one
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: SecretStr | None = None
 
     # S3 / MinIO: the durable record (batch manifests, images, sidecars)
     s3_endpoint_url: str | None = None  # None: AWS S3

@@ -179,17 +179,22 @@ def registry(registry_file: Path, cache_dir: Path) -> Registry:
     return Registry.from_settings(Settings(models_file=registry_file, cache_dir=cache_dir))
 
 
-def running_stack(folder: Path) -> Iterator[EmbeddedStack]:
-    """A fixture's embedded stack in `folder`: started, yielded, stopped. When it cannot start, the
-    test fails under CI (CI=true) and is skipped locally, with the reason."""
-    s = EmbeddedStack(folder)
+def start_services(what: str, start: Callable[[], object], stop: Callable[[], object]) -> None:
+    """start() a fixture's servers. When they cannot start, the test fails under CI (CI=true) and is
+    skipped locally, with the reason."""
     try:
-        s.start()
+        start()
     except Exception as e:
-        s.stop()
+        stop()
         if os.environ.get("CI") == "true":
-            pytest.fail(f"embedded stack did not start: {e}")
-        pytest.skip(f"embedded stack did not start: {e}")
+            pytest.fail(f"{what} did not start: {e}")
+        pytest.skip(f"{what} did not start: {e}")
+
+
+def running_stack(folder: Path) -> Iterator[EmbeddedStack]:
+    """A fixture's embedded stack in `folder`: started, yielded, stopped."""
+    s = EmbeddedStack(folder)
+    start_services("embedded stack", s.start, s.stop)
     yield s
     s.stop()
 
@@ -242,7 +247,7 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 @pytest.fixture(scope="session")
 def board(settings: Settings) -> ProgressBoard:
-    return ProgressBoard.from_url(settings.redis_url.get_secret_value(), settings.progress_ttl)
+    return ProgressBoard.from_settings(settings)
 
 
 @pytest.fixture(scope="session")
@@ -302,7 +307,8 @@ def start_worker(env: dict[str, str], redis_client: redis.Redis, tmp_path_factor
     logs = tmp_path_factory.mktemp("worker-logs")
 
     def start(name: str, model: str = TINY, wait: bool = True, extra_env: dict[str, str] | None = None,
-              device: str = "cpu", ready_s: float = 120) -> WorkerProcess:
+              device: str = "cpu", ready_s: float = 120, client: redis.Redis | None = None) -> WorkerProcess:
+        """A worker on the session's stack, or on the Redis `client` reaches (extra_env points it there)."""
         hostname = f"{name}@tests"
         log = logs / f"{name}-{len(started)}.log"
         with log.open("wb") as out:
@@ -312,7 +318,7 @@ def start_worker(env: dict[str, str], redis_client: redis.Redis, tmp_path_factor
                 env={**os.environ, **env, **(extra_env or {})}, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        w = WorkerProcess(hostname, proc, log, redis_client)
+        w = WorkerProcess(hostname, proc, log, client or redis_client)
         started.append(w)
         if wait:
             wait_for(w.ready, ready_s, f"worker {hostname} to load {model} on {device}")

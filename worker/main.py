@@ -89,7 +89,7 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
             hostname=hostname,
             loaded=loaded,
             store=store,
-            board=ProgressBoard.from_url(settings.redis_url.get_secret_value(), settings.progress_ttl),
+            board=ProgressBoard.from_settings(settings),
             versions=versions(),
             pool=ThreadPoolExecutor(settings.upload_threads, thread_name_prefix="upload"),
             assets=assets,
@@ -151,7 +151,7 @@ def preflight(settings: Settings, model: str, device: str) -> None:
         raise WorkerFatal(f"S3 is not reachable ({settings.s3_endpoint_url or 'AWS'}): {e}") from e
     fetch_checkpoint(registry, store, settings, model)
     try:
-        ProgressBoard.from_url(settings.redis_url.get_secret_value(), settings.progress_ttl).ping()
+        ProgressBoard.from_settings(settings).ping()
     except Exception as e:
         raise WorkerFatal(f"Redis is not reachable: {e}") from e
 

@@ -185,7 +185,7 @@ def test_malformed_settings_name_the_variable_in_one_line(tmp_path: Path, env: d
     assert line.startswith("error: SDFARM_REDIS_URL is not a Redis URL: it does not parse (allowed: redis://")
     assert "sec" not in line.replace("percent-encode", "")
     line = one_line_error(cli(["status"], {**env, "SDFARM_REDIS_URL": "http://localhost:6379"}))
-    assert "SDFARM_REDIS_URL is not a Redis URL: it must start with redis://, rediss:// or unix://" in line
+    assert "SDFARM_REDIS_URL is not a Redis URL: it must start with redis://, rediss://, unix:// or sentinel://" in line
     line = one_line_error(cli(["submit", str(batch)], {**env, "SDFARM_CHUNK_SIZE": "0", "SDFARM_UPLOAD_THREADS": "x"}))
     assert line == ("error: SDFARM_CHUNK_SIZE: Input should be greater than or equal to 1 (got '0');"
                     " SDFARM_UPLOAD_THREADS: Input should be a valid integer, unable to parse string as an integer"

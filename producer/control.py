@@ -97,6 +97,7 @@ def reconcile(store: Store, board: ProgressBoard, app: Celery, batch_id: str, ch
             pending.append((index, job))
     chunks = list(make_chunks(batch_id, pending, chunk_size))
     if chunks:
+        board.enqueued(batch_id)
         enqueue_chunks(app, chunks, priority)
     return ReconcileResult(len(jobs), done, failed, len(pending), len(chunks))
 
@@ -118,6 +119,7 @@ def retry_failed(store: Store, board: ProgressBoard, app: Celery, batch_id: str)
         store.delete(failed_key(batch_id, job.id))
     chunks = list(make_chunks(batch_id, sorted(failed, key=lambda ij: ij[0]), 1))
     if chunks:
+        board.enqueued(batch_id)
         enqueue_chunks(app, chunks)
     return len(failed)
 

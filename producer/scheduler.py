@@ -5,7 +5,8 @@ processes never double-fire).
 - every tick (SDFARM_SCHEDULER_TICK_S), for each spec in SDFARM_DATASETS_DIR with a schedule: if its
   latest due time (cron, in the spec's time zone) is new, claim it in Redis (SET NX) and run the
   dataset for that date. A run's batch id is a function of (spec, date): even a double fire renders
-  nothing twice.
+  nothing twice. Then the ledger (producer/ledger.py): due times that will never fire are counted
+  missed, and each spec's next due time is written down for the exporter.
 - when a batch finishes: its automatic exports, then its signed completion webhook (retried with backoff).
 - every tick, the safety net for lost messages (SDFARM_RECONCILE_AFTER_S, 0: off): an active batch on
   which nothing has moved for that long, with none of its messages queued or in flight, is
@@ -18,14 +19,13 @@ import datetime as dt
 import logging
 import os
 import time
-from pathlib import Path
+from collections.abc import Callable
+from functools import partial
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from celery import Celery, Task
-from croniter import croniter
 
-from sdfarm.datasets import WEBHOOK_SECRET_PREFIX, load_spec, webhook_secret_variable
+from sdfarm.datasets import WEBHOOK_SECRET_PREFIX, webhook_secret_variable
 from sdfarm.errors import SdfarmError, TransientError, printable
 from sdfarm.layout import REDBEAT_PREFIX, batch_key
 from sdfarm.logs import configure_logging
@@ -38,6 +38,7 @@ from sdfarm.store import Store
 from .control import reconcile_stalled
 from .datasets import run_dataset
 from .export import export
+from .ledger import Scheduled, account, scheduled_specs
 from .webhook import deliver
 
 log = logging.getLogger("sdfarm.scheduler")
@@ -45,23 +46,48 @@ log = logging.getLogger("sdfarm.scheduler")
 RECONCILE_TICK_TASK = "sdfarm.reconcile_tick"  # sent by this process's beat to its own control worker
 
 
-def due_runs(folder: Path, board: ProgressBoard, now: dt.datetime) -> list[tuple[Path, dt.datetime]]:
+def due_runs(specs: list[Scheduled], board: ProgressBoard, now: dt.datetime) -> list[tuple[Scheduled, dt.datetime]]:
     """(spec, due time) for each scheduled spec whose latest due time is after it was first seen."""
     due = []
-    for path in sorted(folder.glob("*.y*ml")):
-        try:
-            spec = load_spec(path).spec
-        except SdfarmError as e:
-            log.error("skipping %s: %s", path, e)
-            continue
-        if spec.schedule is None:
-            continue
-        since = board.datasets().first_seen(spec.name, now.timestamp())
-        local = now.astimezone(ZoneInfo(spec.schedule.timezone))
-        latest: dt.datetime = croniter(spec.schedule.cron, local).get_prev(dt.datetime)
+    for s in specs:
+        since = board.datasets().first_seen(s.spec.name, now.timestamp())
+        latest = s.schedule.latest(now)
         if latest.timestamp() >= since:
-            due.append((path, latest))
+            due.append((s, latest))
     return due
+
+
+def fire(s: Scheduled, due_at: dt.datetime, settings: Settings, store: Store, board: ProgressBoard, app: Celery
+         ) -> None:
+    """Run a claimed due time's dataset, counted fired; or, when that raises, missed (no tick fires a
+    claimed due time again: a backfill by hand does)."""
+    name, day = s.spec.name, s.schedule.run_date(due_at)
+    try:
+        result = run_dataset(s.path, day, settings, store, board, app)
+    except Exception as e:
+        counted("a missed run", partial(board.datasets().count, name, "missed"))
+        log.error("dataset %s due %s: not fired, and missed: %s: %s; backfill with `sdfarm dataset run %s --date %s`",
+                  name, due_at.isoformat(), type(e).__name__, e, s.path, day.isoformat(),
+                  exc_info=not isinstance(e, SdfarmError))  # a refused spec says why; anything else, where
+        return
+    counted("a fired run", partial(board.datasets().count, name, "fired"))
+    log.info("dataset fired: %s due %s -> batch %s (%d jobs, %d already done)", name, due_at.isoformat(),
+             result.batch_id, result.submitted.jobs, result.submitted.already_done)
+
+
+def count_webhook(board: ProgressBoard, hooks: dict[str, Any], outcome: str) -> None:
+    """Count a webhook attempt under its dataset (every webhook is a dataset run's)."""
+    dataset = hooks.get("dataset")
+    if isinstance(dataset, str) and dataset:
+        counted(f"a webhook {outcome}", partial(board.datasets().count, dataset, f"webhook_{outcome}"))
+
+
+def counted(what: str, count: Callable[[], None]) -> None:
+    """Record a count for the exporter: Redis failing here must not change what the task does."""
+    try:
+        count()
+    except Exception as e:
+        log.warning("could not count %s: %s", what, e)
 
 
 def register_control_tasks(app: Celery, settings: Settings) -> None:
@@ -73,15 +99,12 @@ def register_control_tasks(app: Celery, settings: Settings) -> None:
         if settings.datasets_dir is None:
             return
         store, board = services()
-        for path, due_at in due_runs(settings.datasets_dir, board, dt.datetime.now(dt.timezone.utc)):
-            spec = load_spec(path).spec
-            if not board.datasets().claim(spec.name, due_at.isoformat()):
-                continue  # this due time was already run
-            assert spec.schedule is not None
-            day = spec.schedule.run_date(due_at)
-            result = run_dataset(path, day, settings, store, board, app)
-            log.info("dataset fired: %s due %s -> batch %s (%d jobs, %d already done)", spec.name, due_at.isoformat(),
-                     result.batch_id, result.submitted.jobs, result.submitted.already_done)
+        now = dt.datetime.now(dt.timezone.utc)
+        specs, complete = scheduled_specs(settings.datasets_dir)
+        for s, due_at in due_runs(specs, board, now):
+            if board.datasets().claim(s.spec.name, due_at.isoformat()):  # else this due time was already run
+                fire(s, due_at, settings, store, board, app)
+        account(board.datasets(), specs, complete, now)  # due times missed; the next ones
 
     @app.task(name=RECONCILE_TICK_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def reconcile_tick() -> None:
@@ -105,14 +128,17 @@ def register_control_tasks(app: Celery, settings: Settings) -> None:
             return
         secret = webhook_secret(batch_id, hook["secret_env"])
         if secret is None:
+            count_webhook(board, hooks, "unsent")
             return
         notice = finished_notice(store, board, batch_id, spec)
         try:
             status = deliver(hook["url"], secret, notice)
         except TransientError as e:
+            count_webhook(board, hooks, "failed")
             delay = min(settings.retry_backoff_s * 2 ** self.request.retries, settings.retry_backoff_max_s)
             log.warning("batch %s: %s; retrying in %ss", batch_id, e, delay)
             raise self.retry(exc=e, countdown=delay) from e
+        count_webhook(board, hooks, "delivered")
         log.info("batch %s: webhook delivered (%d)", batch_id, status)
 
 

@@ -190,6 +190,7 @@ def _submit(record_of: Callable[[], BatchRecord], jobs: Iterable[RenderJob], sto
         write_record(record, spool.jobs_file(), store, board)
         done = board.done_bits(record.batch_id)
         enqueued = 0
+        board.enqueued(record.batch_id)  # where the chunks' queue wait starts (worker metrics)
         with ChunkSender(app, priority) as sender:
             for model, entries, version in spool.chunks(chunk_size, done):
                 sender.send(model, record.batch_id, entries, version)

@@ -89,6 +89,32 @@ class Schedule(BaseModel):
         nxt: dt.datetime = croniter(self.cron, local).get_next(dt.datetime)
         return nxt
 
+    def latest(self, moment: dt.datetime) -> dt.datetime:
+        """The latest due time at or before `moment`, in the schedule's time zone."""
+        from croniter import croniter
+
+        local = moment.astimezone(ZoneInfo(self.timezone))
+        prev: dt.datetime = croniter(self.cron, local).get_prev(dt.datetime)
+        return prev
+
+    def due_between(self, after: dt.datetime, before: dt.datetime, limit: int) -> list[dt.datetime]:
+        """Due times strictly after `after` and strictly before `before`, the first `limit` of them."""
+        from croniter import croniter
+
+        times = croniter(self.cron, after.astimezone(ZoneInfo(self.timezone)))
+        found: list[dt.datetime] = []
+        while len(found) < limit:
+            due: dt.datetime = times.get_next(dt.datetime)
+            if due >= before:
+                break
+            found.append(due)
+        return found
+
+    @property
+    def key(self) -> str:
+        """The schedule as one string: its cron and time zone."""
+        return f"{self.cron} {self.timezone}"
+
     def run_date(self, fired_at: dt.datetime) -> dt.date:
         """The date a firing belongs to, in the schedule's own time zone."""
         return fired_at.astimezone(ZoneInfo(self.timezone)).date()

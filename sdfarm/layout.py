@@ -20,9 +20,13 @@ Redis (besides Celery's own lists: render.<model>, render.<model>:<priority>, un
     sdfarm:batch:<batch_id>:<part>         done and failed bitmaps, attempts, ...
     sdfarm:handbacks:<message digest>      how often a task message was handed back
     sdfarm:worker:<hostname>               a worker's heartbeat (sdfarm/workers.py), expiring
-    sdfarm:dataset:<name>                  a dataset's last run and when it was first seen
+    sdfarm:datasets                        set: the datasets the scheduler watches (and the exporter exports)
+    sdfarm:dataset:<name>                  a dataset's last run, when it was first seen, its schedule's
+                                           ledger (due times accounted for, the next one) and its counts
+                                           (runs fired and missed, webhook deliveries)
     sdfarm:dataset:<name>:runs             run date -> batch id
-    sdfarm:dataset:<name>:fired:<due>      the claim that fired one due time (one scheduler fires it)
+    sdfarm:dataset:<name>:fired:<due>      the claim on one due time: by the one scheduler that fires it,
+                                           or by the tick that finds it missed
     sdfarm:redbeat:*                       the scheduler's beat schedule and lock (celery-redbeat)
 """
 
@@ -34,6 +38,7 @@ from typing import Final
 ASSETS_PREFIX: Final = "models/"  # where s3: sources of registry entries live in the bucket
 REDIS_PREFIX: Final = "sdfarm"
 BATCHES: Final = f"{REDIS_PREFIX}:batches"
+DATASETS: Final = f"{REDIS_PREFIX}:datasets"  # the datasets the scheduler watches
 WORKERS_PATTERN: Final = f"{REDIS_PREFIX}:worker:*"
 REDBEAT_PREFIX: Final = f"{REDIS_PREFIX}:redbeat:"  # the scheduler's beat schedule (celery-redbeat)
 
@@ -97,10 +102,11 @@ def worker_key(hostname: str) -> str:
 
 
 def dataset_key(name: str, part: str = "") -> str:
-    """A dataset's state: its hash (last run, first seen), or `runs`."""
+    """A dataset's state: its hash (last run, first seen, schedule ledger, counts), or `runs`."""
     return f"{REDIS_PREFIX}:dataset:{name}" + (f":{part}" if part else "")
 
 
 def dataset_fired_key(name: str, due_at: str) -> str:
-    """The claim on one due time of a dataset: set once, by the scheduler that fires it."""
+    """The claim on one due time of a dataset: set once, by the scheduler that fires it (or, for a due
+    time that will never fire, by the tick that counts it missed: producer/ledger.py)."""
     return f"{REDIS_PREFIX}:dataset:{name}:fired:{due_at}"

@@ -2,7 +2,8 @@
 
 Per batch: a hash of counters and two bitmaps indexed by the job's position in the batch, so a
 redelivered job is never counted twice and a million-job batch costs 125 KB per bitmap; per job, its
-deliveries (attempts); the batch's done-or-failed count as last seen by the reconcile sweep. Per task
+deliveries (attempts); the batch's done-or-failed count as last seen by the reconcile sweep, and when
+its chunks were last enqueued (where a worker's queue wait starts). Per task
 message handed back, a count (sdfarm:handbacks:<digest>).
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import redis
 
-from .layout import BATCHES, dataset_fired_key, dataset_key, handbacks_key
+from .layout import BATCHES, DATASETS, dataset_fired_key, dataset_key, handbacks_key
 from .layout import batch_state_key as _key
 from .queue import in_flight, queue_depth
 from .redis_target import RedisTarget
@@ -64,6 +65,19 @@ class ProgressBoard:
         for part in ("", "done", "failed", "attempts"):
             pipe.expire(_key(batch_id, part), self.ttl)
         pipe.execute()
+
+    def enqueued(self, batch_id: str) -> None:
+        """Chunks of the batch are being enqueued now (submit, reconcile, retry): a worker's queue wait
+        for the batch's chunks counts from the latest such time (enqueued_at)."""
+        pipe = self.r.pipeline()
+        pipe.hset(_key(batch_id), "enqueued_at", time.time())
+        pipe.expire(_key(batch_id), self.ttl)
+        pipe.execute()
+
+    def enqueued_at(self, batch_id: str) -> float | None:
+        """When chunks of the batch were last enqueued (None: by a producer that did not say)."""
+        raw = self.r.hget(_key(batch_id), "enqueued_at")
+        return float(raw) if raw is not None else None
 
     def done_bits(self, batch_id: str) -> bytes:
         raw: Any = self.r.get(_key(batch_id, "done"))
@@ -219,11 +233,26 @@ class ProgressBoard:
         return [i.decode() for i in ids]
 
 
+@dataclass(frozen=True)
+class DatasetStats:
+    """What the exporter exports of a dataset: its counts (RUN_OUTCOMES, and WEBHOOK_OUTCOMES as
+    webhook_<outcome>), the next due time the scheduler expects and when a run last fired."""
+
+    name: str
+    counts: dict[str, int]
+    next_due_at: float | None
+    last_fired_at: float | None
+
+
 class DatasetBoard:
-    """Scheduled datasets' state: the last run of each, when the scheduler first saw it, and the claim
-    that fires each due time once (sdfarm.layout's dataset keys)."""
+    """Scheduled datasets' state: the last run of each, when the scheduler first saw it, the claim
+    that fires each due time once, the schedule's ledger (producer/ledger.py: due times accounted for,
+    the next one) and counts for the exporter (sdfarm.layout's dataset keys)."""
 
     CLAIM_TTL_S = 400 * 24 * 3600  # a claim outlives any schedule's period
+    RUN_OUTCOMES = ("fired", "missed")
+    WEBHOOK_OUTCOMES = ("delivered", "failed", "unsent")
+    COUNTS = (*RUN_OUTCOMES, *(f"webhook_{outcome}" for outcome in WEBHOOK_OUTCOMES))
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
@@ -247,3 +276,75 @@ class DatasetBoard:
     def claim(self, name: str, due_at: str) -> bool:
         """True for the one scheduler that fires this due time."""
         return bool(self.r.set(dataset_fired_key(name, due_at), time.time(), nx=True, ex=self.CLAIM_TTL_S))
+
+    def claim_missed(self, name: str, due_ats: list[str]) -> int:
+        """Claim these due times as missed, in one round trip: each one no scheduler fired or counted
+        already. Counts them (the `missed` count) and returns how many this call claimed."""
+        pipe = self.r.pipeline()
+        for due_at in due_ats:
+            pipe.set(dataset_fired_key(name, due_at), time.time(), nx=True, ex=self.CLAIM_TTL_S)
+        claimed = sum(1 for ok in pipe.execute() if ok)
+        if claimed:
+            self.count(name, "missed", claimed)
+        return claimed
+
+    def count(self, name: str, field: str, n: int = 1) -> None:
+        """Add to one of the dataset's counts: a RUN_OUTCOMES one, or webhook_<WEBHOOK_OUTCOMES>."""
+        if field not in self.COUNTS:
+            raise ValueError(f"unknown dataset count {field!r} (allowed: {', '.join(self.COUNTS)})")
+        pipe = self.r.pipeline()
+        pipe.hincrby(dataset_key(name), field, n)
+        pipe.sadd(DATASETS, name)
+        pipe.execute()
+
+    def ledger(self, name: str, schedule: str, now: float) -> tuple[float, float]:
+        """(since, checked) of the dataset's schedule (its cron and time zone as one string): when a
+        scheduler first saw the dataset with this schedule, and the latest due time accounted for
+        (fired or missed; 0: none yet). A new schedule starts a new ledger at `now`."""
+        seen, since, checked = self.r.hmget(dataset_key(name), "schedule", "schedule_since", "checked_due")
+        if seen != schedule.encode() or since is None:
+            pipe = self.r.pipeline()
+            pipe.hset(dataset_key(name), mapping={"schedule": schedule, "schedule_since": now})
+            pipe.hdel(dataset_key(name), "checked_due")
+            pipe.execute()
+            return now, 0.0
+        return float(since), float(checked or 0)
+
+    def checked(self, name: str, due_at: float, next_due_at: float) -> None:
+        """Every due time up to `due_at` is accounted for; the next is expected at `next_due_at`."""
+        pipe = self.r.pipeline()
+        pipe.hset(dataset_key(name), mapping={"checked_due": due_at, "next_due_at": next_due_at})
+        pipe.sadd(DATASETS, name)
+        pipe.execute()
+
+    def unscheduled(self, scheduled: set[str]) -> list[str]:
+        """Datasets with a next due time that are not in `scheduled` (spec gone, or its schedule): no
+        run is expected of them any more. Their next due time is dropped (their counts stay); returns
+        their names."""
+        names = sorted(n.decode() for n in self.r.smembers(DATASETS))  # type: ignore[union-attr]
+        pipe = self.r.pipeline()
+        for name in names:
+            pipe.hexists(dataset_key(name), "next_due_at")
+        gone = [n for n, due in zip(names, pipe.execute(), strict=True) if due and n not in scheduled]
+        for name in gone:
+            pipe.hdel(dataset_key(name), "next_due_at")
+        pipe.execute()
+        return gone
+
+    def stats(self) -> list[DatasetStats]:
+        """Every watched dataset's counts and times, by name, in one round trip after the set's."""
+        names = sorted(n.decode() for n in self.r.smembers(DATASETS))  # type: ignore[union-attr]
+        pipe = self.r.pipeline()
+        for name in names:
+            pipe.hgetall(dataset_key(name))
+        found = []
+        for name, raw in zip(names, pipe.execute(), strict=True):
+            fields = {k.decode(): v.decode() for k, v in raw.items()}
+            counts = {k: int(v) for k, v in fields.items() if k in self.COUNTS}
+            found.append(DatasetStats(name, counts, _float(fields.get("next_due_at")),
+                                      _float(fields.get("last_fired_at"))))
+        return found
+
+
+def _float(raw: str | None) -> float | None:
+    return float(raw) if raw is not None else None

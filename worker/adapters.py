@@ -2,7 +2,8 @@
 
 LoRAs are switched between chunks (a chunk shares one LoRA set, so never between images): each
 file is loaded once as a named peft adapter and kept for reuse, least recently used first out
-beyond `keep`, so a worker that sees many LoRAs does not grow without bound. Embeddings become
+beyond `keep`, so a worker that sees many LoRAs does not grow without bound; each switch and load is
+told to `on_swap` (the worker's metrics). Embeddings become
 tokens in the tokenizer, loaded the first time a job names them and kept: a prompt that does not
 contain an embedding's name never meets its token. Tokens are the lower-cased name: CLIP
 tokenizers lower-case prompts, so "EasyNegative" and "easynegative" both name it, as in A1111.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,15 @@ def adapter_name(sha256: str) -> str:
     return f"lora_{sha256[:16]}"
 
 
+def _unheard(kind: str) -> None:
+    """No one listens for swaps (a model outside a worker)."""
+
+
 class Adapters:
-    def __init__(self, pipe: Any, keep: int = 4) -> None:
+    def __init__(self, pipe: Any, keep: int = 4, on_swap: Callable[[str], None] = _unheard) -> None:
         self.pipe = pipe
         self.keep = keep
+        self.on_swap = on_swap  # told "lora" when the active set changes, "lora-load" when a file loads
         self.loras: OrderedDict[str, str] = OrderedDict()  # sha256 -> adapter name, oldest use first
         self.embeddings: dict[str, str] = {}  # token -> sha256
         self._active: tuple[tuple[str, float, float | None], ...] | None = ()  # None: unknown (a switch failed)
@@ -55,6 +62,7 @@ class Adapters:
             if self.loras:
                 self.pipe.disable_lora()
             self._active = ()
+            self.on_swap("lora")
             return
         for lora in loras:
             self._load(lora, files[lora.sha256])
@@ -64,6 +72,7 @@ class Adapters:
         self.pipe.set_adapters(names, adapter_weights=[self._weights(n, lora)
                                                        for n, lora in zip(names, loras, strict=True)])
         self._active = wanted
+        self.on_swap("lora")
 
     def _weights(self, adapter: str, lora: LoraRef) -> float | dict[str, float]:
         """One weight, or per component where the UNet's differs from the text encoders' (A1111's
@@ -86,6 +95,7 @@ class Adapters:
             self._drop(name)
             raise AssetError(f"lora {lora.name!r}: cannot load {path.name}: {type(e).__name__}: {e}") from e
         self.loras[lora.sha256] = name
+        self.on_swap("lora-load")
         log.info("lora %s loaded as %s (%d held)", lora.name, name, len(self.loras))
 
     def _evict(self, needed: set[str]) -> None:

@@ -96,7 +96,8 @@ def _init_child(settings: Settings, model: str, device: str, hostname: str, fail
             masks=MaskModels(loaded.device),
             metrics=WorkerMetrics(model, hostname),
         )
-        state.metrics.loaded(loaded.load_s, loaded.compiled)
+        state.metrics.loaded(loaded.load_s, loaded.compiled, loaded.compile_s)
+        loaded.count_swaps(state.metrics.swapped)
         if settings.metrics_port is not None:  # a port in use fails the start, loudly
             state.metrics.serve(settings.metrics_port, settings.metrics_addr)
     except Exception as e:

@@ -13,6 +13,14 @@ on a node.
                                                images' megapixel bucket, "<=0.25MP" .. ">8MP")
     sdfarm_encode_seconds, sdfarm_upload_seconds{model}    per image (histograms)
     sdfarm_model_load_seconds{model, compiled}             loading (and compiling) the model
+    sdfarm_model_compile_seconds{model}        of that, compiling at start-up (the compiled warm-up, its
+                                               graphs from the shared cache included); compiled workers only
+    sdfarm_queue_wait_seconds{model}           from the batch's latest enqueue (submit, reconcile, retry:
+                                               ProgressBoard.enqueued) to this worker taking a chunk
+                                               (histogram; per chunk delivered)
+    sdfarm_swaps_total{model, kind}            between chunks: lora (the active LoRA set changed, to none
+                                               included), lora-load (a LoRA file loaded), vae (the pipeline's
+                                               VAE changed), vae-load (a registered VAE loaded)
     sdfarm_worker_up{model, worker}, sdfarm_worker_blocked{model, worker}
     sdfarm_gpu_memory_bytes{model, kind}       CUDA memory allocated now and at peak (CUDA workers)
 """
@@ -29,6 +37,9 @@ log = logging.getLogger("sdfarm.worker")
 # render seconds of a chunk: from a tiny CPU chunk to minutes of a large one
 RENDER_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
 IMAGE_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# queue wait of a chunk: an idle farm's second to a nightly batch's hours
+WAIT_BUCKETS: Final = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
+SWAP_KINDS: Final = ("lora", "lora-load", "vae", "vae-load")
 FAILURE_KINDS: Final = ("render", "asset", "poison", "handback")
 OUTCOMES: Final = ("rendered", "rendered-existing", "skipped", "failed", "paused", "cancelled")
 # image sizes by megapixels, an upper bound each: a label a user's width x height cannot multiply
@@ -58,6 +69,12 @@ class WorkerMetrics:
                                         buckets=IMAGE_BUCKETS, registry=r)
         self.load_seconds = Gauge("sdfarm_model_load_seconds", "Loading (and compiling) the model.",
                                   ["model", "compiled"], registry=r)
+        self.compile_seconds = Gauge("sdfarm_model_compile_seconds", "Compiling the model at start-up.", ["model"],
+                                     registry=r)
+        self.queue_wait = Histogram("sdfarm_queue_wait_seconds", "From the batch's latest enqueue to a chunk taken.",
+                                    ["model"], buckets=WAIT_BUCKETS, registry=r)
+        self.swaps = Counter("sdfarm_swaps", "LoRA and VAE switches and loads between chunks.", ["model", "kind"],
+                             registry=r)
         self.up = Gauge("sdfarm_worker_up", "1 while the worker serves.", ["model", "worker"], registry=r)
         self.blocked = Gauge("sdfarm_worker_blocked", "1 once the worker stopped itself taking work.",
                              ["model", "worker"], registry=r)
@@ -67,6 +84,8 @@ class WorkerMetrics:
             self.failures.labels(model, kind)
         for outcome in OUTCOMES:
             self.images.labels(model, outcome)
+        for swap in SWAP_KINDS:
+            self.swaps.labels(model, swap)
         self.up.labels(model, hostname).set(1)
         self.blocked.labels(model, hostname).set(0)
 
@@ -87,8 +106,20 @@ class WorkerMetrics:
         self.encode_seconds.labels(self.model).observe(encode_s)
         self.upload_seconds.labels(self.model).observe(upload_s)
 
-    def loaded(self, seconds: float, compiled: bool) -> None:
+    def loaded(self, seconds: float, compiled: bool, compile_s: float = 0.0) -> None:
         self.load_seconds.labels(self.model, str(compiled).lower()).set(seconds)
+        if compiled:
+            self.compile_seconds.labels(self.model).set(compile_s)
+
+    def waited(self, seconds: float) -> None:
+        """A chunk's queue wait (the clocks of the producer and this node may differ: never below 0)."""
+        self.queue_wait.labels(self.model).observe(max(seconds, 0.0))
+
+    def swapped(self, kind: str) -> None:
+        """A LoRA or VAE switch or load (SWAP_KINDS), as the model's Adapters and Vaes report them."""
+        if kind not in SWAP_KINDS:
+            raise ValueError(f"unknown swap kind {kind!r} (allowed: {', '.join(SWAP_KINDS)})")
+        self.swaps.labels(self.model, kind).inc()
 
     def beat(self, blocked: bool, device: Any) -> None:
         """What the heartbeat refreshes: blocked, and CUDA memory."""

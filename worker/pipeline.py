@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class LoadedModel:
     # compiled: the UNet and VAE decoder run through torch.compile, and every pipeline call renders
     # exactly static_batch images (worker/render.py pads a short chunk); None: any batch, eager
     static_batch: int | None = None
+    compile_s: float = 0.0  # of load_s, compiling at start-up (compiled only)
     adapters: Adapters = field(init=False)  # LoRAs and embeddings in the pipeline
     vaes: Vaes = field(init=False)  # the model's VAE and registered ones
     upscalers: Upscalers = field(init=False)  # registered upscaler models (hires and final upscale)
@@ -75,9 +77,16 @@ class LoadedModel:
         vae = self.vaes.select(ref, files)
         if vae.dtype != self.dtype:  # diffusers' SDXL img2img upcasts it to encode, and a failure skips the way back
             vae.to(dtype=self.dtype)
+        if self.pipe.vae is not vae:
+            self.vaes.on_swap("vae")
         for pipe in (self.pipe, *self._variants.values()):
             if pipe.vae is not vae:
                 pipe.vae = vae
+
+    def count_swaps(self, count: Callable[[str], None]) -> None:
+        """Tell `count` of every LoRA and VAE switch and load from now on (worker/metrics.py SWAP_KINDS)."""
+        self.adapters.on_swap = count
+        self.vaes.on_swap = count
 
     def variant(self, mode: str) -> Any:
         """The pipeline for txt2img, img2img or inpaint: the last two are built on first use over the
@@ -172,6 +181,7 @@ def load_model(registry: Registry, name: str, device: str, files: AssetFiles | N
     loaded = _place(registry, name, resolve_device(device), files)
     dev = loaded.device
     pipe = loaded.pipe
+    compiling_since = time.perf_counter()
     if compiling.wanted(compile, dev):
         if cache_root is not None:
             compiling.cache_dir(cache_root)
@@ -184,6 +194,8 @@ def load_model(registry: Registry, name: str, device: str, files: AssetFiles | N
         if shared_cache.fetch(shared_key):
             shared_key = None  # warm from the bucket: nothing new to publish
     warm_up(loaded)
+    if loaded.compiled:  # the warm-up compiled (or loaded the graphs): what compiling costs this start
+        loaded.compile_s = time.perf_counter() - compiling_since
     if shared_cache is not None and shared_key is not None:
         shared_cache.publish(shared_key)
     loaded.load_s = time.perf_counter() - t0

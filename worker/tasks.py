@@ -241,6 +241,15 @@ def _load_chunk(state: WorkerState, payload: Any, digest: str) -> Chunk:
     return chunk
 
 
+def _queue_wait(state: WorkerState, batch_id: str) -> None:
+    """The chunk's queue wait, for the metrics: from its batch's latest enqueue (the message carries
+    no time of its own; ProgressBoard.enqueued) to now, when this worker took it. A redelivered chunk
+    (handed back, or its worker died) counts again, from the same enqueue."""
+    enqueued_at = state.board.enqueued_at(batch_id)
+    if enqueued_at is not None:
+        state.metrics.waited(time.time() - enqueued_at)
+
+
 def _newer(payload: Any) -> bool:
     version = payload.get("schema_version") if isinstance(payload, dict) else None
     return isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
@@ -424,6 +433,7 @@ def _set_busy(state: WorkerState, chunk: Chunk | None) -> None:
 def process_chunk(state: WorkerState, payload: Any, digest: str = "") -> dict[str, int]:
     try:
         chunk = _load_chunk(state, payload, digest)  # 1. load the chunk, checked again
+        _best_effort("reading the batch's enqueue time", partial(_queue_wait, state, chunk.batch_id))
         todo = _to_render(state, chunk)  # 2. skip jobs done; count this delivery (poison jobs stop here)
         with _attempts_kept_on_transient(state, chunk.batch_id, todo):
             _still_active(state, chunk.batch_id, todo)  # checked again right before the GPU starts

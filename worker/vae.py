@@ -2,7 +2,8 @@
 
 A job's `vae` names a registered VAE (a diffusers folder, or a single .safetensors file in the
 original LDM layout or diffusers' own, read with the model's VAE config); no `vae` is the model's
-own. Up to `keep` registered VAEs stay loaded, least recently used out first.
+own. Up to `keep` registered VAEs stay loaded, least recently used out first; each load and swap is
+told to `on_swap` (the worker's metrics).
 
 fp16 VAEs overflow: SDXL's own VAE turns to NaN (black images) at fp16, so diffusers marks it
 `force_upcast` and decodes in fp32. This does the same, and like A1111's "revert VAE to 32-bit"
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,15 @@ from sdfarm.jobs import AssetRef
 log = logging.getLogger("sdfarm.worker")
 
 
+def _unheard(kind: str) -> None:
+    """No one listens for swaps (a model outside a worker)."""
+
+
 class Vaes:
-    def __init__(self, own: Any, keep: int = 2) -> None:
+    def __init__(self, own: Any, keep: int = 2, on_swap: Callable[[str], None] = _unheard) -> None:
         self.own = own  # the model's VAE
         self.keep = keep
+        self.on_swap = on_swap  # told "vae-load" when a registered VAE loads, "vae" when the pipeline's changes
         self.loaded: OrderedDict[str, Any] = OrderedDict()  # sha256 -> AutoencoderKL, oldest use first
 
     def select(self, ref: AssetRef | None, files: dict[str, Path]) -> Any:
@@ -47,6 +53,7 @@ class Vaes:
         except Exception as e:
             raise AssetError(f"vae {ref.name!r}: cannot load {files[ref.sha256].name}: {type(e).__name__}: {e}") from e
         self.loaded[ref.sha256] = vae
+        self.on_swap("vae-load")
         while len(self.loaded) > self.keep:
             self.loaded.popitem(last=False)
         log.info("vae %s loaded (%s)", ref.name, ref.sha256[:12])

@@ -100,6 +100,8 @@ def test_prometheus_scrapes_a_worker_and_its_numbers_are_the_batchs(
     assert prometheus.value(f'sdfarm_chunk_render_seconds_count{{model="{METRICS}",chunk_size="1",size="<=0.25MP"}}'
                             ) == 1
     assert prometheus.value(f'sdfarm_upload_seconds_count{{model="{METRICS}"}}') == 5
+    assert prometheus.value(f'sdfarm_queue_wait_seconds_count{{model="{METRICS}"}}') == chunks  # one per chunk taken
+    assert prometheus.value(f'sum(sdfarm_swaps_total{{model="{METRICS}"}})') == 0  # no LoRA, the model's own VAE
     assert prometheus.value(f'sum(sdfarm_failures_total{{model="{METRICS}"}})') == 0
     assert prometheus.value(f'sdfarm_worker_blocked{{model="{METRICS}",worker="metered@tests"}}') == 0
     assert (prometheus.value(f'sdfarm_model_load_seconds{{model="{METRICS}",compiled="false"}}') or 0) > 0
@@ -116,7 +118,7 @@ def test_the_exporter_gives_queue_depth_per_model_and_the_batches(
     wait_for(lambda: prometheus.value(f'sdfarm_queue_depth{{model="{QUEUED}"}}') == 4, 30,
              "prometheus to see the 4 queued chunks")
     assert prometheus.value(f'sdfarm_workers{{model="{QUEUED}",state="serving"}}') == 0
-    # the lists the chunks went to are the ones the exporter, and KEDA (infra/k8s/keda.yaml), watch
+    # the lists the chunks went to are the ones the exporter, and KEDA (infra/k8s/worker/scaledobject.yaml), watch
     pushed = {key.decode() for key in redis_client.scan_iter(f"{queue_name(QUEUED)}*")}
     assert pushed
     assert pushed <= set(queue_lists(QUEUED))

@@ -21,6 +21,7 @@ import pytest
 
 from infra.stack import EmbeddedStack
 from producer.webhook import SIGNATURE_HEADER, sign
+from sdfarm.progress import ProgressBoard
 from sdfarm.store import Store
 from tests.conftest import IDLE, ROOT, TINY, WorkerProcess, cli, wait_for
 
@@ -113,12 +114,13 @@ def receiver() -> Iterator[str]:
 
 def test_finished_run_is_exported_and_announced_with_a_signed_webhook(
         tmp_path: Path, schedulers: Callable[[dict[str, str]], Scheduler], receiver: str,
-        start_worker: Callable[..., WorkerProcess], env: dict[str, str], store: Store) -> None:
+        start_worker: Callable[..., WorkerProcess], env: dict[str, str], store: Store, board: ProgressBoard) -> None:
     worker = start_worker("scheduled-render")
+    name = f"hooked-{os.getpid()}"
     try:
         schedulers({"SDFARM_WEBHOOK_SECRET": SECRET})
         spec = tmp_path / "hooked.yaml"
-        spec.write_text(f"""name: hooked-{os.getpid()}
+        spec.write_text(f"""name: {name}
 templates: ["a {{thing}}"]
 wildcards: {{thing: [cube, sphere, cone]}}
 images_per_run: 3
@@ -141,6 +143,11 @@ webhook: {{url: "{receiver}"}}
         assert (notice["batch_id"], notice["done"], notice["failed"]) == (batch_id, 3, 0)
         assert store.exists("exports/hooked/2026-11-21/parquet/manifest.parquet")
         assert len(_Receiver.calls) == 2  # one notice delivered, not more
+        # and counted for the exporter: the failed attempt and the delivery
+        counted = wait_for(lambda: next((s.counts for s in board.datasets().stats()
+                                         if s.name == name and "webhook_delivered" in s.counts), None), 30,
+                           "the delivery to be counted")
+        assert counted == {"webhook_failed": 1, "webhook_delivered": 1}
     finally:
         worker.stop()
 

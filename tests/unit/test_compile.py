@@ -53,6 +53,8 @@ def test_compile_is_on_for_cuda_only_by_default(eager: LoadedModel, compiled: Lo
     assert eager.static_batch is None
     assert compiled.compiled
     assert compiled.static_batch == 4
+    assert eager.compile_s == 0  # the compile seconds a worker exports (worker/metrics.py): compiled only
+    assert 0 < compiled.compile_s <= compiled.load_s
     assert load_model.__kwdefaults__ is not None
     assert load_model.__kwdefaults__["compile"] is None  # None: worker/compile.wanted decides by device
 

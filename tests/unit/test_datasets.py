@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sdfarm.datasets import expand, load_spec, plan_run
+from sdfarm.datasets import Schedule, expand, load_spec, plan_run
 from sdfarm.errors import InvalidInput
 from sdfarm.models import HashCache, Registry, parse_registry
 
@@ -105,3 +105,18 @@ def test_the_scheduler_signs_only_with_a_webhook_variable(monkeypatch: pytest.Mo
     assert webhook_secret("b1", "SDFARM_S3_SECRET_ACCESS_KEY") is None
     assert webhook_secret("b1", "SDFARM_WEBHOOK_SECRET") == b"hmac key"
     assert webhook_secret("b1", "SDFARM_WEBHOOK_UNSET") is None
+
+
+def test_due_times_between_two_moments_name_each_due_time_as_the_fire_does() -> None:
+    """The ledger claims missed due times by the same name as the fire claims its due time
+    (Schedule.latest): one due time, one claim, whichever comes first. Across a DST change too."""
+    nightly = Schedule(cron="30 2 * * *", timezone="Europe/Berlin")  # 02:30 does not exist on 2026-03-29
+    after = dt.datetime(2026, 3, 26, 12, 0, tzinfo=dt.timezone.utc)
+    before = dt.datetime(2026, 3, 31, 0, 30, tzinfo=dt.timezone.utc)  # 02:30 in Berlin on the 31st
+    between = nightly.due_between(after, before, limit=100)
+    assert [d.date().isoformat() for d in between] == ["2026-03-27", "2026-03-28", "2026-03-29", "2026-03-30"]
+    for due in between:  # as a tick just after each would see it, and claim it
+        assert nightly.latest(due + dt.timedelta(minutes=1)).isoformat() == due.isoformat()
+    assert nightly.latest(before + dt.timedelta(minutes=1)) == before
+    assert nightly.due_between(after, before, limit=2) == between[:2]
+    assert nightly.due_between(before, before, limit=100) == []

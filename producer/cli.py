@@ -1,79 +1,43 @@
-"""The `sdfarm` command. Producer commands run here; `worker` and `make-tiny-model` are handed to
-the worker package by name, so the producer never imports torch."""
+"""The `sdfarm` command: presentation only, every operation is the farm's (producer/farm.py). `worker`,
+`make-tiny-model` and `reproduce` exec `sdfarm-worker` (worker/cli.py), so the producer never imports
+torch or the worker package."""
 
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn, get_args
+from typing import Any, NoReturn
 
 import click
-import redis
-from pydantic import SecretStr, ValidationError
-from pydantic_core import ErrorDetails
 from rich.console import Console
 from rich.table import Table
 
-from sdfarm.batchfile import load_yaml, stream_file
+from sdfarm.batchfile import load_yaml
+from sdfarm.command import EXIT_FAILED, load_settings, run_command
 from sdfarm.datasets import load_spec
-from sdfarm.errors import BatchInvalid, ConfigError, InvalidInput, SdfarmError, brief, printable
-from sdfarm.inputs import Inputs
-from sdfarm.models import FAMILY_FREE, Registry
-from sdfarm.progress import ACTIVE, CANCELLED, ProgressBoard
-from sdfarm.queue import DEFAULT_PRIORITY, DRAIN_COMMAND, make_celery
-from sdfarm.redis_target import RedisTarget
-from sdfarm.settings import Settings
-from sdfarm.store import Store
+from sdfarm.errors import BatchInvalid, brief, printable
+from sdfarm.models import FAMILY_FREE
+from sdfarm.progress import ACTIVE, CANCELLED
+from sdfarm.queue import DEFAULT_PRIORITY
 
-from .control import cancel, nothing_queued_or_in_flight, pause, reconcile, resume, retry_failed
-from .datasets import dataset_rows, run_dataset
 from .export import FORMATS as EXPORT_FORMATS
-from .export import export
 from .exporter import serve as serve_metrics
-from .fetch import contact_sheet, fetch, links
+from .farm import RECONCILE_AFTER_S, Farm
+from .fetch import contact_sheet
 from .scheduler import run_scheduler
-from .submit import describe_stream, submit_stream
-from .watch import status_table, watch, workers_table
-
-EXIT_INVALID = 2
-EXIT_FAILED = 1
-MAX_ERROR_CHARS = 4000  # one error message as printed (a batch's problems are capped by count)
-# settings whose values are never printed, even when they are wrong
-_SECRET_SETTINGS = frozenset(name for name, f in Settings.model_fields.items()
-                             if f.annotation is SecretStr or SecretStr in get_args(f.annotation))
+from .watch import status_table, workers_table
 
 console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True)
 
 
-def _settings() -> Settings:
-    """The SDFARM_* settings; a wrong one is a ConfigError naming each wrong variable and what it
-    allows, on one line, with its value unless it is a secret."""
-    try:
-        settings = Settings()
-    except ValidationError as e:
-        raise ConfigError("; ".join(_setting_problem(err) for err in e.errors())) from None
-    try:  # Redis clients parse the URL when they first connect: say it now, without the URL
-        RedisTarget.from_settings(settings)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return settings
-
-
-def _setting_problem(err: ErrorDetails) -> str:
-    name = str(err["loc"][0]) if err["loc"] else ""
-    given = "" if name in _SECRET_SETTINGS else f" (got {brief(err['input'], 60)})"
-    return f"SDFARM_{name.upper()}: {err['msg'].removeprefix('Value error, ')}{given}"
-
-
-def _board(settings: Settings) -> ProgressBoard:
-    return ProgressBoard.from_settings(settings)
+def _farm() -> Farm:
+    return Farm.from_settings(load_settings())
 
 
 def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -110,39 +74,28 @@ def submit(file: Path, dry_run: bool, priority: int, model: str | None, sets: tu
            then_watch: bool, cpu_noise: bool) -> None:
     """Validate FILE (yaml, json, jsonl, csv, txt; or A1111 images: a .png or a folder of them, one job
     per image from its infotext) and enqueue its jobs. All or nothing."""
-    settings = _settings()
+    farm = _farm()
     overrides = _parse_sets(sets)
     if model:
         overrides["model"] = model
-    store = Store.from_settings(settings)
-    stream = stream_file(file, Registry.from_settings(settings), settings.max_jobs_per_batch, overrides, name,
-                         Inputs(store, settings.inputs_dir), cpu_noise)
+    stream = farm.plan_file(file, overrides, name, cpu_noise)
     if dry_run:
-        console.print(describe_stream(stream, settings.chunk_size), highlight=False)
+        console.print(farm.describe(stream), highlight=False)
         console.print("dry run: nothing enqueued")
         return
-    board = _board(settings)
-    result = submit_stream(stream, store, make_celery(settings), board, settings.chunk_size, priority)
+    result = farm.submit(stream, priority)
     console.print(f"batch {result.batch_id}: {result.jobs} jobs, {result.chunks_enqueued} chunks enqueued,"
                   f" {result.already_done} already done", highlight=False)
-    if board.state(result.batch_id) != ACTIVE:
-        errors.print(f"batch {result.batch_id} is {board.state(result.batch_id)}: `sdfarm resume` to render it")
+    state = farm.state(result.batch_id)
+    if state != ACTIVE:
+        errors.print(f"batch {result.batch_id} is {state}: `sdfarm resume` to render it")
     if then_watch:
-        _watch_and_exit(settings, board, store, result.batch_id, None)
+        _watch_and_exit(farm, result.batch_id, None)
 
 
-def _watch_and_exit(settings: Settings, board: ProgressBoard, store: Store, batch_id: str, timeout: float | None,
-                    stall_s: float | None = 60.0) -> None:
-    app = make_celery(settings)
-
-    def reconcile_if_idle() -> None:
-        if not nothing_queued_or_in_flight(store, board, batch_id):
-            return
-        result = reconcile(store, board, app, batch_id, settings.chunk_size)
-        if result.enqueued_jobs:
-            errors.print(f"queue empty but {result.enqueued_jobs} jobs missing: re-enqueued them (reconcile)")
-
-    p = watch(board, store, batch_id, console, timeout_s=timeout, stall_s=stall_s, on_stall=reconcile_if_idle)
+def _watch_and_exit(farm: Farm, batch_id: str, timeout: float | None,
+                    reconcile_after: float | None = RECONCILE_AFTER_S) -> None:
+    p = farm.watch(batch_id, console, timeout, reconcile_after, notices=errors)
     if p.state == CANCELLED:
         errors.print(f"batch {batch_id}: cancelled ({p.done} of {p.total} done)")
         sys.exit(EXIT_FAILED)
@@ -158,25 +111,18 @@ def _watch_and_exit(settings: Settings, board: ProgressBoard, store: Store, batc
 @cli.command("watch")
 @click.argument("batch_id")
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 1).")
-@click.option("--reconcile-after", type=float, default=60.0, show_default=True,
+@click.option("--reconcile-after", type=float, default=RECONCILE_AFTER_S, show_default=True,
               help="Seconds without progress (queue empty) before missing jobs are re-enqueued.")
 def watch_cmd(batch_id: str, timeout: float | None, reconcile_after: float) -> None:
     """Live progress of a batch. Exit 0 when every job is done, 1 when any failed or it was cancelled."""
-    settings = _settings()
-    _watch_and_exit(settings, _board(settings), Store.from_settings(settings), batch_id, timeout, reconcile_after)
-
-
-def _control() -> tuple[Settings, Store, ProgressBoard]:
-    settings = _settings()
-    return settings, Store.from_settings(settings), _board(settings)
+    _watch_and_exit(_farm(), batch_id, timeout, reconcile_after)
 
 
 @cli.command("cancel")
 @click.argument("batch_id")
 def cancel_cmd(batch_id: str) -> None:
     """Cancel a batch: once this returns, no new render of it starts."""
-    _, store, board = _control()
-    cancel(store, board, batch_id)
+    _farm().cancel(batch_id)
     console.print(f"batch {batch_id}: cancelled")
 
 
@@ -184,8 +130,7 @@ def cancel_cmd(batch_id: str) -> None:
 @click.argument("batch_id")
 def pause_cmd(batch_id: str) -> None:
     """Pause a batch: workers drop its chunks unrendered until `resume`."""
-    _, store, board = _control()
-    pause(store, board, batch_id)
+    _farm().pause(batch_id)
     console.print(f"batch {batch_id}: paused")
 
 
@@ -193,8 +138,7 @@ def pause_cmd(batch_id: str) -> None:
 @click.argument("batch_id")
 def resume_cmd(batch_id: str) -> None:
     """Resume a paused or cancelled batch: enqueue every job without output."""
-    settings, store, board = _control()
-    result = resume(store, board, make_celery(settings), batch_id, settings.chunk_size)
+    result = _farm().resume(batch_id)
     console.print(f"batch {batch_id}: active; {result.enqueued_jobs} jobs enqueued ({result.done} done)")
 
 
@@ -202,8 +146,7 @@ def resume_cmd(batch_id: str) -> None:
 @click.argument("batch_id")
 def retry_cmd(batch_id: str) -> None:
     """Enqueue a batch's failed jobs again (their attempt counts start over)."""
-    settings, store, board = _control()
-    count = retry_failed(store, board, make_celery(settings), batch_id)
+    count = _farm().retry(batch_id)
     console.print(f"batch {batch_id}: {count} failed jobs enqueued again")
 
 
@@ -211,8 +154,7 @@ def retry_cmd(batch_id: str) -> None:
 @click.argument("batch_id")
 def reconcile_cmd(batch_id: str) -> None:
     """Re-enqueue every job with no output that has not failed. Safe any time, any number of times."""
-    settings, store, board = _control()
-    r = reconcile(store, board, make_celery(settings), batch_id, settings.chunk_size)
+    r = _farm().reconcile(batch_id)
     console.print(f"batch {batch_id}: {r.total} jobs, {r.done} done, {r.failed} failed,"
                   f" {r.enqueued_jobs} re-enqueued in {r.chunks} chunks")
 
@@ -221,7 +163,7 @@ def reconcile_cmd(batch_id: str) -> None:
 @click.option("--limit", type=int, default=20, show_default=True)
 def status(limit: int) -> None:
     """Recent batches with their counts."""
-    console.print(status_table(_board(_settings()), limit))
+    console.print(status_table(_farm().recent(limit)))
 
 
 @cli.command("fetch")
@@ -230,7 +172,7 @@ def status(limit: int) -> None:
 @click.option("--contact-sheet", "sheet", type=click.Path(path_type=Path), help="Also write a contact sheet PNG.")
 def fetch_cmd(batch_id: str, dest: Path, sheet: Path | None) -> None:
     """Download a batch's images, sidecars and manifest.jsonl into DEST."""
-    result = fetch(Store.from_settings(_settings()), batch_id, dest)
+    result = _farm().fetch(batch_id, dest)
     console.print(f"{result.images} images in {result.folder} ({result.missing} missing, {result.failed} failed);"
                   f" manifest {result.manifest}", highlight=False)
     if sheet is not None and result.images:
@@ -242,7 +184,7 @@ def fetch_cmd(batch_id: str, dest: Path, sheet: Path | None) -> None:
 @click.option("--expires", type=int, default=3600, show_default=True, help="Seconds the links stay valid (max 7 days).")
 def links_cmd(batch_id: str, expires: int) -> None:
     """Print short-lived read-only (presigned GET) links to a batch's images, one JSON line each."""
-    for row in links(Store.from_settings(_settings()), batch_id, expires):
+    for row in _farm().links(batch_id, expires):
         click.echo(json.dumps(row))
 
 
@@ -250,7 +192,7 @@ def links_cmd(batch_id: str, expires: int) -> None:
 @click.option("--check", "check_host", metavar="HOSTNAME", help="Exit 0 only if this worker's heartbeat is live.")
 def workers_cmd(check_host: str | None) -> None:
     """Live workers (from their heartbeats): model, device, last heartbeat, counters."""
-    beats = _board(_settings()).workers().live()
+    beats = _farm().workers()
     if check_host is not None:
         sys.exit(0 if any(b.hostname == check_host for b in beats) else EXIT_FAILED)
     console.print(workers_table(beats))
@@ -261,14 +203,7 @@ def workers_cmd(check_host: str | None) -> None:
 def drain_cmd(worker: str) -> None:
     """Drain WORKER (a name `sdfarm workers` lists): it takes no more chunks, finishes and stores the one
     in hand, then exits 0, as on SIGTERM; past SDFARM_DRAIN_TIMEOUT its chunk is handed back."""
-    replies = make_celery(_settings()).control.broadcast(DRAIN_COMMAND, destination=[worker], reply=True,
-                                                         timeout=5.0)
-    if not replies:
-        live = ", ".join(b.hostname for b in _board(_settings()).workers().live()) or "none"
-        raise InvalidInput(f"no worker named {brief(worker)} answered (live workers: {live})")
-    answer: Any = next(iter(replies[0].values()), {}) if isinstance(replies[0], dict) else {}
-    if "ok" not in answer:  # an older worker, or a process that is no render worker
-        raise InvalidInput(f"{brief(worker)} cannot drain: it answered {brief(answer)}")
+    _farm().drain(worker)
     console.print(f"{printable(worker)}: draining (it finishes the chunk in hand, then exits)", highlight=False)
 
 
@@ -280,8 +215,8 @@ def drain_cmd(worker: str) -> None:
 def exporter_cmd(port: int, addr: str, batches: int) -> None:
     """Serve the farm's Prometheus metrics (queue depth per model, unacknowledged chunks, live workers,
     batches by state, jobs, ETAs), read from Redis at each scrape."""
-    settings = _settings()
-    serve_metrics(_board(settings), Registry.from_settings(settings), port, addr, batches)
+    farm = _farm()
+    serve_metrics(farm.board, farm.registry, port, addr, batches)
 
 
 @cli.command("export")
@@ -291,7 +226,7 @@ def exporter_cmd(port: int, addr: str, batches: int) -> None:
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Images per WebDataset shard.")
 def export_cmd(batch_id: str, dest: str, fmt: str, shard_size: int) -> None:
     """Export a batch as imagefolder, webdataset or parquet to DEST (a folder or s3://bucket/prefix)."""
-    count, files = export(Store.from_settings(_settings()), batch_id, fmt, dest, shard_size)
+    count, files = _farm().export(batch_id, fmt, dest, shard_size)
     console.print(f"{count} images exported as {fmt}: {len(files)} files under {dest}", highlight=False)
 
 
@@ -307,28 +242,28 @@ def dataset() -> None:
 @click.option("--watch", "then_watch", is_flag=True)
 def dataset_run(spec: Path, date_: datetime.datetime | None, then_watch: bool) -> None:
     """Expand SPEC for a date and submit it. The same spec and date render nothing twice."""
-    settings, store, board = _control()
+    farm = _farm()
     loaded = load_spec(spec)
     day = date_.date() if date_ else (loaded.spec.schedule.run_date(datetime.datetime.now(datetime.timezone.utc))
                                       if loaded.spec.schedule else datetime.date.today())
-    result = run_dataset(spec, day, settings, store, board, make_celery(settings))
+    result = farm.run_dataset(spec, day)
     console.print(f"dataset {loaded.spec.name} {day}: batch {result.batch_id}: {result.submitted.jobs} jobs,"
                   f" {result.submitted.chunks_enqueued} chunks enqueued, {result.submitted.already_done} already done",
                   highlight=False)
     if then_watch:
-        _watch_and_exit(settings, board, store, result.batch_id, None)
+        _watch_and_exit(farm, result.batch_id, None)
 
 
 @dataset.command("list")
 @click.argument("folder", type=click.Path(path_type=Path, file_okay=False), required=False)
 def dataset_list(folder: Path | None) -> None:
     """Each spec's schedule, next and last run with its batch id and counts."""
-    settings = _settings()
-    folder = folder or settings.datasets_dir
+    farm = _farm()
+    folder = folder or farm.settings.datasets_dir
     if folder is None:
         raise click.UsageError("give a FOLDER of dataset specs or set SDFARM_DATASETS_DIR")
     table = Table(title=f"datasets in {folder}")
-    rows = dataset_rows(folder, _board(settings))
+    rows = farm.datasets(folder)
     for col in ("name", "spec", "schedule", "next_run", "last_run", "last_batch", "counts"):
         table.add_column(col, no_wrap=col in ("last_batch", "next_run"))
     for row in rows:
@@ -340,63 +275,54 @@ def dataset_list(folder: Path | None) -> None:
 @click.option("--loglevel", default="INFO", show_default=True)
 def scheduler(loglevel: str) -> None:
     """Run the control process: dataset schedules (SDFARM_DATASETS_DIR) and completion hooks."""
-    sys.exit(run_scheduler(_settings(), loglevel))
+    sys.exit(run_scheduler(load_settings(), loglevel))
 
 
-@cli.command("reproduce")
-@click.argument("key")
-@click.option("--device", default="cpu", show_default=True, help="Where to render: cpu, cuda, cuda:N.")
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Write the new render here (PNG).")
-def reproduce_cmd(key: str, device: str, out: Path | None) -> None:
-    """Render a stored image again from its sidecar alone (KEY: a job id or renders/<id>.png) and
-    print how far the new pixels are from the stored ones."""
-    from worker.reproduce import reproduce  # the worker's dependencies: only this command needs them
-
-    r = reproduce(_settings(), key, device)
-    if out is not None:
-        r.image.save(out)
-    same = "identical" if r.max_diff == 0 else f"{r.pixels_differing} of {r.pixels} pixels differ"
-    console.print(f"job {r.job_id}: rendered again on {device} (stored by {r.rendered_by}): max difference"
-                  f" {r.max_diff}/255, mean {r.mean_diff:.3f}; {same}", highlight=False)
+@cli.command("reproduce", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def reproduce_cmd(args: tuple[str, ...]) -> None:
+    """Render a stored image again from its sidecar alone: `sdfarm-worker reproduce` (its --help)."""
+    _exec_worker("reproduce", args)
 
 
 @cli.command()
 def models() -> None:
     """The model registry: models, LoRAs, embeddings, VAEs, upscalers and mask models with sources and
     identities (upscalers and mask models fit any family: "-")."""
-    registry = Registry.from_settings(_settings())
+    farm = _farm()
+    registry, bucket = farm.registry, farm.settings.s3_bucket
     for entry in registry:
-        source = entry.path or entry.file or (f"s3://{_settings().s3_bucket}/{entry.s3_key}" if entry.s3
+        source = entry.path or entry.file or (f"s3://{bucket}/{entry.s3_key}" if entry.s3
                                               else f"hub:{entry.hub}@{entry.revision}")
         console.print(f"model      {entry.name:<24} {entry.family:<6} {registry.identity(entry.name)[:10]}  {source}",
                       highlight=False)
     for (kind, name), asset in sorted(registry.assets.items()):
-        where = asset.file or asset.path or f"s3://{_settings().s3_bucket}/{asset.s3_key}"
+        where = asset.file or asset.path or f"s3://{bucket}/{asset.s3_key}"
         family = "-" if kind in FAMILY_FREE else asset.family
         console.print(f"{kind:<10} {name:<24} {family:<6} {registry.asset_identity(kind, name)[:12]}  {where}",
                       highlight=False)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
-@click.option("--model", required=True, help="Registry name of the model this worker serves.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N")
-@click.option("--hostname", default=None, help="Celery node name (default MODEL-PID@HOST).")
-@click.option("--loglevel", default="INFO", show_default=True)
-def worker(model: str, device: str, hostname: str | None, loglevel: str) -> None:
-    """Run a render worker (one per GPU): loads the model once, serves queue render.MODEL."""
-    run_worker = importlib.import_module("worker.main").run_worker
-    sys.exit(run_worker(_settings(), model, device, hostname, loglevel))
+@cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def worker(args: tuple[str, ...]) -> None:
+    """Run a render worker (one per GPU): `sdfarm-worker serve` (its --help)."""
+    _exec_worker("serve", args)
 
 
-@cli.command("make-tiny-model")
-@click.argument("dest", type=click.Path(path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--family", type=click.Choice(["sd15", "sdxl", "sdxl-refiner"]), default="sd15", show_default=True)
-def make_tiny_model(dest: Path, seed: int, family: str) -> None:
-    """Write a tiny random-weight SD1.5-, SDXL- or SDXL-refiner-architecture pipeline (diffusers folder)
-    to DEST."""
-    write = importlib.import_module("worker.testing").write_tiny_model
-    console.print(f"tiny {family} model written to {write(dest, seed, family)}", highlight=False)
+@cli.command("make-tiny-model", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def make_tiny_model(args: tuple[str, ...]) -> None:
+    """Write a tiny random-weight pipeline: `sdfarm-worker make-tiny-model` (its --help)."""
+    _exec_worker("make-tiny-model", args)
+
+
+def _exec_worker(command: str, args: tuple[str, ...]) -> NoReturn:
+    """Become `sdfarm-worker COMMAND ARGS` (worker/cli.py) in this process: its signals, exit code and
+    output are the worker's own, and the producer never imports the worker package."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "worker", command, *args])
 
 
 @cli.group()
@@ -481,25 +407,4 @@ def stack_env(state_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        cli.main(args=argv, prog_name="sdfarm", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except BatchInvalid as e:  # at most MAX_SHOWN_PROBLEMS lines, each escaped
-        click.echo(printable(str(e), newlines=True), err=True)
-        sys.exit(EXIT_INVALID)
-    except SdfarmError as e:
-        click.echo(f"error: {printable(str(e)[:MAX_ERROR_CHARS], newlines=True)}", err=True)
-        sys.exit(EXIT_INVALID)
-    except redis.exceptions.AuthenticationError:
-        click.echo("error: Redis refused the password in SDFARM_REDIS_URL (redis://:PASSWORD@HOST:PORT/DB)", err=True)
-        sys.exit(EXIT_INVALID)
-    except redis.exceptions.ConnectionError as e:
-        click.echo(f"error: cannot reach Redis (SDFARM_REDIS_URL): {e}", err=True)
-        sys.exit(EXIT_FAILED)
+    run_command(cli, "sdfarm", argv)

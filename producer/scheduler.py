@@ -38,6 +38,7 @@ from sdfarm.store import Store
 from .control import reconcile_stalled
 from .datasets import run_dataset
 from .export import export
+from .farm import Farm
 from .ledger import Scheduled, account, scheduled_specs
 from .webhook import deliver
 
@@ -92,7 +93,8 @@ def counted(what: str, count: Callable[[], None]) -> None:
 
 def register_control_tasks(app: Celery, settings: Settings) -> None:
     def services() -> tuple[Store, ProgressBoard]:
-        return Store.from_settings(settings), ProgressBoard.from_settings(settings)
+        farm = Farm.from_settings(settings, app)
+        return farm.store, farm.board
 
     @app.task(name=DATASET_TICK_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def dataset_tick() -> None:

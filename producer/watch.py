@@ -133,19 +133,16 @@ def _unless_unreachable(action: Callable[[], None]) -> None:
             raise
 
 
-def status_table(board: ProgressBoard, limit: int = 20) -> Table:
+def status_table(batches: list[BatchProgress]) -> Table:
     table = Table(title="recent batches")
     for col in ("batch", "name", "submitted", "total", "done", "failed", "queued", "state"):
         table.add_column(col, justify="right" if col in ("total", "done", "failed", "queued") else "left",
                          no_wrap=col in ("batch", "submitted"))
-    for batch_id in board.recent(limit):
-        p = board.read(batch_id)
-        if p is None:
-            continue
+    for p in batches:
         state = (p.state if p.state != ACTIVE else
                  "failed" if p.finished and p.failed else "done" if p.finished else "running")
         submitted = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.submitted_at))
-        table.add_row(cell(batch_id), cell(p.name), submitted, str(p.total), str(p.done), str(p.failed),
+        table.add_row(cell(p.batch_id), cell(p.name), submitted, str(p.total), str(p.done), str(p.failed),
                       str(p.queued), cell(state))
     return table
 

@@ -21,3 +21,16 @@ def test_worker_start_up_modules_do_not_import_diffusers() -> None:
     is available, which initialises the driver and leaves the pool child unable to use the GPU."""
     assert imported("worker.main, worker.tasks, worker.pipeline, worker.render",
                     ("diffusers", "transformers", "peft", "spandrel")) == []
+
+
+def test_the_worker_commands_of_sdfarm_exec_sdfarm_worker() -> None:
+    """`sdfarm worker`, `make-tiny-model` and `reproduce` become `sdfarm-worker ...` (worker/cli.py):
+    the producer reaches the worker package only through that exec."""
+    for command, shown in (("worker", "serve"), ("make-tiny-model", "make-tiny-model"), ("reproduce", "reproduce")):
+        out = subprocess.run([sys.executable, "-m", "producer", command, "--help"], capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.startswith(f"Usage: sdfarm-worker {shown} [OPTIONS]"), out.stdout
+
+
+def test_the_worker_command_line_does_not_import_diffusers() -> None:
+    assert imported("worker.cli", ("diffusers", "transformers", "torch")) == []

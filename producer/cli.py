@@ -219,6 +219,18 @@ def exporter_cmd(port: int, addr: str, batches: int) -> None:
     serve_metrics(farm.board, farm.registry, port, addr, batches)
 
 
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--loglevel", default="info", show_default=True)
+def serve_cmd(host: str, port: int, loglevel: str) -> None:
+    """Serve the HTTP API (native under /v1, A1111's under /sdapi/v1, docs at /docs) and the gallery
+    (at /). Bearer tokens from SDFARM_API_TOKENS (NAME:TOKEN,...)."""
+    from .api.app import serve
+
+    serve(_farm(), host, port, loglevel)
+
+
 @cli.command("export")
 @click.argument("batch_id")
 @click.argument("dest")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from celery import Celery
 
-from sdfarm.errors import InvalidInput
+from sdfarm.errors import InvalidInput, UnknownBatch
 from sdfarm.jobs import RECORDED, RenderJob, make_chunks
 from sdfarm.layout import batch_key, control_key, failed_key, failed_prefix, jobs_key, sidecar_key
 from sdfarm.progress import ACTIVE, CANCELLED, PAUSED, ProgressBoard
@@ -31,7 +31,7 @@ def read_batch_jobs(store: Store, batch_id: str) -> list[tuple[int, RenderJob]]:
     try:
         text = store.get(jobs_key(batch_id)).decode()
     except MissingObject as e:
-        raise InvalidInput(f"unknown batch {batch_id!r}: no s3://{store.bucket}/{jobs_key(batch_id)}") from e
+        raise UnknownBatch(f"unknown batch {batch_id!r}: no s3://{store.bucket}/{jobs_key(batch_id)}") from e
     rows = (json.loads(line) for line in text.splitlines() if line.strip())
     return [(row["index"], RenderJob.model_validate(row["job"], context=RECORDED)) for row in rows]
 
@@ -47,7 +47,7 @@ def durable_state(store: Store, batch_id: str) -> str:
 def set_batch_state(store: Store, board: ProgressBoard, batch_id: str, state: str) -> None:
     """S3 first (durable), then Redis (what workers read). When this returns, no new render starts."""
     if not store.exists(batch_key(batch_id)):
-        raise InvalidInput(f"unknown batch {batch_id!r}: no s3://{store.bucket}/{batch_key(batch_id)}")
+        raise UnknownBatch(f"unknown batch {batch_id!r}: no s3://{store.bucket}/{batch_key(batch_id)}")
     store.put_json(control_key(batch_id), {"state": state, "at": time.time()})
     board.set_state(batch_id, state)
 

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from sdfarm.errors import InvalidInput, is_transient, printable
+from sdfarm.errors import InvalidInput, UnknownBatch, is_transient, printable
 from sdfarm.layout import batch_key
 from sdfarm.progress import ACTIVE, CANCELLED, ProgressBoard
 from sdfarm.progress import Progress as BatchProgress
@@ -65,7 +65,7 @@ def read_progress(board: ProgressBoard, store: Store, batch_id: str) -> BatchPro
     try:
         store.get_json(batch_key(batch_id))
     except MissingObject as e:
-        raise InvalidInput(f"unknown batch {batch_id!r}: no s3://{store.bucket}/{batch_key(batch_id)}") from e
+        raise UnknownBatch(f"unknown batch {batch_id!r}: no s3://{store.bucket}/{batch_key(batch_id)}") from e
     raise InvalidInput(f"batch {batch_id} has no live progress in Redis (expired or lost): resubmit it to"
                        " re-register; finished jobs are skipped")
 

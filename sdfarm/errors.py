@@ -155,6 +155,10 @@ class UnknownModel(InvalidInput):
     """A model name that the registry does not hold."""
 
 
+class UnknownBatch(InvalidInput):
+    """A batch id that names no batch in the bucket."""
+
+
 class TransientError(SdfarmError):
     """A dependency failed in a way that may pass: retry with backoff."""
 

@@ -71,6 +71,11 @@ def sidecar_key(job_id: str) -> str:
     return f"renders/{job_id}.json"
 
 
+def thumbnail_key(job_id: str) -> str:
+    """A small WebP of the image for the gallery, written by the worker beside the PNG (before the sidecar)."""
+    return f"thumbs/{job_id}.webp"
+
+
 def dead_letter_key(message_sha256: str) -> str:
     """A task message set aside (malformed, or from a newer producer that no worker read in time)."""
     return f"dead-letters/{message_sha256}.json"

@@ -57,6 +57,16 @@ class Settings(BaseSettings):
     # Celery task events from workers (Flower, `celery events`): off by default, each costs a Redis publish
     task_events: bool = False
 
+    # HTTP API and gallery (`sdfarm serve`, producer/api/): bearer tokens as NAME:TOKEN pairs, comma
+    # separated (none set: every request but /healthz is refused); the name shows in logs, never the token
+    api_tokens: SecretStr | None = None
+    api_max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)  # a request's body, uploads included
+    api_max_jobs: int = Field(default=100_000, ge=1)  # jobs in one batch submitted through the API
+    api_max_image_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)  # one base64 image, decoded
+    api_max_concurrent: int = Field(default=16, ge=1)  # requests in flight per token (429 beyond)
+    api_sync_timeout_s: float = Field(default=600.0, gt=0)  # txt2img/img2img wait this long for the render
+    api_cors_origins: str = ""  # comma-separated origins allowed by CORS (empty: CORS off)
+
     # Logs of the worker and the scheduler: text lines, or one JSON object a line (sdfarm/logs.py)
     log_format: Literal["text", "json"] = "text"
 

@@ -327,3 +327,66 @@ def start_worker(env: dict[str, str], redis_client: redis.Redis, tmp_path_factor
     yield start
     for w in started:
         w.stop()
+
+
+API_TOKEN = "tests-token-" + "a" * 20  # the `tests` caller of the API server below
+OTHER_TOKEN = "other-token-" + "b" * 20  # a second caller, `other`
+
+
+@dataclass
+class ApiServer:
+    """A real `sdfarm serve` process on loopback, with two callers (tests, other)."""
+
+    url: str
+    token: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def headers(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.token}"}
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+def start_api(env: dict[str, str], log: Path, extra_env: dict[str, str] | None = None) -> ApiServer:
+    """`sdfarm serve` on a free port; returns once /healthz answers."""
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    full = {**os.environ, **env, "SDFARM_API_TOKENS": f"tests:{API_TOKEN},other:{OTHER_TOKEN}", **(extra_env or {})}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "producer", "serve", "--port", str(port)], env=full, cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = ApiServer(f"http://127.0.0.1:{port}", API_TOKEN, proc, log)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"sdfarm serve exited with {proc.returncode}:\n{server.tail()}")
+        try:
+            return requests.get(server.url + "/healthz", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    wait_for(up, 60, "sdfarm serve to answer /healthz")
+    return server
+
+
+def stop_api(server: ApiServer) -> None:
+    if server.proc.poll() is None:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        try:
+            server.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def api(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
+    """The session's API server on the embedded stack."""
+    server = start_api(env, tmp_path_factory.mktemp("api") / "serve.log")
+    yield server
+    stop_api(server)

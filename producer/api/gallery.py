@@ -1,0 +1,5 @@
+"""The gallery pages at /: routes are added here."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

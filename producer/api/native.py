@@ -1,0 +1,5 @@
+"""The native API under /v1: routes are added here."""
+
+from fastapi import APIRouter
+
+router = APIRouter()

@@ -1,0 +1,40 @@
+"""`sdfarm serve`'s own promises, before any router: health, readiness, who may call, and errors."""
+
+from __future__ import annotations
+
+import requests
+
+from tests.conftest import OTHER_TOKEN, ApiServer
+
+
+def test_healthz_needs_no_token_and_readyz_sees_redis_and_s3(api: ApiServer) -> None:
+    assert requests.get(api.url + "/healthz", timeout=5).json() == {"status": "ok"}
+    ready = requests.get(api.url + "/readyz", headers=api.headers(), timeout=10)
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ok", "redis": "ok", "s3": "ok"}
+
+
+def test_every_other_route_refuses_a_missing_or_wrong_token(api: ApiServer) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong-token-xxxxxxxxxxxx"}, {"Authorization": f"Basic {api.token}"},
+                    {"Authorization": api.token}):
+        r = requests.get(api.url + "/readyz", headers=headers, timeout=5)
+        assert r.status_code == 401
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+        assert r.json() == {"detail": "a valid token is required: Authorization: Bearer TOKEN"}
+    assert requests.get(api.url + "/readyz", headers=api.headers(OTHER_TOKEN), timeout=5).status_code == 200
+
+
+def test_no_token_appears_in_the_servers_log(api: ApiServer) -> None:
+    requests.get(api.url + "/readyz", headers=api.headers(), timeout=5)
+    requests.get(api.url + "/readyz", headers={"Authorization": "Bearer wrong-token-xxxxxxxxxxxx"}, timeout=5)
+    assert api.token not in api.tail(10**6)
+    assert "wrong-token" not in api.tail(10**6)
+
+
+def test_the_openapi_document_describes_the_api(api: ApiServer) -> None:
+    assert requests.get(api.url + "/openapi.json", timeout=5).status_code == 401
+    assert requests.get(api.url + "/docs", timeout=5).status_code == 401
+    assert "swagger" in requests.get(api.url + "/docs", headers=api.headers(), timeout=5).text.lower()
+    doc = requests.get(api.url + "/openapi.json", headers=api.headers(), timeout=5).json()
+    assert doc["info"]["title"] == "sdfarm"
+    assert "/healthz" in doc["paths"]

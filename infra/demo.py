@@ -6,15 +6,24 @@ examples/features.yaml (LoRAs, embeddings, a VAE, weighted and long prompts, hir
 img2img, inpainting with image and text masks, SDXL and its refiner) through the real CLI, watches
 them finish, fetches the images and draws a contact sheet of each, then shuts everything down. State
 lives under .sdfarm/demo/.
+
+It also serves the HTTP API and the gallery (`sdfarm serve`, on port 8000 or the next free one) with a
+token drawn for this run, and prints the gallery's address: the batches can be watched there as they
+render. Run from a terminal, the demo then waits for Ctrl-C before it stops; otherwise it stops at
+once. `--no-serve`: no API.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import redis
@@ -125,6 +134,33 @@ def run_batches(env: dict[str, str], info: StackInfo, logs: Path) -> int:
     return 0
 
 
+def start_api(env: dict[str, str], logs: Path, processes: list[subprocess.Popen[bytes]]) -> str | None:
+    """`sdfarm serve` on port 8000 (or the next free one); the gallery's address once it answers."""
+    port = next(p for p in range(8000, 8100) if _port_free(p))
+    with (logs / "api.log").open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "producer", "serve", "--port", str(port)], env=env, cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    processes.append(proc)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1):
+                return url
+        except OSError:
+            time.sleep(0.2)
+    return None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def stop(workers: list[subprocess.Popen[bytes]], stack: EmbeddedStack) -> None:
     """SIGTERM every worker (SIGKILL after 30 s), then stop the stack."""
     for w in workers:
@@ -140,6 +176,9 @@ def stop(workers: list[subprocess.Popen[bytes]], stack: EmbeddedStack) -> None:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description="the farm on the embedded stack, start to finish")
+    ap.add_argument("--no-serve", action="store_true", help="do not start the HTTP API and gallery")
+    args = ap.parse_args()
     registry = write_files()
     stack = EmbeddedStack(STATE / "stack")
     workers: list[subprocess.Popen[bytes]] = []
@@ -149,17 +188,32 @@ def main() -> int:
         env = {**os.environ, **info.env(), "SDFARM_MODELS_FILE": str(registry), "SDFARM_CHUNK_SIZE": "4",
                "SDFARM_CPU_THREADS": str(max(1, (os.cpu_count() or 1) // len(WORKERS))),
                "SDFARM_INPUTS_DIR": str(ROOT / "examples" / "inputs"),
-               "HF_HUB_OFFLINE": "1"}
+               "SDFARM_API_TOKENS": f"demo:{secrets.token_urlsafe(18)}", "HF_HUB_OFFLINE": "1"}
         print(f"  redis   127.0.0.1:{info.redis_port} (password, AOF)\n  s3      {info.s3_endpoint}"
               f"  bucket {info.bucket}", flush=True)
 
         logs = STATE / "logs"
         logs.mkdir(exist_ok=True)
+        gallery = None if args.no_serve else start_api(env, logs, workers)
+        if gallery is not None:
+            token = env["SDFARM_API_TOKENS"].partition(":")[2]
+            print(f"  gallery {gallery}/  (log in with the token {token}; the API's docs: {gallery}/docs)",
+                  flush=True)
+        elif not args.no_serve:
+            print(f"the API did not start: see {logs / 'api.log'}", file=sys.stderr)
         start_workers(env, logs, workers)
         if not workers_ready(info.redis_url, workers):
             print(f"a worker did not start: see {logs}", file=sys.stderr)
             return 1
-        return run_batches(env, info, logs)
+        code = run_batches(env, info, logs)
+        if gallery is not None and code == 0 and sys.stdin.isatty():
+            print(f"\nThe gallery stays up at {gallery}/ until you press Ctrl-C.", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        return code
     finally:
         stop(workers, stack)
 

@@ -1,6 +1,6 @@
 """The API's ASGI app: one per process, built from the farm (create_app), served by uvicorn (serve).
 
-Every route but /healthz needs a caller: a bearer token, or the gallery's session cookie
+Every route but /healthz and /readyz (a status only, for probes) needs a caller: a bearer token, or the gallery's session cookie
 (`caller`). Errors are JSON with a `detail`: 401 without a valid token, 404 for an unknown batch,
 413 for a body over SDFARM_API_MAX_BODY_BYTES, 422 for invalid input (a batch's problems listed as
 the CLI lists them, nothing enqueued), 429 past a token's concurrent requests, 503 while Redis or S3
@@ -78,12 +78,15 @@ def create_app(farm: Farm) -> FastAPI:
     def docs() -> HTMLResponse:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="sdfarm API")
 
-    @app.get("/readyz", tags=["health"], dependencies=[Caller])
-    def readyz() -> JSONResponse:
-        """Redis and S3 answer."""
+    @app.get("/readyz", tags=["health"])
+    def readyz(request: Request) -> JSONResponse:
+        """Redis and S3 answer: 200, else 503 (no token needed, for probes); with a token, which one
+        failed and why."""
         checks = {"redis": _check(farm.board.ping), "s3": _check(lambda: farm.store.exists("healthcheck"))}
         ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503)
+        auth: Auth = request.app.state.auth
+        shown = checks if auth.bearer(request.headers.get("authorization")) else {}
+        return JSONResponse({"status": "ok" if ok else "unavailable", **shown}, status_code=200 if ok else 503)
 
     app.include_router(native.router)
     app.include_router(a1111.router)

@@ -87,3 +87,12 @@ def test_no_service_of_an_optional_profile_requires_a_variable_of_the_farm() -> 
     always = required([s for s in services if not s.get("profiles")])
     assert {"REDIS_PASSWORD", "MINIO_ROOT_PASSWORD"} <= always
     assert required([s for s in services if s.get("profiles")]) <= always
+
+
+def test_the_api_serves_on_loopback_with_a_readiness_healthcheck_and_no_required_token() -> None:
+    api = compose()["services"]["api"]
+    assert api["command"][0] == "serve"
+    assert api["ports"] == ["127.0.0.1:8000:8000"]
+    assert "/readyz" in " ".join(api["healthcheck"]["test"])
+    assert api["environment"]["SDFARM_API_TOKENS"] == "${SDFARM_API_TOKENS:-}"  # unset: everything refused
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"

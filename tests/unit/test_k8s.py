@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from producer.cli import cli
+from worker.cli import cli as worker_cli
 from sdfarm.queue import queue_lists
 from sdfarm.settings import Settings
 
@@ -272,7 +273,13 @@ def test_every_name_a_manifest_refers_to_exists(farm: list[dict[str, Any]]) -> N
 
 def parse(name: str, args: list[str]) -> click.Context:
     """`sdfarm NAME ARGS...` through the real CLI's parser, nothing run: a missing command, an unknown
-    option, a bad value or a stray argument raises click's UsageError."""
+    option, a bad value or a stray argument raises click's UsageError. `sdfarm worker` execs
+    `sdfarm-worker serve`, whose parser takes its arguments."""
+    if name == "worker":
+        worker_root = click.Context(worker_cli, info_name="sdfarm-worker")
+        serve = worker_cli.get_command(worker_root, "serve")
+        assert serve is not None
+        return serve.make_context("serve", list(args), parent=worker_root)
     root = click.Context(cli, info_name="sdfarm")
     command = cli.get_command(root, name)
     if command is None:
@@ -311,15 +318,17 @@ def test_every_pod_runs_a_command_the_real_cli_accepts(farm: list[dict[str, Any]
             port = str(parsed.params["port"])
             assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == port
             assert [p["containerPort"] for p in c["ports"]] == [int(port)]
+        if name == "serve":
+            assert [p["containerPort"] for p in c["ports"]] == [parsed.params["port"]]
+            assert parsed.params["host"] == "0.0.0.0"  # reachable through its Service
     assert ran == {("sdfarm-worker", "worker"), ("sdfarm-producer", "scheduler"),
-                   ("sdfarm-producer", "exporter")}
+                   ("sdfarm-producer", "exporter"), ("sdfarm-producer", "serve")}
 
 
 def test_the_parse_refuses_what_the_cli_does_not_have() -> None:
-    """`sdfarm worker` lets unknown options through its parser (ignore_unknown_options), yet an option the
-    manifests misspell, or a value the CLI does not take, still fails the check above."""
+    """An option the manifests misspell, or a value the CLI does not take, fails the check above."""
     assert parse("worker", ["--model", "sd15", "--device", "cuda:0"]).params["device"] == "cuda:0"
-    with pytest.raises(click.UsageError, match="unexpected extra arguments"):
+    with pytest.raises(click.UsageError, match="No such option"):
         parse("worker", ["--model", "sd15", "--devise", "cuda:0"])
     with pytest.raises(click.BadParameter):
         parse("exporter", ["--port", "0"])

@@ -1,10 +1,10 @@
 """The API's ASGI app: one per process, built from the farm (create_app), served by uvicorn (serve).
 
-Every route but /healthz and /readyz (a status only, for probes) needs a caller: a bearer token, or the gallery's session cookie
-(`caller`). Errors are JSON with a `detail`: 401 without a valid token, 404 for an unknown batch,
-413 for a body over SDFARM_API_MAX_BODY_BYTES, 422 for invalid input (a batch's problems listed as
-the CLI lists them, nothing enqueued), 429 past a token's concurrent requests, 503 while Redis or S3
-cannot be reached.
+Every route but /healthz and /readyz (a status only, for probes) needs a caller: a bearer token,
+or the gallery's session cookie (`caller`). Errors are JSON with a `detail`: 401 without a valid
+token, 404 for an unknown batch, 413 for a body over SDFARM_API_MAX_BODY_BYTES, 422 for invalid input
+(a batch's problems listed as the CLI lists them, nothing enqueued), 429 past a token's concurrent
+requests, 503 while Redis or S3 cannot be reached.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ import pytest
 import yaml
 
 from producer.cli import cli
-from worker.cli import cli as worker_cli
 from sdfarm.queue import queue_lists
 from sdfarm.settings import Settings
+from worker.cli import cli as worker_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"

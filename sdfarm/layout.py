@@ -8,6 +8,8 @@ The bucket:
     batches/<batch_id>/failed/<job_id>.json  why a job failed (the batch's failure record)
     renders/<job_id>.png                   the image, A1111 infotext + job JSON inside
     renders/<job_id>.json                  the sidecar, written after the PNG: the commit marker
+    thumbs/<job_id>.webp                   the gallery's thumbnail (sdfarm/thumbnails.py), written
+                                           after the PNG and before the sidecar
     compile-cache/<model>/<torch>/<gpu>/<shape>.bin  compiled graphs workers share (signed; opt-in)
     dead-letters/<message_sha256>.json     a task message no worker will run, and why (as received)
     inputs/<sha256>.<ext>                  an init image or mask uploaded at submit

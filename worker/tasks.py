@@ -2,7 +2,7 @@
 
 1. load the chunk (validate the message again)   2. skip jobs already done, count the delivery
 3. prepare: LoRAs, VAE, upscalers, inputs         4. render the rest as one batched call
-5. encode PNG + sidecar                           6. store: PNG, then sidecar (If-None-Match: *)
+5. encode PNG, thumbnail + sidecar               6. store: PNG, thumbnail, then sidecar (If-None-Match: *)
 7. report progress, one log line per job
 
 Outages. A step that fails because Redis or S3 cannot be reached runs again in place, with backoff,
@@ -43,11 +43,13 @@ from pydantic import ValidationError
 
 from sdfarm.errors import AssetError, InvalidInput, NewerSchema, NodeFault, RenderError, is_transient
 from sdfarm.jobs import RECORDED, SCHEMA_VERSION, Chunk, ChunkEntry
-from sdfarm.layout import dead_letter_key, failed_key, image_key, sidecar_key
+from sdfarm.layout import dead_letter_key, failed_key, image_key, sidecar_key, thumbnail_key
 from sdfarm.progress import ACTIVE, ProgressBoard
 from sdfarm.queue import BATCH_FINISHED_TASK, CONTROL_QUEUE, RENDER_TASK, queue_name
 from sdfarm.settings import Settings
 from sdfarm.store import Store
+from sdfarm.thumbnails import CONTENT_TYPE as THUMBNAIL_TYPE
+from sdfarm.thumbnails import thumbnail, thumbnail_of_png
 
 from .assets import AssetFiles
 from .drain import ChildDrain, HandBack
@@ -176,19 +178,25 @@ def _store_one(state: WorkerState, batch_id: str, entry: ChunkEntry, image: Any,
                          model_name=state.loaded.entry.infotext_name,
                          vae_name=registry.asset("vae", job.vae.name).file_name if job.vae else None,
                          refiner_name=registry.get(job.refiner.name).infotext_name if job.refiner else None)
-    until_back(state, f"storing job {entry.job.id}", partial(_put_one, state, batch_id, entry, encoded,
+    thumb = thumbnail(image)  # the gallery's
+    until_back(state, f"storing job {entry.job.id}", partial(_put_one, state, batch_id, entry, encoded, thumb,
                                                              {**timings, "encode_s": time.perf_counter() - t0}))
 
 
-def _put_one(state: WorkerState, batch_id: str, entry: ChunkEntry, encoded: Encoded, timings: dict[str, float]
-             ) -> None:
-    """PNG, then sidecar, then progress: each write idempotent, so an outage in between is retried whole."""
+def _put_one(state: WorkerState, batch_id: str, entry: ChunkEntry, encoded: Encoded, thumb: bytes,
+             timings: dict[str, float]) -> None:
+    """PNG, then thumbnail, then sidecar (the commit marker: a job done has both), then progress: each
+    write idempotent, so an outage in between is retried whole."""
     t1 = time.perf_counter()
     job = entry.job
     png_written = state.store.put_if_absent(image_key(job.id), encoded.png, "image/png")  # 6. store
     if not png_written:  # an earlier attempt stored the PNG and died before its sidecar: describe that one
         existing = state.store.get(image_key(job.id))
         encoded = Encoded(existing, hashlib.sha256(existing).hexdigest(), encoded.infotext)
+        if not state.store.exists(thumbnail_key(job.id)):
+            state.store.put_if_absent(thumbnail_key(job.id), thumbnail_of_png(existing), THUMBNAIL_TYPE)
+    else:
+        state.store.put_if_absent(thumbnail_key(job.id), thumb, THUMBNAIL_TYPE)
     meta = sidecar(job, batch_id, entry.index, encoded, image_key(job.id),
                    {**timings, "upload_s": time.perf_counter() - t1}, state.worker_info(), state.versions)
     state.store.put_json_if_absent(sidecar_key(job.id), meta)

@@ -25,7 +25,7 @@ from PIL import Image
 from producer.submit import record_batch, submit_plan
 from sdfarm.batchfile import plan_file
 from sdfarm.jobs import RECORDED, SCHEMA_VERSION, RenderJob, make_chunks
-from sdfarm.layout import dead_letter_key, failed_key, image_key, sidecar_key
+from sdfarm.layout import dead_letter_key, failed_key, image_key, sidecar_key, thumbnail_key
 from sdfarm.models import Registry
 from sdfarm.progress import ProgressBoard
 from sdfarm.queue import enqueue_chunks, queue_depth, queue_name
@@ -159,6 +159,11 @@ def test_crash_between_png_and_sidecar_completes_without_overwriting(
     assert cli(["submit", str(path), "--watch"], env).returncode == 0
     assert store.get(image_key(job.id)) == planted  # not overwritten
     assert store.get_json(sidecar_key(job.id))["image"]["sha256"] == hashlib.sha256(planted).hexdigest()
+    with Image.open(io.BytesIO(store.get(thumbnail_key(job.id)))) as thumb:  # the thumbnail shows that PNG too
+        red = thumb.convert("RGB").getpixel((32, 32))
+    assert isinstance(red, tuple)
+    assert max(abs(a - b) for a, b in zip(red, (255, 0, 0), strict=True)) < 8  # lossy WebP: close
+    assert store.exists(thumbnail_key(plan.jobs[1].id))
 
 
 def test_the_same_chunk_delivered_to_two_workers_is_stored_once(
@@ -176,6 +181,7 @@ def test_the_same_chunk_delivered_to_two_workers_is_stored_once(
         png = store.get(image_key(job.id))
         assert store.get_json(sidecar_key(job.id))["image"]["sha256"] == hashlib.sha256(png).hexdigest()
     assert len([k for k in store.keys("renders/") if any(j.id in k for j in plan.jobs)]) == 8
+    assert len([k for k in store.keys("thumbs/") if any(j.id in k for j in plan.jobs)]) == 4
     assert board.read(plan.batch_id).rendered == 4  # type: ignore[union-attr]
 
 

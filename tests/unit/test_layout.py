@@ -19,7 +19,8 @@ def test_only_the_boards_use_the_redis_client() -> None:
 
 
 def test_keys_are_spelled_only_in_the_layout() -> None:
-    spelled = re.compile(r"""["'](sdfarm:[a-z_]+[:{*]|renders/|batches/|inputs/|dead-letters/|compile-cache/)""")
+    spelled = re.compile(r"""["'](sdfarm:[a-z_]+[:{*]|renders/|thumbs/|batches/|inputs/|dead-letters/"""
+                         r"""|compile-cache/)""")
     elsewhere = [f"{p.relative_to(ROOT)}:{n}" for p in CODE if p.name != "layout.py"
                  for n, line in enumerate(p.read_text().splitlines(), 1) if spelled.search(line)]
     assert elsewhere == []

@@ -11,7 +11,7 @@ else
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install demo test unit lint clean prometheus
+.PHONY: install demo test unit lint clean debian-tools
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,13 +28,18 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# Prometheus for the metrics test: Debian's package, where this machine lacks it (root and apt)
-prometheus:
-	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	  prometheus >/dev/null; } || echo "prometheus not installed: tests/integration/test_metrics.py skips (fails in CI)"
+# Debian's packages the suite drives, where this machine lacks them (root and apt): Prometheus for the
+# metrics test, Chromium for the gallery's browser test (Playwright drives it; browsers cannot be
+# downloaded here). Without them those tests skip (and fail in CI).
+DEBIAN_TOOLS := prometheus chromium
 
-test: lint prometheus
+debian-tools:
+	@missing=$$(for t in $(DEBIAN_TOOLS); do command -v $$t >/dev/null 2>&1 || echo $$t; done); \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  $$missing >/dev/null; } || echo "not installed: $$missing (their tests skip, and fail in CI)"
+
+test: lint debian-tools
 	$(VENV)/bin/pytest -q
 
 # the fast tier for the edit-test loop: tests/unit needs no embedded stack (no Redis, S3 or workers), no lint

@@ -19,7 +19,7 @@ from typing import Any
 from celery import Celery
 from rich.console import Console
 
-from sdfarm.batchfile import BatchStream, stream_batch, stream_file
+from sdfarm.batchfile import BatchPlan, BatchStream, RawItem, plan_items, stream_batch, stream_file
 from sdfarm.errors import InvalidInput, brief
 from sdfarm.inputs import Inputs
 from sdfarm.models import Registry
@@ -30,10 +30,12 @@ from sdfarm.store import Store
 from sdfarm.workers import WorkerBeat
 
 from . import control
+from .batch_pages import Failure, ImagePage, failures, image_page
+from .browse import JobLists
 from .datasets import RunResult, dataset_rows, run_dataset
 from .export import export
 from .fetch import FetchResult, fetch, links
-from .submit import SubmitResult, describe_stream, submit_stream
+from .submit import SubmitResult, describe_stream, submit_plan, submit_stream
 from .watch import read_progress, watch
 
 # `watch` re-enqueues a stalled batch's missing jobs after this long without progress (the CLI's default)
@@ -167,3 +169,38 @@ class Farm:
     def export(self, batch_id: str, fmt: str, dest: str, shard_size: int = 1000) -> tuple[int, list[str]]:
         return export(self.store, batch_id, fmt, dest, shard_size)
 
+    # ------------------------------------------------------------------ for the HTTP API
+
+    def plan_text_capped(self, text: str, fmt: str, source: str, max_jobs: int,
+                         overrides: Mapping[str, Any] | None = None, name: str | None = None) -> BatchStream:
+        """plan_text with a lower cap on the batch's jobs (the API's SDFARM_API_MAX_JOBS)."""
+        return stream_batch(text, source, fmt, self.registry, min(max_jobs, self.settings.max_jobs_per_batch),
+                            overrides, name, self._inputs())
+
+    def enqueued_at(self, batch_id: str) -> float | None:
+        """When the batch's chunks were last enqueued (submit, resume, reconcile, retry)."""
+        return self.board.enqueued_at(batch_id)
+
+    @cached_property
+    def _job_lists(self) -> JobLists:
+        return JobLists(self.store)
+
+    def images(self, batch_id: str, offset: int = 0, limit: int = 50, expires_s: int = 3600) -> ImagePage:
+        """A page of the batch's finished images, in batch order, with presigned GET links."""
+        return image_page(self.store, self.board, self._job_lists, batch_id, offset, limit, expires_s)
+
+    def failures(self, batch_id: str, limit: int = 20) -> list[Failure]:
+        """Up to `limit` of the batch's failed jobs with their reasons."""
+        return failures(self.store, batch_id, limit)
+
+    def plan_items(self, items: list[dict[str, Any]], source: str, name: str, inputs: Inputs | None = None,
+                   max_jobs: int | None = None) -> BatchPlan:
+        """Batch items already parsed (the A1111 API's requests), planned whole and validated as a batch
+        file's items are; `inputs` resolves their init images and masks (default: as a batch file's)."""
+        raw = [RawItem(data, n) for n, data in enumerate(items, 1)]
+        cap = min(max_jobs or self.settings.max_jobs_per_batch, self.settings.max_jobs_per_batch)
+        return plan_items({}, raw, source, "api", self.registry, cap, name=name, inputs=inputs or self._inputs())
+
+    def submit_plan(self, plan: BatchPlan, priority: int = DEFAULT_PRIORITY) -> SubmitResult:
+        """submit, for a batch planned whole (plan_items)."""
+        return submit_plan(plan, self.store, self.app, self.board, self.settings.chunk_size, priority)

@@ -46,6 +46,11 @@ BETA_FIELDS: Final = {"Beta schedule alpha": BETA_ALPHA, "Beta schedule beta": B
 _REFINER_OPTIONS: Final = {
     "Hires refiner": "sdfarm's refiner takes over in the hires pass only (A1111's default, 'second pass')",
     "Refiner switch by sampling steps": "sdfarm switches at the sampler's sigma (A1111's default), not by steps"}
+_OTHER_FIELDS: Final = {"Model": "model", "Model hash": "model", "VAE": "vae", "VAE hash": "vae",
+                        "Refiner": "refiner", "Refiner switch at": "refiner_switch_at",
+                        "Seed resize from-1": "seed_resize_from", "Seed resize from-2": "seed_resize_from",
+                        "Hires resize-1": "hires.resize_x", "Hires resize-2": "hires.resize_y",
+                        "Postprocess upscale by": "upscale.factor", "Postprocess upscaler": "upscale.upscaler"}
 _HANDLED: Final = frozenset({"Prompt", "Negative prompt", "Model", "Model hash", "VAE", "VAE hash", "RNG",
                              "Refiner", "Refiner switch at", *_REFINER_OPTIONS,
                              "Lora hashes", "TI hashes", "Emphasis", "Seed resize from-1", "Seed resize from-2",
@@ -197,7 +202,28 @@ class _Refused(Exception):
 def item_from_infotext(text: str, known: Registered, cpu_noise: bool = False) -> dict[str, Any]:
     """A batch item that renders what the infotext describes. Raises _Refused with (field, why) for
     each field sdfarm cannot honour."""
-    info = parse_infotext(text)
+    item, problems = item_from_parameters(parse_infotext(text), known, cpu_noise)
+    if problems:
+        raise _Refused(problems)
+    return item
+
+
+def job_field(key: str) -> str | None:
+    """The job field that an infotext key sets ("Steps": steps, "Hires upscale": hires.scale); None
+    for a key that sets no field of its own (Version, RNG, hashes)."""
+    if key in _SCALARS:
+        return _SCALARS[key][0]
+    if key in _HIRES:
+        return "hires." + _HIRES[key][0]
+    return _OTHER_FIELDS.get(key)
+
+
+def item_from_parameters(info: dict[str, Any], known: Registered, cpu_noise: bool = False
+                         ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The batch item that renders what an infotext's parameters describe (keyed as parse_infotext
+    gives them: Prompt, Negative prompt, Steps, Size-1, ...; a value a string, as read, or a number),
+    and (key, why) for each key sdfarm cannot honour. A1111's API requests come here too, their
+    fields named by the infotext keys A1111 records them under."""
     problems: list[tuple[str, str]] = []
     item: dict[str, Any] = {"prompt": info["Prompt"], "negative_prompt": info["Negative prompt"]}
     for key, (fld, kind) in _SCALARS.items():
@@ -224,9 +250,7 @@ def item_from_infotext(text: str, known: Registered, cpu_noise: bool = False) ->
         problems.append((key, message))
     problems.extend((key, f"{brief(info[key])}: sdfarm cannot render this as A1111 did (not supported)")
                     for key in info if key not in _HANDLED)
-    if problems:
-        raise _Refused(problems)
-    return item
+    return item, problems
 
 
 def _value(info: dict[str, Any], key: str, kind: Callable[[str], Any], problems: list[tuple[str, str]]) -> Any:

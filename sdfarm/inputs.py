@@ -96,7 +96,8 @@ def open_image(data: bytes, what: str) -> Image.Image:
 
 
 class Inputs:
-    """Resolves the input references of one batch; remembers local files to upload at submit."""
+    """Resolves the input references of one batch; remembers local files, and images held as bytes
+    (`hold`), to upload at submit."""
 
     def __init__(self, store: Store | None, local_dir: Path | None) -> None:
         self.store = store
@@ -110,12 +111,25 @@ class Inputs:
             self._seen[ref] = self._resolve(ref)
         return self._seen[ref]
 
+    def hold(self, data: bytes, what: str) -> str:
+        """An input given as bytes (the HTTP API's base64 images), checked now and uploaded to
+        inputs/<sha256>.<ext> when the batch is submitted; returns the reference a batch item names
+        it by. InvalidInput, naming it `what`, when it is not an image allowed as an input."""
+        found = self._checked(data, None, what)
+        self._seen[str(found["key"])] = found
+        return str(found["key"])
+
     def _resolve(self, ref: str) -> dict[str, object]:
         if ref.startswith(LOCAL_PREFIX):
             data, key = self._local(ref.removeprefix(LOCAL_PREFIX))
         else:
             data, key = self._bucket(ref)
-        image = open_image(data, brief(ref))
+        return self._checked(data, key, brief(ref))
+
+    def _checked(self, data: bytes, key: str | None, what: str) -> dict[str, object]:
+        """{key, sha256, width, height} of an input's bytes; an input not yet in the bucket (key None)
+        is uploaded at submit, named by its sha256."""
+        image = open_image(data, what)
         sha = hashlib.sha256(data).hexdigest()
         if key is None:
             key = input_key(sha, FORMATS[str(image.format)])

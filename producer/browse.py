@@ -9,17 +9,17 @@ from the failure records in S3 (batches/<id>/failed/), which hold the reasons.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from sdfarm.errors import UnknownBatch
-from sdfarm.layout import failed_key, failed_prefix, jobs_key, sidecar_key
+from sdfarm.layout import failed_key, failed_prefix, sidecar_key
 from sdfarm.progress import ProgressBoard
 from sdfarm.store import MissingObject, Store
+
+from .control import batch_rows
 
 DONE, FAILED, PENDING = "done", "failed", "pending"
 PAGE_SIZE = 48
@@ -76,16 +76,8 @@ class JobLists:
 def read_rows(store: Store, batch_id: str) -> list[JobRow]:
     """The batch's jobs from its record: index, id, prompt and seed only (not validated again: the
     gallery shows them, it renders nothing)."""
-    try:
-        text = store.get(jobs_key(batch_id)).decode()
-    except MissingObject as e:
-        raise UnknownBatch(f"unknown batch {batch_id!r}: no s3://{store.bucket}/{jobs_key(batch_id)}") from e
-    rows = []
-    for line in text.splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows.append(JobRow(int(row["index"]), str(row["id"]), str(row["job"]["prompt"]), int(row["job"]["seed"])))
-    return rows
+    return [JobRow(int(row["index"]), str(row["id"]), str(row["job"]["prompt"]), int(row["job"]["seed"]))
+            for row in batch_rows(store, batch_id)]
 
 
 def matching(rows: list[JobRow], text: str = "", seed: int | None = None) -> list[JobRow]:

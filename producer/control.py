@@ -7,11 +7,14 @@ is reconciled."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from celery import Celery
 
@@ -25,15 +28,22 @@ from sdfarm.store import MissingObject, Store
 log = logging.getLogger("sdfarm.control")
 
 
+def batch_rows(store: Store, batch_id: str) -> Iterator[dict[str, Any]]:
+    """The rows of the batch's durable record (jobs.jsonl: index, id, job), streamed in batch order."""
+    lines = store.lines(jobs_key(batch_id))
+    try:
+        first = next(lines, None)
+    except MissingObject as e:
+        raise UnknownBatch(f"unknown batch {batch_id!r}: no s3://{store.bucket}/{jobs_key(batch_id)}") from e
+    if first is not None:
+        yield from (json.loads(line) for line in itertools.chain([first], lines) if line.strip())
+
+
 def read_batch_jobs(store: Store, batch_id: str) -> list[tuple[int, RenderJob]]:
     """The batch's jobs from its durable record, in batch order, read as recorded (RECORDED: a bound
     added at submit since does not refuse a job accepted before it)."""
-    try:
-        text = store.get(jobs_key(batch_id)).decode()
-    except MissingObject as e:
-        raise UnknownBatch(f"unknown batch {batch_id!r}: no s3://{store.bucket}/{jobs_key(batch_id)}") from e
-    rows = (json.loads(line) for line in text.splitlines() if line.strip())
-    return [(row["index"], RenderJob.model_validate(row["job"], context=RECORDED)) for row in rows]
+    return [(row["index"], RenderJob.model_validate(row["job"], context=RECORDED))
+            for row in batch_rows(store, batch_id)]
 
 
 def durable_state(store: Store, batch_id: str) -> str:

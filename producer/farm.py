@@ -72,13 +72,18 @@ class Farm:
                            self._inputs(), cpu_noise)
 
     def plan_text(self, text: str, fmt: str, source: str, overrides: Mapping[str, Any] | None = None,
-                  name: str | None = None) -> BatchStream:
-        """A batch file's text in one of the four formats (yaml, json, jsonl, csv, txt)."""
-        return stream_batch(text, source, fmt, self.registry, self.settings.max_jobs_per_batch, overrides, name,
-                            self._inputs())
+                  name: str | None = None, max_jobs: int | None = None) -> BatchStream:
+        """A batch file's text in one of the four formats (yaml, json, jsonl, csv, txt), as the API receives
+        it: at most `max_jobs` jobs, and its inputs from the bucket, never this host's SDFARM_INPUTS_DIR."""
+        cap = min(max_jobs or self.settings.max_jobs_per_batch, self.settings.max_jobs_per_batch)
+        return stream_batch(text, source, fmt, self.registry, cap, overrides, name, self.remote_inputs())
 
     def _inputs(self) -> Inputs:
         return Inputs(self.store, self.settings.inputs_dir)
+
+    def remote_inputs(self) -> Inputs:
+        """Inputs of a batch that came over the network: the bucket's, and what it sends itself."""
+        return Inputs(self.store, None, remote=True)
 
     def describe(self, stream: BatchStream) -> str:
         """The plan of a dry run: validated whole, nothing written."""
@@ -171,23 +176,14 @@ class Farm:
 
     # ------------------------------------------------------------------ for the HTTP API
 
-    def plan_text_capped(self, text: str, fmt: str, source: str, max_jobs: int,
-                         overrides: Mapping[str, Any] | None = None, name: str | None = None) -> BatchStream:
-        """plan_text with a lower cap on the batch's jobs (the API's SDFARM_API_MAX_JOBS)."""
-        return stream_batch(text, source, fmt, self.registry, min(max_jobs, self.settings.max_jobs_per_batch),
-                            overrides, name, self._inputs())
-
-    def enqueued_at(self, batch_id: str) -> float | None:
-        """When the batch's chunks were last enqueued (submit, resume, reconcile, retry)."""
-        return self.board.enqueued_at(batch_id)
-
     @cached_property
-    def _job_lists(self) -> JobLists:
+    def job_lists(self) -> JobLists:
+        """Batches' job lists (index, id, prompt, seed), read once and kept for a few batches."""
         return JobLists(self.store)
 
     def images(self, batch_id: str, offset: int = 0, limit: int = 50, expires_s: int = 3600) -> ImagePage:
         """A page of the batch's finished images, in batch order, with presigned GET links."""
-        return image_page(self.store, self.board, self._job_lists, batch_id, offset, limit, expires_s)
+        return image_page(self.store, self.board, self.job_lists, batch_id, offset, limit, expires_s)
 
     def failures(self, batch_id: str, limit: int = 20) -> list[Failure]:
         """Up to `limit` of the batch's failed jobs with their reasons."""
@@ -196,10 +192,11 @@ class Farm:
     def plan_items(self, items: list[dict[str, Any]], source: str, name: str, inputs: Inputs | None = None,
                    max_jobs: int | None = None) -> BatchPlan:
         """Batch items already parsed (the A1111 API's requests), planned whole and validated as a batch
-        file's items are; `inputs` resolves their init images and masks (default: as a batch file's)."""
+        file's items are; `inputs` resolves their init images and masks (default: the bucket's)."""
         raw = [RawItem(data, n) for n, data in enumerate(items, 1)]
         cap = min(max_jobs or self.settings.max_jobs_per_batch, self.settings.max_jobs_per_batch)
-        return plan_items({}, raw, source, "api", self.registry, cap, name=name, inputs=inputs or self._inputs())
+        return plan_items({}, raw, source, "api", self.registry, cap, name=name,
+                          inputs=inputs or self.remote_inputs())
 
     def submit_plan(self, plan: BatchPlan, priority: int = DEFAULT_PRIORITY) -> SubmitResult:
         """submit, for a batch planned whole (plan_items)."""

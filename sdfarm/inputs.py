@@ -99,9 +99,10 @@ class Inputs:
     """Resolves the input references of one batch; remembers local files, and images held as bytes
     (`hold`), to upload at submit."""
 
-    def __init__(self, store: Store | None, local_dir: Path | None) -> None:
+    def __init__(self, store: Store | None, local_dir: Path | None, remote: bool = False) -> None:
         self.store = store
         self.local_dir = local_dir
+        self.remote = remote  # a batch from the network (the API): `local:` names no file of this host
         self.uploads: dict[str, bytes] = {}  # key -> bytes of local files
         self._seen: dict[str, dict[str, object]] = {}
 
@@ -137,6 +138,9 @@ class Inputs:
         return {"key": key, "sha256": sha, "width": image.width, "height": image.height}
 
     def _local(self, name: str) -> tuple[bytes, None]:
+        if self.remote:
+            raise InvalidInput(f"{brief(LOCAL_PREFIX + name)}: local inputs are files of the machine that submits;"
+                               " a batch sent to the API names inputs in the bucket (inputs/...)")
         if self.local_dir is None:
             raise InvalidInput(f"{brief(LOCAL_PREFIX + name)}: local inputs need SDFARM_INPUTS_DIR")
         root = self.local_dir.resolve()

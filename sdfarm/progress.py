@@ -223,6 +223,10 @@ class ProgressBoard:
         """Chunks delivered to workers and not acknowledged yet."""
         return int(self.r.hlen("unacked"))
 
+    def batch_count(self) -> int:
+        """Batches ever registered (those whose progress expired included)."""
+        return int(self.r.zcard(BATCHES))
+
     def recent(self, limit: int = 20) -> list[str]:
         ids: list[bytes] = self.r.zrevrange(BATCHES, 0, limit - 1)  # type: ignore[assignment]
         return [i.decode() for i in ids]

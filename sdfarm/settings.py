@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     api_max_concurrent: int = Field(default=16, ge=1)  # requests in flight per token (429 beyond)
     api_sync_timeout_s: float = Field(default=600.0, gt=0)  # txt2img/img2img wait this long for the render
     api_cors_origins: str = ""  # comma-separated origins allowed by CORS (empty: CORS off)
+    # signs the gallery's session cookies: the same on every replica of `sdfarm serve` (unset: each
+    # process draws its own, and a user's session holds on that process only)
+    api_session_key: SecretStr | None = None
 
     # Logs of the worker and the scheduler: text lines, or one JSON object a line (sdfarm/logs.py)
     log_format: Literal["text", "json"] = "text"

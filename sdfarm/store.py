@@ -147,6 +147,20 @@ class Store:
                 return False
             raise
 
+    def lines(self, key: str) -> Iterator[bytes]:
+        """An object's lines, streamed (a million-job batch's record is never held whole)."""
+        try:
+            response = self._call("get " + key, self.client.get_object, Key=key)
+        except ClientError as e:
+            if _code(e) in ("NoSuchKey", "404") or _status(e) == 404:
+                raise MissingObject(f"s3://{self.bucket}/{key} does not exist") from e
+            raise
+        body = response["Body"]
+        try:
+            yield from body.iter_lines()
+        finally:
+            body.close()
+
     def get(self, key: str, max_bytes: int | None = None) -> bytes:
         """An object's bytes. With max_bytes, a larger object is refused (InvalidInput, "is N bytes
         (allowed: ...)") before its body is read."""

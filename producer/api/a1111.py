@@ -66,9 +66,12 @@ from .a1111_request import (
     plan_request,
     request_problems,
 )
-from .app import Caller, farm_of
+from .app import Caller, Identified, farm_of
 
-router = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible"], dependencies=[Caller])
+router = APIRouter(prefix="/sdapi/v1", tags=["A1111-compatible"])
+counted = APIRouter(dependencies=[Caller])  # each call holds one of its token's request slots
+# /progress and /interrupt get through while the token's slots are all taken by its own waiting calls
+light = APIRouter(dependencies=[Identified])
 
 POLL_S: Final = 0.05  # how often the waiting calls' batches are looked at (one Redis round trip for all)
 READ_THREADS: Final = 8  # a call's images read from the bucket at once
@@ -182,12 +185,12 @@ def service(app: FastAPI) -> Service:
 # ---------------------------------------------------------------------------- txt2img, img2img
 
 
-@router.post("/txt2img", summary="A1111's txt2img: render and wait")
+@counted.post("/txt2img", summary="A1111's txt2img: render and wait")
 async def txt2img(body: Txt2ImgRequest, request: Request, name: str = Caller) -> JSONResponse:
     return await _render(request, name, body, "txt2img")
 
 
-@router.post("/img2img", summary="A1111's img2img and inpainting: render and wait")
+@counted.post("/img2img", summary="A1111's img2img and inpainting: render and wait")
 async def img2img(body: Img2ImgRequest, request: Request, name: str = Caller) -> JSONResponse:
     return await _render(request, name, body, "img2img")
 
@@ -315,8 +318,8 @@ def _info(farm: Farm, req: Txt2ImgRequest | Img2ImgRequest, submitted: Submitted
 # ---------------------------------------------------------------------------- the caller's work
 
 
-@router.get("/progress", summary="The caller's calls in flight, as A1111's progress")
-def progress(request: Request, name: str = Caller, skip_current_image: bool = False) -> dict[str, Any]:
+@light.get("/progress", summary="The caller's calls in flight, as A1111's progress")
+def progress(request: Request, name: str = Identified, skip_current_image: bool = False) -> dict[str, Any]:
     """Over the caller's txt2img and img2img calls in flight in this process: images done of all
     (`state.job_no` of `state.job_count`), and the seconds left at the rate so far."""
     calls = service(request.app).calls.of(name)
@@ -334,8 +337,8 @@ def progress(request: Request, name: str = Caller, skip_current_image: bool = Fa
             "current_image": None, "textinfo": None}
 
 
-@router.post("/interrupt", summary="Cancel the caller's calls in flight")
-def interrupt(request: Request, name: str = Caller) -> dict[str, list[str]]:
+@light.post("/interrupt", summary="Cancel the caller's calls in flight")
+def interrupt(request: Request, name: str = Identified) -> dict[str, list[str]]:
     """Cancels the batch of each of the caller's calls in flight in this process (other callers' go
     on); each call answers with the images done before."""
     farm = farm_of(request)
@@ -348,7 +351,7 @@ def interrupt(request: Request, name: str = Caller) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------- what the farm offers
 
 
-@router.get("/sd-models", summary="Registered models, as A1111's checkpoints")
+@counted.get("/sd-models", summary="Registered models, as A1111's checkpoints")
 def sd_models(request: Request) -> list[dict[str, Any]]:
     """Every registered model; `title` is what override_settings.sd_model_checkpoint takes (so does
     `model_name`). A model whose files cannot be hashed here is listed without a hash."""
@@ -365,20 +368,20 @@ def sd_models(request: Request) -> list[dict[str, Any]]:
     return models
 
 
-@router.get("/sd-vae", summary="Registered VAEs")
+@counted.get("/sd-vae", summary="Registered VAEs")
 def sd_vae(request: Request) -> list[dict[str, str]]:
     registry = farm_of(request).registry
     return [{"model_name": n, "filename": registry.asset("vae", n).file_name} for n in registry.asset_names("vae")]
 
 
-@router.get("/loras", summary="Registered LoRAs, for <lora:name:weight> tags")
+@counted.get("/loras", summary="Registered LoRAs, for <lora:name:weight> tags")
 def loras(request: Request) -> list[dict[str, Any]]:
     registry = farm_of(request).registry
     return [{"name": n, "alias": n, "path": registry.asset("lora", n).file_name, "metadata": {}}
             for n in registry.asset_names("lora")]
 
 
-@router.get("/samplers", summary="Samplers, as A1111 names them")
+@counted.get("/samplers", summary="Samplers, as A1111 names them")
 def samplers() -> list[dict[str, Any]]:
     return [{"name": s, "aliases": [], "options": {
         **({"scheduler": SCHEDULER_NAME[schedules[0]]} if schedules[0] != AUTOMATIC else {}),
@@ -390,31 +393,31 @@ def samplers() -> list[dict[str, Any]]:
 SCHEDULER_NAME: Final = {label: name for name, label in SCHEDULER_NAMES.items()}
 
 
-@router.get("/schedulers", summary="Schedule types, as A1111 names them")
+@counted.get("/schedulers", summary="Schedule types, as A1111 names them")
 def schedulers() -> list[dict[str, Any]]:
     rho = {KARRAS: 7.0, POLYEXPONENTIAL: 1.0}
     return [{"name": SCHEDULER_NAME[label], "label": label, "aliases": None, "default_rho": rho.get(label),
              "need_inner_model": None} for label in SCHEDULE_TYPES]
 
 
-@router.get("/upscalers", summary="Upscalers for hires fix: built in and registered models")
+@counted.get("/upscalers", summary="Upscalers for hires fix: built in and registered models")
 def upscalers(request: Request) -> list[dict[str, Any]]:
     registered = farm_of(request).registry.asset_names("upscaler")
     return [{"name": n, "model_name": n if n in registered else None, "model_path": None, "model_url": None,
              "scale": None} for n in (*IMAGE_UPSCALERS, *registered)]
 
 
-@router.get("/latent-upscale-modes", summary="Hires fix's latent upscalers")
+@counted.get("/latent-upscale-modes", summary="Hires fix's latent upscalers")
 def latent_upscale_modes() -> list[dict[str, str]]:
     return [{"name": n} for n in HIRES_UPSCALERS if n in LATENT_UPSCALERS]
 
 
-@router.get("/scripts", summary="Scripts: the farm runs none")
+@counted.get("/scripts", summary="Scripts: the farm runs none")
 def scripts() -> dict[str, list[str]]:
     return {"txt2img": [], "img2img": []}
 
 
-@router.get("/options", summary="A1111's options that mean something on the farm")
+@counted.get("/options", summary="A1111's options that mean something on the farm")
 def options(request: Request) -> dict[str, Any]:
     """What the farm runs. The model, clip skip and VAE are chosen per request (override_settings);
     sd_model_checkpoint is the one a request without it gets."""
@@ -425,7 +428,7 @@ def options(request: Request) -> dict[str, Any]:
             "sd_checkpoint_hash": sha256 or None}
 
 
-@router.post("/options", summary="Options are the farm's: only what it runs already is taken")
+@counted.post("/options", summary="Options are the farm's: only what it runs already is taken")
 def set_options(request: Request, body: dict[str, Any]) -> JSONResponse:
     current = options(request)
     refused = [{"loc": ["body", key], "type": "value_error",
@@ -434,3 +437,7 @@ def set_options(request: Request, body: dict[str, Any]) -> JSONResponse:
                        f"the farm runs {current[key]!r}" if key in current else "not an option the farm takes"}
                for key, value in body.items() if key not in current or value != current[key]]
     return JSONResponse({"detail": refused} if refused else None, status_code=422 if refused else 200)
+
+
+router.include_router(counted)
+router.include_router(light)

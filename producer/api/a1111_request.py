@@ -25,6 +25,9 @@ from sdfarm.inputs import Inputs
 from sdfarm.samplers import BETA_ALPHA, BETA_BETA, SCHEDULE_TYPES, split_sampler_name
 
 MAX_IMAGES: Final = 1000  # images of one call (batch_size x n_iter): it waits for them and answers them all
+# pixels one call answers, over all its images: the response holds each PNG twice (bytes, base64) and
+# its JSON once more, in memory (64 images of 1024x1024)
+MAX_RESPONSE_PIXELS: Final = 64 * 1024 * 1024
 RANDOM_SEED: Final = -1
 SAMPLER_INDEX: Final = "Euler"  # A1111's default when a request names no sampler_name
 # A1111's scheduler names (modules/sd_schedulers.py): its labels, lower case, spaces as underscores
@@ -215,6 +218,10 @@ def plan_request(req: Txt2ImgRequest | Img2ImgRequest, known: Registered, defaul
     if count > max_images:
         problems.append(("n_iter", f"batch_size x n_iter is {count} images (allowed: at most {max_images} in one"
                                    " call; submit larger batches to /v1/batches)"))
+    elif count * _output_pixels(req) > MAX_RESPONSE_PIXELS:
+        problems.append(("n_iter", f"batch_size x n_iter is {count} images of {_output_pixels(req)} pixels"
+                                   f" (allowed: at most {MAX_RESPONSE_PIXELS} pixels in one answer; submit"
+                                   " larger batches to /v1/batches)"))
     info = _parameters(req, default_model, problems)
     item, refused = item_from_parameters(info, known, cpu_noise=True)  # the farm's RNG is A1111's CPU source
     problems.extend((_BY_KEY.get(key, key), why) for key, why in refused)
@@ -231,6 +238,17 @@ def plan_request(req: Txt2ImgRequest | Img2ImgRequest, known: Registered, defaul
     variation = ({"subseed": s} for s in subseeds) if req.subseed_strength else ({} for _ in subseeds)
     items = [{**item, "seed": s, **v} for s, v in zip(seeds, variation, strict=True)]
     return Plan(items=items, seeds=seeds, subseeds=subseeds)
+
+
+def _output_pixels(req: Txt2ImgRequest | Img2ImgRequest) -> int:
+    """Pixels of one image the call answers: the hires pass's size when hires fix is on."""
+    if not isinstance(req, Txt2ImgRequest) or not req.enable_hr:
+        return req.width * req.height
+    if req.hr_resize_x or req.hr_resize_y:
+        x = req.hr_resize_x or round(req.hr_resize_y * req.width / req.height)
+        y = req.hr_resize_y or round(req.hr_resize_x * req.height / req.width)
+        return int(x * y)
+    return int(req.width * req.hr_scale * req.height * req.hr_scale)
 
 
 def _fixed(seed: int | None) -> int:

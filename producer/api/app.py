@@ -31,18 +31,35 @@ def farm_of(request: Request) -> Farm:
     return farm
 
 
-def caller(request: Request) -> Iterator[str]:
-    """The calling token's name, holding one of its concurrent-request slots for the request."""
+SAFE_METHODS = frozenset({"GET", "HEAD"})
+
+
+def identify(request: Request) -> str:
+    """The calling token's name: a bearer token; or, for a request that changes nothing (GET, HEAD),
+    the gallery's session cookie too. A cookie rides along with any request a browser sends, even one
+    a page of another port or subdomain made it send, so it never authorises a change here (the
+    gallery's own forms check their origin and a form token)."""
     auth: Auth = request.app.state.auth
-    name = auth.bearer(request.headers.get("authorization")) or auth.session_name(request.cookies.get(SESSION_COOKIE))
+    name = auth.bearer(request.headers.get("authorization"))
+    if name is None and request.method in SAFE_METHODS:
+        name = auth.session_name(request.cookies.get(SESSION_COOKIE))
     if name is None:
         raise HTTPException(401, "a valid token is required: Authorization: Bearer TOKEN",
                             headers={"WWW-Authenticate": "Bearer"})
-    with auth.slot(name):
+    return name
+
+
+def caller(request: Request) -> Iterator[str]:
+    """The calling token's name, holding one of its concurrent-request slots for the request."""
+    name = identify(request)
+    with request.app.state.auth.slot(name):
         yield name
 
 
 Caller = Depends(caller)
+# for the requests that must get through while the token's slots are taken by its own long waits
+# (A1111's /progress and /interrupt): authenticated, not counted
+Identified = Depends(identify)
 
 
 def problems_json(e: BatchInvalid) -> list[dict[str, Any]]:
@@ -58,7 +75,9 @@ def create_app(farm: Farm) -> FastAPI:
     app = FastAPI(title="sdfarm", summary="Distributed batch rendering for Stable Diffusion",
                   max_body_size=settings.api_max_body_bytes, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.farm = farm
-    app.state.auth = Auth(tokens, settings.api_max_concurrent)
+    key = settings.api_session_key
+    app.state.auth = (Auth(tokens, settings.api_max_concurrent, key.get_secret_value().encode()) if key
+                      else Auth(tokens, settings.api_max_concurrent))
     origins = [o.strip() for o in settings.api_cors_origins.split(",") if o.strip()]
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],

@@ -80,9 +80,11 @@ class Auth:
         if not cookie or cookie.count("|") != 2:
             return None
         name, expires, signature = cookie.split("|")
-        if not hmac.compare_digest(signature, self._sign(f"{name}|{expires}")):
+        if not hmac.compare_digest(signature.encode(), self._sign(f"{name}|{expires}").encode()):
             return None
-        if not expires.isdigit() or int(expires) < (now or time.time()) or name not in self.tokens:
+        if not (expires.isascii() and expires.isdigit()) or int(expires) < (now or time.time()):
+            return None
+        if name not in self.tokens:
             return None
         return name
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 from typing import Any
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
@@ -39,6 +38,7 @@ from .pages import (
     NO_STORE,
     SECURITY_HEADERS,
     Data,
+    Object,
     Page,
     auth_of,
     check_form,
@@ -84,17 +84,9 @@ def shown_state(p: Progress) -> str:
     return "finished" if p.finished else p.state
 
 
-_MAKING = threading.Lock()
-
-
 def job_lists(request: Request) -> browse.JobLists:
-    """The app's cache of batches' job lists (made on first use)."""
-    state = request.app.state
-    with _MAKING:
-        if not hasattr(state, "gallery_jobs"):
-            state.gallery_jobs = browse.JobLists(farm_of(request).store)
-        lists: browse.JobLists = state.gallery_jobs
-    return lists
+    """The farm's cache of batches' job lists (shared with the API's image pages)."""
+    return farm_of(request).job_lists
 
 
 def not_found(request: Request, what: str) -> Response:
@@ -182,7 +174,7 @@ def _grid(request: Request, batch_id: str, q: str, seed: str, page: int) -> tupl
     farm = farm_of(request)
     rows = job_lists(request).rows(batch_id)
     wanted = seed.strip()
-    if wanted and not wanted.isdigit():
+    if wanted and not (wanted.isascii() and wanted.isdigit()):
         chosen: list[browse.JobRow] = []
     else:
         chosen = browse.matching(rows, q.strip(), int(wanted) if wanted else None)
@@ -268,12 +260,12 @@ def image_page(request: Request, job_id: str, _: str = Page) -> Response:
 
 
 @router.get("/images/{job_id}/image.png")
-def image_png(request: Request, job_id: str, _: str = Data) -> Response:
+def image_png(request: Request, job_id: str, _: str = Object) -> Response:
     return _object(request, image_key(checked(JOB_ID, job_id, "image")), "image/png")
 
 
 @router.get("/images/{job_id}/sidecar.json")
-def image_sidecar(request: Request, job_id: str, _: str = Data) -> Response:
+def image_sidecar(request: Request, job_id: str, _: str = Object) -> Response:
     return _object(request, sidecar_key(checked(JOB_ID, job_id, "image")), "application/json")
 
 
@@ -286,7 +278,7 @@ def _object(request: Request, key: str, media_type: str) -> Response:
 
 
 @router.get("/thumbs/{job_id}")
-def thumb(request: Request, job_id: str, _: str = Data) -> Response:
+def thumb(request: Request, job_id: str, _: str = Object) -> Response:
     """The job's thumbnail. An image stored before workers wrote thumbnails gets one now, from its
     PNG, stored put-if-absent like the worker's."""
     store = farm_of(request).store
@@ -298,6 +290,8 @@ def thumb(request: Request, job_id: str, _: str = Data) -> Response:
             data = thumbnail_of_png(store.get(image_key(job_id)))
         except MissingObject as e:
             raise HTTPException(404, "not rendered (yet)") from e
+        except (OSError, ValueError) as e:  # a stored PNG Pillow cannot read
+            raise HTTPException(404, f"the image cannot be read: {type(e).__name__}") from e
         try:
             store.put_if_absent(key, data, THUMBNAIL_TYPE)
         except SdfarmError as e:  # read-only credentials, say: serve it all the same

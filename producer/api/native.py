@@ -120,8 +120,7 @@ def submit(request: Request, body: BatchText = Body,
     farm = farm_of(request)
     limit = farm.settings.api_max_jobs
     try:
-        stream = farm.plan_text_capped(body.text, body.fmt, body.source, limit, {"model": model} if model else None,
-                                       name)
+        stream = farm.plan_text(body.text, body.fmt, body.source, {"model": model} if model else None, name, limit)
         if dry_run:
             plan = farm.describe(stream)
             record = stream.record()
@@ -205,10 +204,10 @@ def progress_view(farm: Farm, rates: Rates, p: Progress) -> schemas.BatchProgres
     eta = 0.0 if p.finished else None
     if view.status == "running":
         window = rates.per_s(p.batch_id, p.done + p.failed, time.monotonic())
-        if window is None:
-            elapsed = time.time() - (farm.enqueued_at(p.batch_id) or p.submitted_at)
-            window = p.rendered / elapsed if elapsed > 0 else 0.0
-        rate = window
+        if window is None:  # the mean since submit (a retry or reconcile since does not skew it)
+            elapsed = time.time() - p.submitted_at
+            window = (p.done + p.failed) / elapsed if elapsed > 0 else 0.0
+        rate = max(window, 0.0)  # done + failed drops for a moment when a retry re-enqueues failed jobs
         eta = round(p.queued / rate, 1) if rate > 0 else None
     return schemas.BatchProgress(**view.model_dump(), images_per_s=round(rate, 3), eta_s=eta)
 
@@ -217,9 +216,10 @@ def progress_view(farm: Farm, rates: Rates, p: Progress) -> schemas.BatchProgres
 def list_batches(request: Request, limit: int = Query(20, ge=1, le=100),
                  offset: int = Query(0, ge=0, le=10_000)) -> schemas.BatchPage:
     """The most recent batches first (those Redis still holds)."""
-    batches = [batch_view(p) for p in farm_of(request).recent(limit, offset)]
-    return schemas.BatchPage(batches=batches, limit=limit, offset=offset,
-                             next_offset=offset + limit if len(batches) == limit else None)
+    farm = farm_of(request)
+    batches = [batch_view(p) for p in farm.recent(limit, offset)]
+    more = farm.board.batch_count() > offset + limit  # a page may come back short: expired batches are left out
+    return schemas.BatchPage(batches=batches, limit=limit, offset=offset, next_offset=offset + limit if more else None)
 
 
 @router.get("/batches/{batch_id}", dependencies=[Caller], response_model=schemas.BatchDetail, responses=_REFUSED)

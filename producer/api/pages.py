@@ -106,8 +106,18 @@ def data_viewer(request: Request) -> Iterator[str]:
     yield from _viewer(request, redirect=False)
 
 
+def object_viewer(request: Request) -> str:
+    """An image or a thumbnail of a page: without a session, 401. Not counted against the token's
+    requests in flight: a batch page asks for dozens at once (HTTP/2 sends them all together)."""
+    name = session_name(request)
+    if name is None:
+        raise HTTPException(401, "log in at /login first", headers=NO_STORE)
+    return name
+
+
 Page = Depends(page_viewer)
 Data = Depends(data_viewer)
+Object = Depends(object_viewer)
 
 
 def same_origin(request: Request) -> None:

@@ -40,3 +40,18 @@ def test_the_openapi_document_describes_the_api(api: ApiServer) -> None:
     doc = requests.get(api.url + "/openapi.json", headers=api.headers(), timeout=5).json()
     assert doc["info"]["title"] == "sdfarm"
     assert "/healthz" in doc["paths"]
+
+
+def test_the_gallerys_session_reads_the_api_but_never_changes_anything_through_it(api: ApiServer) -> None:
+    """A cookie rides along with any request a browser sends, one that a page on another port of the
+    same host makes it send included (SameSite does not tell ports apart): through the API it only
+    reads. The gallery's own forms check their origin and a form token."""
+    s = requests.Session()
+    login = s.post(api.url + "/login", data={"token": api.token, "next": "/"}, headers={"Origin": api.url},
+                   allow_redirects=False, timeout=5)
+    assert login.status_code == 303
+    assert s.get(api.url + "/openapi.json", timeout=5).status_code == 200  # reading: the session will do
+    evil = {"Origin": "http://127.0.0.1:1"}
+    for path in ("/v1/batches", "/v1/batches/" + "0" * 20 + "/cancel", "/sdapi/v1/interrupt"):
+        r = s.post(api.url + path, headers=evil, json={}, timeout=5)
+        assert r.status_code == 401, (path, r.status_code, r.text)

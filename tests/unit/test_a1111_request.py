@@ -123,6 +123,20 @@ def test_what_the_farm_cannot_honour_is_refused_by_name(registry: Registry) -> N
     assert set(refused(Txt2ImgRequest(prompt="a", batch_size=8, n_iter=200), registry)) == {"n_iter"}
 
 
+def test_an_answer_too_large_to_hold_is_refused_before_anything_renders(registry: Registry) -> None:
+    """The answer holds every image (PNG, base64, JSON) in memory: 64 megapixels at most."""
+    plan_request(Txt2ImgRequest(prompt="a", width=1024, height=1024, batch_size=8, n_iter=8), Registered(registry),
+                 TINY, Inputs(None, None), CAP)
+    over = refused(Txt2ImgRequest(prompt="a", width=1024, height=1024, batch_size=8, n_iter=9), registry)
+    assert over["n_iter"].startswith("batch_size x n_iter is 72 images of 1048576 pixels (allowed: at most 67108864")
+    hires = refused(Txt2ImgRequest(prompt="a", width=512, height=512, batch_size=8, n_iter=9, enable_hr=True,
+                                   hr_scale=2, hr_upscaler="Latent"), registry)
+    assert "72 images of 1048576 pixels" in hires["n_iter"]
+    resized = refused(Txt2ImgRequest(prompt="a", width=512, height=512, n_iter=100, enable_hr=True,
+                                     hr_resize_x=1024, hr_upscaler="Latent"), registry)
+    assert "100 images of 1048576 pixels" in resized["n_iter"]
+
+
 def test_an_image_over_the_cap_is_a_413_before_it_is_decoded(registry: Registry) -> None:
     with pytest.raises(Refused) as e:
         plan_request(Img2ImgRequest(prompt="a", init_images=["A" * (CAP * 2)]), Registered(registry), TINY,

@@ -43,19 +43,16 @@ def test_comparing_a_token_takes_as_long_whatever_it_shares_with_a_real_one() ->
     hmac.compare_digest: a guess sharing a long prefix with a token is no faster to refuse or accept
     than one sharing nothing (the fastest of many runs, to see through the machine's noise)."""
     a = auth()
-
-    def fastest(presented: str) -> float:
-        best = float("inf")
-        for _ in range(200):
+    guesses = {"near": TOKEN[:-1] + "!", "far": "!" * len(TOKEN), "right": TOKEN}
+    fastest = dict.fromkeys(guesses, float("inf"))
+    for _ in range(300):  # round robin: a burst of load on the machine slows every guess alike
+        for kind, presented in guesses.items():
             t0 = time.perf_counter_ns()
-            for _ in range(50):
+            for _ in range(30):
                 a.token_name(presented)
-            best = min(best, time.perf_counter_ns() - t0)
-        return best
-
-    near, far, right = fastest(TOKEN[:-1] + "!"), fastest("!" * len(TOKEN)), fastest(TOKEN)
-    assert 0.7 < near / far < 1.4
-    assert 0.7 < right / far < 1.4
+            fastest[kind] = min(fastest[kind], time.perf_counter_ns() - t0)
+    assert 0.6 < fastest["near"] / fastest["far"] < 1.67
+    assert 0.6 < fastest["right"] / fastest["far"] < 1.67
 
 
 def test_a_session_is_signed_expires_and_names_a_configured_token() -> None:
@@ -81,3 +78,9 @@ def test_a_token_has_at_most_its_requests_in_flight() -> None:
             pass
     with a.slot("alice"):  # released
         pass
+
+
+def test_a_cookie_of_any_characters_is_refused_not_an_error() -> None:
+    a = auth()
+    for junk in ("a|1|\xe9", "\u00e9|\u00e9|\u00e9", "alice|99999999999|" + "\u0661" * 64):
+        assert a.session_name(junk) is None

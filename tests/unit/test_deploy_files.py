@@ -96,3 +96,6 @@ def test_the_api_serves_on_loopback_with_a_readiness_healthcheck_and_no_required
     assert "/readyz" in " ".join(api["healthcheck"]["test"])
     assert api["environment"]["SDFARM_API_TOKENS"] == "${SDFARM_API_TOKENS:-}"  # unset: everything refused
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    # the registry the shared environment names (SDFARM_MODELS_FILE) is mounted where it says
+    models_file = compose()["x-sdfarm-env"]["SDFARM_MODELS_FILE"]
+    assert any(v.split(":")[1] == str(Path(models_file).parent) for v in api["volumes"])

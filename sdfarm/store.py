@@ -147,15 +147,18 @@ class Store:
                 return False
             raise
 
-    def lines(self, key: str) -> Iterator[bytes]:
-        """An object's lines, streamed (a million-job batch's record is never held whole)."""
+    def _get_object(self, key: str) -> Any:
+        """GetObject's response (its Body not read yet); MissingObject when absent."""
         try:
-            response = self._call("get " + key, self.client.get_object, Key=key)
+            return self._call("get " + key, self.client.get_object, Key=key)
         except ClientError as e:
             if _code(e) in ("NoSuchKey", "404") or _status(e) == 404:
                 raise MissingObject(f"s3://{self.bucket}/{key} does not exist") from e
             raise
-        body = response["Body"]
+
+    def lines(self, key: str) -> Iterator[bytes]:
+        """An object's lines, streamed (a million-job batch's record is never held whole)."""
+        body = self._get_object(key)["Body"]
         try:
             yield from body.iter_lines()
         finally:
@@ -164,12 +167,7 @@ class Store:
     def get(self, key: str, max_bytes: int | None = None) -> bytes:
         """An object's bytes. With max_bytes, a larger object is refused (InvalidInput, "is N bytes
         (allowed: ...)") before its body is read."""
-        try:
-            response = self._call("get " + key, self.client.get_object, Key=key)
-        except ClientError as e:
-            if _code(e) in ("NoSuchKey", "404") or _status(e) == 404:
-                raise MissingObject(f"s3://{self.bucket}/{key} does not exist") from e
-            raise
+        response = self._get_object(key)
         size = int(response.get("ContentLength", 0))
         if max_bytes is not None and size > max_bytes:
             response["Body"].close()

@@ -30,11 +30,14 @@ MAX_BODY = Settings.model_fields["api_max_body_bytes"].default
 
 
 @pytest.fixture(scope="module")
-def worker(start_worker: Callable[..., WorkerProcess], store: Store, tiny_assets: dict[str, Path]) -> WorkerProcess:
+def worker(start_worker: Callable[..., WorkerProcess], store: Store, tiny_assets: dict[str, Path]
+           ) -> Iterator[WorkerProcess]:
     # a LoRA file, but not the one whose sha256 the registry names for this key: its job fails, with the reason
     store.client.put_object(Bucket=store.bucket, Key="models/loras/tampered.safetensors",
                             Body=tiny_assets["tiny-detail"].read_bytes())
-    return start_worker("api-native", model=TINY)
+    w = start_worker("api-native", model=TINY)
+    yield w
+    w.stop()  # the later modules' batches of TINY are their own workers'
 
 
 def call(api: ApiServer, method: str, path: str, token: str | None = None, **kw: Any) -> requests.Response:

@@ -16,6 +16,7 @@ once. `--no-serve`: no API.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import signal
@@ -152,6 +153,16 @@ def start_api(env: dict[str, str], logs: Path, processes: list[subprocess.Popen[
     return None
 
 
+def show_api(url: str, token: str) -> None:
+    """The same batches through the HTTP API: what a web app or a notebook would read."""
+    request = urllib.request.Request(url + "/v1/batches?limit=5", headers={"Authorization": f"Bearer {token}"})
+    print(f"$ curl -H 'Authorization: Bearer {token}' {url}/v1/batches?limit=5", flush=True)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        for batch in json.load(response)["batches"]:
+            print(f"  {batch['batch_id']}  {batch['name']:<10} {batch['status']:<8} {batch['done']}/{batch['total']}"
+                  " done", flush=True)
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -206,6 +217,8 @@ def main() -> int:
             print(f"a worker did not start: see {logs}", file=sys.stderr)
             return 1
         code = run_batches(env, info, logs)
+        if gallery is not None and code == 0:
+            show_api(gallery, env["SDFARM_API_TOKENS"].partition(":")[2])
         if gallery is not None and code == 0 and sys.stdin.isatty():
             print(f"\nThe gallery stays up at {gallery}/ until you press Ctrl-C.", flush=True)
             try:

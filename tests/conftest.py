@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -298,6 +299,17 @@ class WorkerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.alive = False
+
+
+def renders(workers: list[WorkerProcess], job_ids: list[str]) -> dict[str, int]:
+    """How many times the workers rendered each job, from their logs: a render whose PNG another
+    delivery had stored first logs `rendered-existing`, wasted work that put-if-absent hid."""
+    counts = dict.fromkeys(job_ids, 0)
+    for w in workers:
+        for m in re.finditer(r"job=([0-9a-f]{32}) .*outcome=(?:rendered|rendered-existing) ", w.tail(10**8)):
+            if m.group(1) in counts:
+                counts[m.group(1)] += 1
+    return counts
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,7 @@ the workers, a running `watch` and the producer's clients find the new master by
 
 from __future__ import annotations
 
-import collections
 import os
-import re
 import subprocess
 import sys
 import time
@@ -22,7 +20,7 @@ from sdfarm.progress import ProgressBoard
 from sdfarm.queue import in_flight
 from sdfarm.settings import Settings
 from sdfarm.store import Store
-from tests.conftest import OUTAGE, ROOT, WorkerProcess, cli, start_services, wait_for
+from tests.conftest import OUTAGE, ROOT, WorkerProcess, cli, renders, start_services, wait_for
 from tests.integration.test_outages import assert_complete_once, done_count, write_batch
 
 
@@ -70,9 +68,8 @@ def test_a_sentinel_failover_mid_batch_loses_nothing_and_renders_nothing_twice(
     after = {m["worker"]["hostname"] for m in metas if m["timings"]["render_started_at"] > killed_at}  # type: ignore[index]
     assert after == {w.hostname for w in workers}, "both workers go on rendering after the failover"
     assert all(w.proc.poll() is None for w in workers), "the workers reconnected in place, not restarted"
-    renders = collections.Counter(m.group(1) for w in workers for m in re.finditer(
-        r"job=([0-9a-f]{32}) .*outcome=rendered ", w.log.read_text(errors="replace")))
-    assert renders == {job.id: 1 for job in plan.jobs}, "every job rendered once, none again after the failover"
+    rendered = renders(workers, [job.id for job in plan.jobs])
+    assert set(rendered.values()) == {1}, "every job rendered once, none again after the failover"
     progress = board.read(plan.batch_id)
     assert progress is not None
     assert (progress.done, progress.failed, progress.rendered) == (len(plan.jobs), 0, len(plan.jobs))

@@ -291,14 +291,19 @@ class WorkerProcess:
         self.alive = False
 
     def stop(self, timeout_s: float = 30) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc, timeout_s)
         self.alive = False
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
+    """SIGTERM a process started in its own session (its children too), SIGKILL after timeout_s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def renders(workers: list[WorkerProcess], job_ids: list[str]) -> dict[str, int]:
@@ -387,13 +392,7 @@ def start_api(env: dict[str, str], log: Path, extra_env: dict[str, str] | None =
 
 
 def stop_api(server: ApiServer) -> None:
-    if server.proc.poll() is None:
-        os.killpg(server.proc.pid, signal.SIGTERM)
-        try:
-            server.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait()
+    stop_group(server.proc, 20)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import hmac
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from infra.stack import EmbeddedStack
 from producer.webhook import SIGNATURE_HEADER, sign
 from sdfarm.progress import ProgressBoard
 from sdfarm.store import Store
-from tests.conftest import IDLE, ROOT, TINY, WorkerProcess, cli, wait_for
+from tests.conftest import IDLE, ROOT, TINY, WorkerProcess, cli, stop_group, wait_for
 
 SECRET = "webhook-secret-for-tests"
 
@@ -39,13 +38,7 @@ class Scheduler:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
 
 
 @pytest.fixture

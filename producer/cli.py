@@ -325,7 +325,7 @@ def worker(args: tuple[str, ...]) -> None:
 @cli.command("make-tiny-model", context_settings={"ignore_unknown_options": True, "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def make_tiny_model(args: tuple[str, ...]) -> None:
-    """Write a tiny random-weight pipeline: `sdfarm-worker make-tiny-model` (its --help)."""
+    """Write a tiny pipeline, random or the trained toy (--trained): `sdfarm-worker make-tiny-model` (its --help)."""
     _exec_worker("make-tiny-model", args)
 
 

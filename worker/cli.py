@@ -36,9 +36,18 @@ def serve(model: str, device: str, hostname: str | None, loglevel: str) -> None:
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--family", type=click.Choice(["sd15", "sdxl", "sdxl-refiner"]), default="sd15", show_default=True)
-def make_tiny_model(dest: Path, seed: int, family: str) -> None:
-    """Write a tiny random-weight SD1.5-, SDXL- or SDXL-refiner-architecture pipeline (diffusers folder)
-    to DEST."""
+@click.option("--trained", is_flag=True,
+              help="Copy the toy SD 1.5 model trained on the shapes world (the demo's) instead of random weights.")
+def make_tiny_model(dest: Path, seed: int, family: str, trained: bool) -> None:
+    """Write a tiny SD1.5-, SDXL- or SDXL-refiner-architecture pipeline (diffusers folder) to DEST:
+    random weights from SEED, or with --trained the committed toy model that draws coloured shapes."""
+    if trained:
+        if family != "sd15":
+            raise click.UsageError(f"--trained is an sd15 model; --family {family} has random weights only")
+        from .testing.toy import write_trained_model
+
+        console.print(f"trained toy sd15 model copied to {write_trained_model(dest)}", highlight=False)
+        return
     from .testing import write_tiny_model
 
     console.print(f"tiny {family} model written to {write_tiny_model(dest, seed, family)}", highlight=False)

@@ -169,9 +169,13 @@ def job_inputs(assets: AssetFiles, masks: MaskModels, jobs: list[RenderJob]) -> 
         elif job.mask_prompt is not None and job.mask_model is not None:
             folder = assets.path("mask_model", job.mask_model.name, job.mask_model.sha256)
             mask = masks.text_mask(folder, original, job.mask_prompt, job.mask_threshold)
-        if mask is not None and job.inpaint_full_res:
-            out[job.id] = JobInput(*prepare(job, original, shape_mask(mask, job)))
-            continue
-        init = fit(original, job.resize_mode, job.width, job.height)
-        out[job.id] = JobInput(init, finish_mask(mask, job) if mask is not None else None)
+        out[job.id] = job_input(job, original, mask)
     return out
+
+
+def job_input(job: RenderJob, original: Image.Image, mask: Image.Image | None) -> JobInput:
+    """A job's input from its init image and its raw mask (an image's, or CLIPSeg's for its text)."""
+    if mask is not None and job.inpaint_full_res:
+        return JobInput(*prepare(job, original, shape_mask(mask, job)))
+    init = fit(original, job.resize_mode, job.width, job.height)
+    return JobInput(init, finish_mask(mask, job) if mask is not None else None)

@@ -1,11 +1,15 @@
 """`make demo`: the farm on the embedded stack, start to finish, on this machine's CPU.
 
-Writes tiny random-weight SD 1.5, SDXL and SDXL-refiner models, starts a real Redis and a real S3
-server, starts two SD 1.5 worker processes and one SDXL worker, submits examples/demo.yaml and
-examples/features.yaml (LoRAs, embeddings, a VAE, weighted and long prompts, hires fix, upscaling,
-img2img, inpainting with image and text masks, SDXL and its refiner) through the real CLI, watches
-them finish, fetches the images and draws a contact sheet of each, then shuts everything down. State
-lives under .sdfarm/demo/.
+Copies the toy SD 1.5 model trained here on a world of coloured shapes (shapes-sd15, with its LoRA,
+embedding and CLIPSeg: worker/testing/trained/MODEL_CARD.md), writes tiny random-weight SD 1.5, SDXL
+and SDXL-refiner models, starts a real Redis and a real S3 server, starts one worker per model,
+submits examples/demo.yaml (the trained model: prompts, weights, a negative prompt, a LoRA at 0, 0.5
+and 1, an embedding, hires fix, and an inpaint of the background from a text mask) and
+examples/features.yaml (every render feature on the random-weight models, SDXL and its refiner
+included) through the real CLI, watches them finish, fetches the images and draws a contact sheet of
+each, labelled with the prompts, and a showcase strip of the text-mask inpaint (the init image, the
+mask CLIPSeg finds for "background", the result), then shuts everything down. State lives under
+.sdfarm/demo/.
 
 It also serves the HTTP API and the gallery (`sdfarm serve`, on port 8000 or the next free one) with a
 token drawn for this run, and prints the gallery's address: the batches can be watched there as they
@@ -33,15 +37,20 @@ from infra.stack import EmbeddedStack, StackInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".sdfarm" / "demo"
+TRAINED = "shapes-sd15"  # the toy model trained on the shapes world
 MODEL = "tiny-sd15"
 XL_MODEL = "tiny-sdxl"
 XL_REFINER = "tiny-xl-refiner"  # no worker of its own: the SDXL worker loads it for the jobs that name it
+SHOWCASE_INIT = "red-circle.png"  # demo.yaml's inpaint: its init image, under examples/inputs
 BATCHES = [ROOT / "examples" / "demo.yaml", ROOT / "examples" / "features.yaml"]
-WORKERS = [MODEL, MODEL, XL_MODEL]  # one process per entry, each serving that model
+WORKERS = [TRAINED, MODEL, XL_MODEL]  # one process per entry, each serving that model
 # the demo's assets (written by worker.testing), relative to STATE
 ASSETS = {"tiny-detail": "loras/tiny-detail.safetensors", "tiny-grain": "loras/tiny-grain.safetensors",
           "tiny-sparkle": "embeddings/tiny-sparkle.safetensors", "tiny-clipseg": "mask_models/tiny-clipseg",
           "tiny-esrgan": "upscalers/tiny-esrgan.safetensors"}
+TRAINED_ASSETS = {"outlined": "shapes/loras/outlined.safetensors",
+                  "verdigris": "shapes/embeddings/verdigris.safetensors",
+                  "shapes-clipseg": "shapes/mask_models/shapes-clipseg"}
 XL_ASSETS = {"xl-detail": "sdxl/loras/xl-detail.safetensors", "xl-grain": "sdxl/loras/xl-grain.safetensors",
              "xl-sparkle": "sdxl/embeddings/xl-sparkle.safetensors", "xl-vae": "sdxl/vaes/xl-vae"}
 
@@ -63,6 +72,11 @@ def write_files() -> Path:
 
             print(f"writing a tiny random-weight {family}-architecture model to {model_dir}", flush=True)
             write_tiny_model(model_dir, family=family)
+    from worker.testing.toy import write_trained_assets, write_trained_model
+
+    print(f"copying the trained toy model {TRAINED} and its LoRA, embedding and CLIPSeg", flush=True)
+    write_trained_model(STATE / "models" / TRAINED)  # copied each run: the committed weights may be newer
+    write_trained_assets(STATE / "shapes")
     if not all((STATE / path).exists() for path in [*ASSETS.values(), *XL_ASSETS.values()]):
         from worker.testing import write_tiny_assets, write_tiny_sdxl_assets
 
@@ -70,18 +84,21 @@ def write_files() -> Path:
         write_tiny_assets(STATE)
         write_tiny_sdxl_assets(STATE / "sdxl")
     registry = STATE / "models.yaml"
-    registry.write_text(f"models:\n  {MODEL}: {{path: models/{MODEL}}}\n"
+    registry.write_text(f"models:\n  {TRAINED}: {{path: models/{TRAINED}}}\n  {MODEL}: {{path: models/{MODEL}}}\n"
                         f"  {XL_MODEL}: {{path: models/{XL_MODEL}, family: sdxl}}\n"
                         f"  {XL_REFINER}: {{path: models/{XL_REFINER}, family: sdxl-refiner}}\n"
-                        f"loras:\n  tiny-detail: {{file: {ASSETS['tiny-detail']}}}\n"
+                        f"loras:\n  outlined: {{file: {TRAINED_ASSETS['outlined']}}}\n"
+                        f"  tiny-detail: {{file: {ASSETS['tiny-detail']}}}\n"
                         f"  tiny-grain: {{file: {ASSETS['tiny-grain']}}}\n"
                         f"  xl-detail: {{file: {XL_ASSETS['xl-detail']}, family: sdxl}}\n"
                         f"  xl-grain: {{file: {XL_ASSETS['xl-grain']}, family: sdxl}}\n"
-                        f"embeddings:\n  tiny-sparkle: {{file: {ASSETS['tiny-sparkle']}}}\n"
+                        f"embeddings:\n  verdigris: {{file: {TRAINED_ASSETS['verdigris']}}}\n"
+                        f"  tiny-sparkle: {{file: {ASSETS['tiny-sparkle']}}}\n"
                         f"  xl-sparkle: {{file: {XL_ASSETS['xl-sparkle']}, family: sdxl}}\n"
                         f"vaes:\n  xl-vae: {{path: {XL_ASSETS['xl-vae']}, family: sdxl}}\n"
                         f"upscalers:\n  tiny-esrgan: {{file: {ASSETS['tiny-esrgan']}}}\n"
-                        f"mask_models:\n  clipseg: {{path: {ASSETS['tiny-clipseg']}}}\n")
+                        f"mask_models:\n  clipseg: {{path: {ASSETS['tiny-clipseg']}}}\n"
+                        f"  shapes-clipseg: {{path: {TRAINED_ASSETS['shapes-clipseg']}}}\n")
     return registry
 
 
@@ -127,12 +144,45 @@ def run_batches(env: dict[str, str], info: StackInfo, logs: Path) -> int:
         sdfarm("fetch", batch_id, str(fetched), "--contact-sheet", str(sheet), env=env)
         summary.append(f"  {batch.name}: batch {batch_id}\n    fetched to:     {fetched}\n"
                        f"    contact sheet:  {sheet}")
+        if batch.stem == "demo" and (strip := draw_showcase(fetched, STATE / "showcase_inpaint.png")) is not None:
+            summary.append(f"    inpaint showcase: {strip}  (init image | mask from text | result)")
     sdfarm("status", "--limit", "5", env=env)
     print("\nDone.\n" + "\n".join(summary) + "\n"
           f"  in S3:            s3://{info.bucket}/renders/<job_id>.png and .json"
           f" (manifests under s3://{info.bucket}/batches/)\n"
           f"  worker logs:      {logs}", flush=True)
     return 0
+
+
+def draw_showcase(fetched: Path, out: Path) -> Path | None:
+    """The batch's text-mask inpaint side by side: its init image, the mask the CLIPSeg model finds for
+    its mask_prompt (before A1111's dilation and blur), and the render. None when the batch has none."""
+    import torch
+    from PIL import Image, ImageDraw, ImageOps
+
+    from worker.masks import MaskModels
+
+    for line in (fetched / "manifest.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["status"] != "done":
+            continue
+        job = json.loads((fetched / row["sidecar"]).read_text())["job"]
+        if not job.get("mask_prompt"):
+            continue
+        init = Image.open(ROOT / "examples" / "inputs" / SHOWCASE_INIT).convert("RGB")
+        folder = STATE / TRAINED_ASSETS["shapes-clipseg"]
+        mask = MaskModels(torch.device("cpu")).text_mask(folder, init, job["mask_prompt"], job["mask_threshold"])
+        tiles = [(init, "init image"), (mask.convert("RGB"), f"mask: \"{job['mask_prompt']}\""),
+                 (Image.open(fetched / row["image"]).convert("RGB"), f"inpainted: {job['prompt']}")]
+        sheet = Image.new("RGB", (3 * 192, 192 + 20), "white")
+        draw = ImageDraw.Draw(sheet)
+        for n, (tile, label) in enumerate(tiles):
+            sheet.paste(ImageOps.contain(tile, (192, 192), Image.Resampling.NEAREST), (n * 192, 0))
+            draw.text((n * 192 + 4, 196), label, fill=(24, 24, 24))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(out)
+        return out
+    return None
 
 
 def start_api(env: dict[str, str], logs: Path, processes: list[subprocess.Popen[bytes]]) -> str | None:

@@ -94,7 +94,8 @@ def caption_font(size: int = CAPTION_FONT_PX) -> Font:
 
 def caption_prompt(folder: Path, row: dict[str, Any]) -> str:
     """The job's prompt from the image's sidecar (the manifest's copy when that is unreadable), and
-    the sidecar's LoRAs that the prompt does not already name as <lora:name:w> tags."""
+    the sidecar's LoRAs that the prompt does not already name as <lora:name:w> tags, then its negative
+    prompt, if any ("| negative: ...")."""
     meta: dict[str, Any] = {}
     try:
         if isinstance(read := json.loads((folder / row["sidecar"]).read_text()), dict):
@@ -119,6 +120,8 @@ def caption_prompt(folder: Path, row: dict[str, Any]) -> str:
             except (TypeError, ValueError):
                 tag = f"<lora:{name}>"
             prompt = f"{prompt} {tag}" if prompt else tag
+    if negative := str(job.get("negative_prompt") or ""):
+        prompt = f"{prompt} | negative: {negative}"
     return prompt
 
 

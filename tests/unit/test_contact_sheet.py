@@ -28,7 +28,7 @@ def write_batch(folder: Path, cells: list[dict[str, Any]]) -> None:
             continue
         stem = f"{index:06d}-{job_id}"
         Image.new("RGB", cell["size"], cell["color"]).save(folder / f"{stem}.png")
-        job = {"prompt": cell.get("prompt", ""), "seed": 1000 + index,
+        job = {"prompt": cell.get("prompt", ""), "seed": 1000 + index, "negative_prompt": cell.get("negative", ""),
                "loras": [{"name": n, "weight": w, "sha256": "0" * 64} for n, w in cell.get("loras", [])]}
         sidecar = {"schema_version": 1, "job_id": job_id, "index": index, "job": job, "seed": 1000 + index,
                    "loras": job["loras"]}
@@ -131,11 +131,13 @@ def test_caption_prompt_comes_from_the_sidecar_with_its_loras(tmp_path: Path) ->
         {"index": 0, "size": (8, 8), "color": RED, "prompt": "a cat <lora:fluffy:0.5>",
          "loras": [("fluffy", 0.5), ("detail", 0.8)]},
         {"index": 1, "size": (8, 8), "color": RED, "prompt": "a dog"},
+        {"index": 2, "size": (8, 8), "color": RED, "prompt": "a circle", "negative": "red"},
     ])
     rows = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     # the tagged LoRA is not repeated; the untagged one is appended as A1111 writes it
     assert caption_prompt(tmp_path, rows[0]) == "a cat <lora:fluffy:0.5> <lora:detail:0.8>"
     assert caption_prompt(tmp_path, rows[1]) == "a dog"
+    assert caption_prompt(tmp_path, rows[2]) == "a circle | negative: red"
     # the sidecar is the source; the manifest's copy serves when it is gone
     sidecar = tmp_path / rows[1]["sidecar"]
     meta = json.loads(sidecar.read_text())

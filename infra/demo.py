@@ -3,7 +3,7 @@
 Copies the toy SD 1.5 model trained here on a world of coloured shapes (shapes-sd15, with its LoRA,
 embedding and CLIPSeg: worker/testing/trained/MODEL_CARD.md), writes tiny random-weight SD 1.5, SDXL
 and SDXL-refiner models, starts a real Redis and a real S3 server, starts one worker per model,
-submits examples/demo.yaml (the trained model: prompts, weights, a negative prompt, a LoRA at 0, 0.5
+submits examples/shapes.yaml (the trained model: prompts, weights, a negative prompt, a LoRA at 0, 0.5
 and 1, an embedding, hires fix, and an inpaint of the background from a text mask) and
 examples/features.yaml (every render feature on the random-weight models, SDXL and its refiner
 included) through the real CLI, watches them finish, fetches the images and draws a contact sheet of
@@ -41,8 +41,8 @@ TRAINED = "shapes-sd15"  # the toy model trained on the shapes world
 MODEL = "tiny-sd15"
 XL_MODEL = "tiny-sdxl"
 XL_REFINER = "tiny-xl-refiner"  # no worker of its own: the SDXL worker loads it for the jobs that name it
-SHOWCASE_INIT = "red-circle.png"  # demo.yaml's inpaint: its init image, under examples/inputs
-BATCHES = [ROOT / "examples" / "demo.yaml", ROOT / "examples" / "features.yaml"]
+SHOWCASE_INIT = "red-circle.png"  # shapes.yaml's inpaint: its init image, under examples/inputs
+BATCHES = [ROOT / "examples" / "shapes.yaml", ROOT / "examples" / "features.yaml"]
 WORKERS = [TRAINED, MODEL, XL_MODEL]  # one process per entry, each serving that model
 # the demo's assets (written by worker.testing), relative to STATE
 ASSETS = {"tiny-detail": "loras/tiny-detail.safetensors", "tiny-grain": "loras/tiny-grain.safetensors",
@@ -75,7 +75,7 @@ def write_files() -> Path:
     from worker.testing.toy import write_trained_assets, write_trained_model
 
     print(f"copying the trained toy model {TRAINED} and its LoRA, embedding and CLIPSeg", flush=True)
-    write_trained_model(STATE / "models" / TRAINED)  # copied each run: the committed weights may be newer
+    write_trained_model(STATE / "models" / TRAINED, replace=True)  # each run: the committed weights may be newer
     write_trained_assets(STATE / "shapes")
     if not all((STATE / path).exists() for path in [*ASSETS.values(), *XL_ASSETS.values()]):
         from worker.testing import write_tiny_assets, write_tiny_sdxl_assets
@@ -144,7 +144,7 @@ def run_batches(env: dict[str, str], info: StackInfo, logs: Path) -> int:
         sdfarm("fetch", batch_id, str(fetched), "--contact-sheet", str(sheet), env=env)
         summary.append(f"  {batch.name}: batch {batch_id}\n    fetched to:     {fetched}\n"
                        f"    contact sheet:  {sheet}")
-        if batch.stem == "demo" and (strip := draw_showcase(fetched, STATE / "showcase_inpaint.png")) is not None:
+        if batch.stem == "shapes" and (strip := draw_showcase(fetched, STATE / "showcase_inpaint.png")) is not None:
             summary.append(f"    inpaint showcase: {strip}  (init image | mask from text | result)")
     sdfarm("status", "--limit", "5", env=env)
     print("\nDone.\n" + "\n".join(summary) + "\n"
@@ -155,30 +155,34 @@ def run_batches(env: dict[str, str], info: StackInfo, logs: Path) -> int:
 
 
 def draw_showcase(fetched: Path, out: Path) -> Path | None:
-    """The batch's text-mask inpaint side by side: its init image, the mask the CLIPSeg model finds for
-    its mask_prompt (before A1111's dilation and blur), and the render. None when the batch has none."""
+    """The batch's text-mask inpaint side by side: its init image (SHOWCASE_INIT), the mask its CLIPSeg
+    model finds for its mask_prompt (before A1111's blur), and the render. None when the fetched batch
+    has no finished text-mask inpaint, or its files cannot be read."""
     import torch
     from PIL import Image, ImageDraw, ImageOps
 
     from worker.masks import MaskModels
 
-    for line in (fetched / "manifest.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["status"] != "done":
-            continue
-        job = json.loads((fetched / row["sidecar"]).read_text())["job"]
-        if not job.get("mask_prompt"):
+    try:
+        rows = [json.loads(line) for line in (fetched / "manifest.jsonl").read_text().splitlines()]
+        done = [(row, json.loads((fetched / row["sidecar"]).read_text())["job"]) for row in rows
+                if row["status"] == "done"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for row, job in done:
+        if not job.get("mask_prompt") or not job.get("mask_model"):
             continue
         init = Image.open(ROOT / "examples" / "inputs" / SHOWCASE_INIT).convert("RGB")
-        folder = STATE / TRAINED_ASSETS["shapes-clipseg"]
+        folder = STATE / TRAINED_ASSETS[job["mask_model"]["name"]]
         mask = MaskModels(torch.device("cpu")).text_mask(folder, init, job["mask_prompt"], job["mask_threshold"])
-        tiles = [(init, "init image"), (mask.convert("RGB"), f"mask: \"{job['mask_prompt']}\""),
-                 (Image.open(fetched / row["image"]).convert("RGB"), f"inpainted: {job['prompt']}")]
-        sheet = Image.new("RGB", (3 * 192, 192 + 20), "white")
+        tiles = [(init, ["init image"]), (mask.convert("RGB"), [f"mask: \"{job['mask_prompt']}\""]),
+                 (Image.open(fetched / row["image"]).convert("RGB"), ["inpainted:", job["prompt"]])]
+        sheet = Image.new("RGB", (3 * 192, 192 + 30), "white")
         draw = ImageDraw.Draw(sheet)
         for n, (tile, label) in enumerate(tiles):
             sheet.paste(ImageOps.contain(tile, (192, 192), Image.Resampling.NEAREST), (n * 192, 0))
-            draw.text((n * 192 + 4, 196), label, fill=(24, 24, 24))
+            for k, text in enumerate(label):
+                draw.text((n * 192 + 4, 195 + 12 * k), text, fill=(24, 24, 24))
         out.parent.mkdir(parents=True, exist_ok=True)
         sheet.save(out)
         return out

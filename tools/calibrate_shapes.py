@@ -62,7 +62,9 @@ def main() -> None:
         print(f"inpaint 'in the sky': background nearer the sky than its old colour in "
               f"{np.mean([a < b for a, b, _ in inpaint]):.3f}; distance to sky {pct([a for a, _, _ in inpaint])};"
               f" to the old colour {pct([b for _, b, _ in inpaint])}")
-        print(f"  shape pixels kept within 4 levels: {pct([k for *_, k in inpaint])}")
+        kept = [k for *_, k in inpaint]
+        print(f"  shape pixels kept within 4 levels: {pct(kept)};"
+              f" seeds keeping half: {np.mean(np.asarray(kept) >= 0.5):.3f}")
         print(f"hires correlation with the upscaled low-res render: {pct(probes.hires_correlation(model, seeds))}")
         print(f"{time.time() - start:.0f} s")
 

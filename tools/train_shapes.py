@@ -1,6 +1,7 @@
 """Train the demo's toy models on the shapes world, on the CPU, once, by a developer (CI never trains).
 
-    .venv/bin/python tools/train_shapes.py            # every stage, in order (about an hour on 2 cores)
+    .venv/bin/python tools/train_shapes.py            # every stage, in order (about 75 minutes on 2 cores)
+    .venv/bin/python tools/train_shapes.py --quick    # every stage on 50x less, into a temporary folder
     .venv/bin/python tools/train_shapes.py --stage lora
 
 Stages, each reading what the ones before wrote under --out (default worker/testing/trained):
@@ -13,6 +14,7 @@ Stages, each reading what the ones before wrote under --out (default worker/test
   embedding  a textual-inversion embedding (2 vectors, "verdigris") for teal, the colour the base model draws but
              has no word for
   clipseg    a small CLIPSeg that segments "background", "sky", "grass", the shape and colour words
+  demo-input the demo's inpaint init image, the base model's own red circle (examples/inputs/red-circle.png)
 
 Everything is seeded: the same command gives the same weights on the same machine. Losses and times go
 to train_log.json, and a loss-curve figure to loss.png.
@@ -25,6 +27,7 @@ import json
 import math
 import random
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -279,7 +282,7 @@ def train_embedding(out: Path, log: Log) -> None:
 
     def texts(i: int, rng: random.Random) -> str:
         text = caption(replace(scenes[i], colour="red"), rng)  # red marks the colour's place
-        return text.replace("red", placeholder)
+        return text.replace("red", placeholder, 1)  # the shape's colour comes before the background's
 
     diffusion = Diffusion(pipe.vae, x, texts, tokenizer, seed=5)
     train_loop("embedding", steps_of("embedding"), [vectors], 5e-3,
@@ -356,15 +359,17 @@ def train_clipseg(out: Path, log: Log) -> None:
 
 # ---------------------------------------------------------------- the demo's init image
 def write_demo_input(out: Path, log: Log) -> None:
-    """examples/inputs/red-circle.png: the base model's own "a red circle on a green background", the
-    init image of the demo's inpaint (CLIPSeg finds its background, sky is painted there)."""
+    """red-circle.png: the base model's own "a large red circle on a green background", the init image
+    of the demo's inpaint (CLIPSeg finds its background, sky is painted there). Written to
+    examples/inputs when the models go to the committed folder, else beside them in `out`."""
     from diffusers import DPMSolverMultistepScheduler
 
     pipe = load_base(out)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     image = pipe("a large red circle on a green background", num_inference_steps=20, guidance_scale=5,
                  generator=torch.Generator().manual_seed(DEMO_INPUT_SEED), height=64, width=64).images[0]
-    image.save(Path(__file__).resolve().parent.parent / "examples" / "inputs" / "red-circle.png")
+    inputs = Path(__file__).resolve().parent.parent / "examples" / "inputs"
+    image.save((inputs if out.resolve() == toy.TRAINED else out) / "red-circle.png")
 
 
 # ---------------------------------------------------------------- figure
@@ -393,12 +398,16 @@ def draw_curves(log: Log, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=toy.TRAINED)
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"where the models go (default {toy.TRAINED}; with --quick a temporary folder)")
     ap.add_argument("--stage", choices=["all", *STEPS, "demo-input"], default="all")
     ap.add_argument("--quick", action="store_true", help="50x fewer steps and scenes: check the stages run")
     args = ap.parse_args()
     global QUICK
     QUICK = 50 if args.quick else 1
+    if args.out is None:  # a quick check never overwrites the committed weights
+        args.out = Path(tempfile.mkdtemp(prefix="shapes-quick-")) if args.quick else toy.TRAINED
+        print(f"writing to {args.out}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     log = Log(args.out / "train_log.json")

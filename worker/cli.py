@@ -34,7 +34,7 @@ def serve(model: str, device: str, hostname: str | None, loglevel: str) -> None:
 
 @cli.command("make-tiny-model")
 @click.argument("dest", type=click.Path(path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="The random weights' seed (not with --trained).")
 @click.option("--family", type=click.Choice(["sd15", "sdxl", "sdxl-refiner"]), default="sd15", show_default=True)
 @click.option("--trained", is_flag=True,
               help="Copy the toy SD 1.5 model trained on the shapes world (the demo's) instead of random weights.")
@@ -46,7 +46,10 @@ def make_tiny_model(dest: Path, seed: int, family: str, trained: bool) -> None:
             raise click.UsageError(f"--trained is an sd15 model; --family {family} has random weights only")
         from .testing.toy import write_trained_model
 
-        console.print(f"trained toy sd15 model copied to {write_trained_model(dest)}", highlight=False)
+        try:
+            console.print(f"trained toy sd15 model copied to {write_trained_model(dest)}", highlight=False)
+        except (FileExistsError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from e
         return
     from .testing import write_tiny_model
 

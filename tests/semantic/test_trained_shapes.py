@@ -55,8 +55,8 @@ def test_the_background_follows_the_prompt(colours: list[tuple[str, str, str, st
 def test_a_higher_weight_on_a_colour_word_gives_more_of_it(model: probes.Toy) -> None:
     shares = probes.red_share_by_weight(model, SEEDS, (0.6, 1.4))
     low, high = np.asarray(shares[0.6]), np.asarray(shares[1.4])
-    assert np.mean(high > low) >= 0.75, (high, low)  # measured: 0.95 of 40 seeds
-    assert (high - low).mean() > 0.005, (high, low)  # measured: 0.013 (the red circle grows, its edge reddens)
+    assert np.mean(high > low) >= 0.75, (high, low)  # measured: 0.95 of 100 seeds
+    assert (high - low).mean() > 0.005, (high, low)  # measured: 0.010 (the red circle grows, its edge reddens)
 
 
 def test_a_negative_colour_word_gives_less_of_it(model: probes.Toy) -> None:
@@ -98,8 +98,8 @@ def test_inpainting_the_background_with_sky_keeps_the_shape(model: probes.Toy, t
 
 def test_hires_fix_keeps_the_composition(model: probes.Toy) -> None:
     correlation = np.asarray(probes.hires_correlation(model, SEEDS))
-    assert correlation.mean() >= 0.85, correlation  # measured: mean 0.889, median 0.911
-    # a near-white image has little to correlate: a few seeds fall below (p5 0.735)
+    assert correlation.mean() >= 0.85, correlation  # measured: mean 0.884, median 0.910
+    # a near-white image has little to correlate: a few seeds fall below (p5 0.673)
     assert np.mean(correlation >= 0.8) >= 0.75, correlation
 
 
@@ -117,3 +117,20 @@ def test_make_tiny_model_trained_copies_the_committed_model(tmp_path: Path) -> N
     assert refused.exit_code == 2
     assert "--trained is an sd15 model" in refused.output
     assert not (tmp_path / "x").exists()
+    again = CliRunner().invoke(cli, ["make-tiny-model", str(tmp_path / "m"), "--trained"])
+    assert again.exit_code == 1
+    assert "is not empty" in again.output
+
+
+def test_the_demo_batch_plans_on_the_toy_models(model: probes.Toy) -> None:
+    """examples/shapes.yaml (what `make demo` renders) names the toy model and its companions."""
+    from sdfarm.batchfile import plan_file
+    from sdfarm.inputs import Inputs
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    jobs = plan_file(examples / "shapes.yaml", model.registry, 100, inputs=Inputs(None, examples / "inputs")).jobs
+    assert len(jobs) == 18
+    assert {j.model for j in jobs} == {probes.MODEL}
+    assert {lora.weight for j in jobs for lora in j.loras} == {0.0, 0.5, 1.0}
+    assert [e.name for j in jobs for e in j.embeddings] == [probes.EMBEDDING]
+    assert [j.mode for j in jobs].count("inpaint") == 1

@@ -84,11 +84,12 @@ class Toy:
 
 def pairs_for(seed: int) -> tuple[str, str, str]:
     """The colour, background colour and shape of seed's prompt: every colour in turn, on a background
-    that differs from it."""
+    that differs from it, each colour with each shape in turn."""
     names = sorted(shapes.COLOURS)
     colour = names[seed % len(names)]
     backgrounds = [c for c in names if shapes._far(shapes.COLOURS[c], shapes.COLOURS[colour])]
-    return colour, backgrounds[(seed * 5 + seed // len(names)) % len(backgrounds)], shapes.SHAPES[seed % 4]
+    shape = shapes.SHAPES[(seed // len(names)) % len(shapes.SHAPES)]
+    return colour, backgrounds[(seed * 5 + seed // len(names)) % len(backgrounds)], shape
 
 
 def prompt_colours(model: Toy, seeds: Sequence[int]) -> list[tuple[str, str, str, str]]:

@@ -126,10 +126,15 @@ def clipseg_processor() -> Any:
     return CLIPSegProcessor(image_processor=images, tokenizer=build_tokenizer())
 
 
-def write_trained_model(dest: Path) -> Path:
-    """Copy the committed trained base model (a diffusers folder) to `dest`."""
+def write_trained_model(dest: Path, replace: bool = False) -> Path:
+    """Copy the committed trained base model (a diffusers folder) to `dest`, which must not hold
+    anything yet (FileExistsError) unless `replace`: then what it holds is removed first."""
     if not (MODEL / "model_index.json").exists():
         raise FileNotFoundError(f"no trained model at {MODEL}: run tools/train_shapes.py")
+    if dest.exists() and any(dest.iterdir()):
+        if not replace:
+            raise FileExistsError(f"{dest} is not empty: give a new folder")
+        shutil.rmtree(dest)
     shutil.copytree(MODEL, dest, dirs_exist_ok=True)
     return dest
 
